@@ -1,0 +1,39 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install test demo lint bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# CPU torch first when the venv has none (a bare `torch` requirement pulls a multi-GB CUDA
+# build); GPU users install their CUDA build into .venv before `make install` (README).
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev,dashboard]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+test: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/pytest -q
+
+demo: install
+	test -f storage/demo/synthetic.csv || \
+	  $(VENV)/bin/c5snn data synth --out storage/demo/synthetic.csv --rows 1200
+	$(VENV)/bin/c5snn train --config studies/quickstart.yaml --set d_model=64 --set n_heads=2 \
+	  --set n_layers=2 --set beta=0.95 --set encoding=rate_coded --run-dir results/demo_run
+
+bench: install
+	$(PY) benchmarks/bench_model.py
+
+clean:
+	rm -rf storage/c5snn.db* storage/artifacts storage/demo results

@@ -1,0 +1,3 @@
+from c5snn.cli import main
+
+main()

@@ -1,0 +1,33 @@
+"""The one exception hierarchy of c5snn.
+
+Library code raises these; the CLI boundary (`c5snn.cli`) turns any `C5Error` into a one-line
+message and exit code 1. Anything else escaping to the boundary is a bug and keeps its traceback.
+"""
+
+
+class C5Error(Exception):
+    """Base class: an error the user can act on, with a message that says what to do."""
+
+
+class DataError(C5Error):
+    """The event CSV breaks a rule of DESIGN §1 (format, dates, parts) or is too short."""
+
+
+class StudyFileError(C5Error):
+    """The study file has an unknown key, a missing key or an impossible value."""
+
+
+class StorageError(C5Error):
+    """The database cannot be reached or holds something inconsistent with the request."""
+
+
+class StudyMismatchError(StorageError):
+    """An existing study was created from a different study file."""
+
+
+class NotReadyError(C5Error):
+    """A step was asked for before the steps it depends on finished (e.g. promote mid-screening)."""
+
+
+class TrainingInterrupted(C5Error):
+    """Training stopped on request (SIGTERM/Ctrl-C); the last finished epoch is checkpointed."""

@@ -1,0 +1,145 @@
+"""SpikingTransformer: a Spikformer-style spiking transformer ranking the 39 parts (DESIGN §2).
+
+Layout is time-major: activations are `(T, B, W, d)`. Each block runs over all T steps at once:
+linear maps and attention are batched over T, only the LIF membrane recurrence is stepped
+(`c5snn.lif`). The step-by-step snntorch version lives in `tests/oracle.py` and must agree.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from c5snn.data import N_PARTS
+from c5snn.lif import dropout_spikes, lif, spike_attention
+
+
+def _linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """Apply `layer` to `(T, ...)` input; input constant over T (stride 0) is projected once."""
+    if x.shape[0] > 1 and x.stride(0) == 0:
+        return layer(x[0]).unsqueeze(0).expand(x.shape[0], *x.shape[1:-1], layer.out_features)
+    return layer(x)
+
+
+class SpikingBlock(nn.Module):
+    """Spike-form self-attention (no softmax) and a spiking FFN, each LIF with its own membrane."""
+
+    def __init__(self, d_model: int, n_heads: int, d_ffn: int, beta: float, dropout: float):
+        super().__init__()
+        self.n_heads = n_heads
+        self.beta = beta
+        self.dropout = dropout
+        self.scale = (d_model // n_heads) ** -0.5
+        self.q_proj = nn.Linear(d_model, d_model)
+        self.k_proj = nn.Linear(d_model, d_model)
+        self.v_proj = nn.Linear(d_model, d_model)
+        self.o_proj = nn.Linear(d_model, d_model)
+        self.ffn1 = nn.Linear(d_model, d_ffn)
+        self.ffn2 = nn.Linear(d_ffn, d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # (T, B, W, d); the first block's input may be constant over T (stride 0)
+        q = lif(_linear(self.q_proj, x), self.beta)  # (T, B, W, d) spikes
+        k = lif(_linear(self.k_proj, x), self.beta)
+        v = lif(_linear(self.v_proj, x), self.beta)
+        mixed = spike_attention(  # heads (B, h, W, d/h) are column slices of d
+            q, k, v, self.n_heads, self.scale, self.dropout, self.training
+        )  # (T, B, W, d)
+        o = lif(self.o_proj(mixed), self.beta)
+        r1 = lif(x + o, self.beta)  # (T, B, W, d)
+        hidden = lif(self.ffn1(r1), self.beta)  # (T, B, W, d_ffn)
+        hidden = dropout_spikes(hidden, self.dropout, self.training)
+        f = lif(self.ffn2(hidden), self.beta)
+        return lif(r1 + f, self.beta)  # (T, B, W, d) spikes
+
+
+class SpikingTransformer(nn.Module):
+    """Multi-hot windows `(B, W, 39)` -> part logits `(B, 39)`.
+
+    `encoding="direct"` simulates T=1 step on the input; `"rate_coded"` simulates `timesteps`
+    Bernoulli samples of it. Binary input is its own Bernoulli sample, so with
+    `binary_input=True` (the trainer's case: CA5 windows are validated multi-hot) the input is
+    projected once and repeated over T without drawing random numbers. With `binary_input=False`
+    a real Bernoulli sample is drawn per step.
+    """
+
+    def __init__(
+        self,
+        *,
+        d_model: int,
+        n_heads: int,
+        n_layers: int,
+        d_ffn: int,
+        beta: float,
+        encoding: str,
+        timesteps: int = 10,
+        dropout: float = 0.1,
+        max_window_size: int = 100,
+        binary_input: bool = True,
+    ):
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"n_heads={n_heads} must divide d_model={d_model}")
+        if encoding not in ("direct", "rate_coded"):
+            raise ValueError(f"encoding must be 'direct' or 'rate_coded', got {encoding!r}")
+        self.encoding = encoding
+        self.timesteps = 1 if encoding == "direct" else timesteps
+        self.max_window_size = max_window_size
+        self.binary_input = binary_input
+        self.input_proj = nn.Linear(N_PARTS, d_model)
+        self.pos_embedding = nn.Parameter(torch.zeros(1, max_window_size, d_model))
+        nn.init.trunc_normal_(self.pos_embedding, std=0.02)
+        self.blocks = nn.ModuleList(
+            SpikingBlock(d_model, n_heads, d_ffn, beta, dropout) for _ in range(n_layers)
+        )
+        self.readout = nn.Linear(d_model, N_PARTS)
+
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Input currents of the first block: `(T, B, W, d)`."""
+        b, w, _ = x.shape
+        pos = self.pos_embedding[:, :w]  # (1, W, d)
+        if self.timesteps == 1 or self.binary_input:
+            h = self.input_proj(x) + pos  # (B, W, d)
+            return h.unsqueeze(0).expand(self.timesteps, b, w, h.shape[-1])
+        samples = torch.bernoulli(x.unsqueeze(0).expand(self.timesteps, b, w, N_PARTS))
+        return self.input_proj(samples) + pos  # (T, B, W, d)
+
+    def forward(
+        self, x: torch.Tensor, return_spike_rates: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits `(B, 39)`; with `return_spike_rates`, also each block's mean firing rate `(L,)`."""
+        if x.shape[1] > self.max_window_size:
+            raise ValueError(f"window {x.shape[1]} exceeds max_window_size {self.max_window_size}")
+        h = self._encode(x)
+        rates = []
+        for block in self.blocks:
+            h = block(h)
+            if return_spike_rates:
+                rates.append(h.detach().mean())
+        logits = self.readout(h.mean(dim=0).mean(dim=1))  # mean over T, then W: (B, d) -> (B, 39)
+        if return_spike_rates:
+            return logits, torch.stack(rates) if rates else torch.zeros(0)
+        return logits
+
+
+def build_model(params, binary_input: bool = True) -> SpikingTransformer:
+    """A model from `c5snn.config.ModelParams`."""
+    return SpikingTransformer(
+        d_model=params.d_model,
+        n_heads=params.n_heads,
+        n_layers=params.n_layers,
+        d_ffn=params.d_ffn,
+        beta=params.beta,
+        encoding=params.encoding,
+        timesteps=params.timesteps,
+        dropout=params.dropout,
+        max_window_size=params.max_window_size,
+        binary_input=binary_input,
+    )
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+__all__ = ["SpikingTransformer", "SpikingBlock", "build_model", "count_parameters"]

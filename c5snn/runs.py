@@ -1,0 +1,63 @@
+"""Single runs from a study file: `c5snn train` and the progress lines every run prints."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from c5snn.artifacts import write_run_dir
+from c5snn.config import GRID_KEYS, load_study, snapshot
+from c5snn.data import prepare
+from c5snn.errors import StudyFileError
+from c5snn.runtime import tune_cpu_allocator
+from c5snn.train import EpochRecord, RunResult, train_run
+
+
+def configure_threads(threads: int | None) -> None:
+    """Torch CPU threads for this process; workers sharing a CPU should use 1 each."""
+    if threads is not None:
+        if threads < 1:
+            raise StudyFileError(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+
+
+def epoch_line(record: EpochRecord, epochs: int) -> str:
+    mark = " *" if record.improved else ""
+    return (
+        f"  epoch {record.epoch}/{epochs} loss {record.train_loss:.4f} "
+        f"val_recall@20 {record.val['recall_at_20']:.4f}{mark} ({record.seconds:.1f}s)"
+    )
+
+
+def train_one(
+    config_path: Path,
+    overrides: list[str],
+    *,
+    seed: int,
+    device: str,
+    threads: int | None,
+    run_dir: Path,
+    echo: Callable[[str], None],
+) -> RunResult:
+    """Train the single grid point that `overrides` pin and write its run directory."""
+    config = load_study(config_path, overrides)
+    points = config.grid_points()
+    if len(points) != 1:
+        loose = [k for k in GRID_KEYS if len(config.grid[k]) > 1]
+        raise StudyFileError(
+            f"{config_path}: train needs one grid point; pin {', '.join(loose)} with --set KEY=VALUE"
+        )
+    params = config.model_params(points[0])
+    configure_threads(threads)
+    if device == "cpu":
+        tune_cpu_allocator()
+    data = prepare(config.data_path, config.window_size, config.split_ratios, device)
+    echo(f"spiking_transformer {params.describe()} seed={seed} on {device}")
+    result = train_run(
+        params, config.training, data, seed=seed,
+        on_epoch=lambda r: echo(epoch_line(r, config.training.epochs)),
+    )
+    write_run_dir(run_dir, result, snapshot(config, params, seed))
+    return result

@@ -1,0 +1,239 @@
+"""One training run of one configuration and seed (DESIGN §3).
+
+BCEWithLogits, Adam, training batches reshuffled each epoch by a generator seeded from the run's
+seed, early stopping on val recall@20 (strictly greater improves) with patience, and the best
+epoch's weights restored before the final evaluation. After every epoch the whole state (model,
+optimizer, early-stopping state, every RNG) can be checkpointed, so a run stopped after epoch k
+and resumed ends bitwise where an uninterrupted run ends (on CPU).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from c5snn.config import ModelParams, TrainingParams
+from c5snn.data import WindowData
+from c5snn.errors import TrainingInterrupted
+from c5snn.metrics import compute_metrics
+from c5snn.model import build_model
+from c5snn.runtime import set_seed
+
+CHECKPOINT_VERSION = 1
+
+
+@dataclass
+class EpochRecord:
+    """What one finished epoch reports to callbacks (Optuna, progress bars)."""
+
+    epoch: int  # 1-based
+    train_loss: float
+    val: dict[str, float]
+    spike_rate: list[float]
+    seconds: float
+    improved: bool
+    replayed: bool = False  # True when re-announced from a checkpoint on resume
+
+
+@dataclass
+class RunResult:
+    seed: int
+    best_epoch: int
+    epochs_run: int
+    val: dict[str, float]  # metrics of the best epoch's weights
+    spike_rate: list[float]  # per block, on val, with the best weights
+    training_time_s: float
+    history: list[EpochRecord]
+    model_state: dict
+    optimizer_state: dict
+    test: dict[str, float] | None = None
+    test_logits: torch.Tensor | None = None  # (n_test, 39), when evaluated on test
+    resumed_from_epoch: int | None = None
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class Evaluation:
+    metrics: dict[str, float]
+    spike_rate: list[float]
+    logits: torch.Tensor  # (n, 39) on CPU
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    data: WindowData,
+    split: str,
+    batch_size: int,
+    limit_batches: int | None = None,
+) -> Evaluation:
+    """Metrics and per-block spike rates of `model` on a split, in date order."""
+    model.eval()
+    logits, rates, targets = [], [], []
+    for x, y in data.batches(split, batch_size, limit=limit_batches):
+        out, rate = model(x, return_spike_rates=True)
+        logits.append(out)
+        rates.append(rate * x.shape[0])
+        targets.append(y)
+    all_logits = torch.cat(logits)
+    all_targets = torch.cat(targets)
+    spike_rate = (torch.stack(rates).sum(dim=0) / all_logits.shape[0]).tolist()
+    return Evaluation(
+        compute_metrics(all_logits, all_targets), spike_rate, all_logits.float().cpu()
+    )
+
+
+def _rng_state(shuffle: torch.Generator) -> dict:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "shuffle": shuffle.get_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _restore_rng(state: dict, shuffle: torch.Generator) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    shuffle.set_state(state["shuffle"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_atomic(obj, path: Path) -> None:
+    """torch.save to a temporary file, then rename: a crash never leaves a torn checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def train_run(
+    params: ModelParams,
+    training: TrainingParams,
+    data: WindowData,
+    *,
+    seed: int,
+    evaluate_test: bool = False,
+    on_epoch: Callable[[EpochRecord], None] | None = None,
+    checkpoint_path: Path | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> RunResult:
+    """Train one configuration with one seed; resume from `checkpoint_path` when it exists.
+
+    `should_stop` is polled after every batch: when it returns True the run raises
+    `TrainingInterrupted`, leaving the checkpoint of the last finished epoch. Test is evaluated
+    only when `evaluate_test` (promote); screening never touches it.
+    """
+    device = data.device
+    set_seed(seed)
+    model = build_model(params).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=training.learning_rate)
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    shuffle = torch.Generator()
+    shuffle.manual_seed(seed)
+
+    start_epoch, best_metric, best_epoch, bad_epochs, elapsed = 0, float("-inf"), 0, 0, 0.0
+    best: dict = {}
+    history: list[EpochRecord] = []
+    resumed_from = None
+    if checkpoint_path is not None and checkpoint_path.exists():
+        state = torch.load(checkpoint_path, map_location=device, weights_only=False)
+        if state.get("seed") != seed or state.get("params") != params:
+            raise ValueError(f"{checkpoint_path} belongs to another run")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        _restore_rng(state["rng"], shuffle)
+        start_epoch, best_metric, best_epoch = state["epoch"], state["best_metric"], state["best_epoch"]
+        bad_epochs, elapsed, best, history = (
+            state["bad_epochs"], state["elapsed"], state["best"], state["history"]
+        )
+        resumed_from = start_epoch
+        for record in history:
+            if on_epoch is not None:
+                on_epoch(dataclasses.replace(record, replayed=True))
+
+    finished = start_epoch >= training.epochs or bad_epochs >= training.early_stopping_patience
+    epoch = start_epoch
+    while not finished:
+        epoch += 1
+        t0 = time.perf_counter()
+        model.train()
+        total, count = torch.zeros((), device=device), 0
+        for x, y in data.batches(
+            "train", training.batch_size, generator=shuffle, limit=training.limit_train_batches
+        ):
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(model(x), y)
+            loss.backward()
+            optimizer.step()
+            total += loss.detach() * x.shape[0]
+            count += x.shape[0]
+            if should_stop is not None and should_stop():
+                raise TrainingInterrupted(
+                    f"stopped during epoch {epoch}; resumable from epoch {epoch - 1}"
+                )
+        ev = evaluate(model, data, "val", training.batch_size, training.limit_eval_batches)
+        metric = ev.metrics["recall_at_20"]
+        improved = metric > best_metric
+        if improved:
+            best_metric, best_epoch, bad_epochs = metric, epoch, 0
+            best = {
+                "model": copy.deepcopy(model.state_dict()),
+                "optimizer": copy.deepcopy(optimizer.state_dict()),
+                "val": ev.metrics,
+                "spike_rate": ev.spike_rate,
+            }
+        else:
+            bad_epochs += 1
+        elapsed += time.perf_counter() - t0
+        record = EpochRecord(
+            epoch, float(total / max(count, 1)), ev.metrics, ev.spike_rate,
+            time.perf_counter() - t0, improved,
+        )
+        history.append(record)
+        finished = epoch >= training.epochs or bad_epochs >= training.early_stopping_patience
+        if checkpoint_path is not None:
+            save_atomic(
+                {
+                    "version": CHECKPOINT_VERSION, "seed": seed, "params": params,
+                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "rng": _rng_state(shuffle), "epoch": epoch, "best_metric": best_metric,
+                    "best_epoch": best_epoch, "bad_epochs": bad_epochs, "elapsed": elapsed,
+                    "best": best, "history": history,
+                },
+                checkpoint_path,
+            )
+        if on_epoch is not None:
+            on_epoch(record)
+
+    model.load_state_dict(best["model"])
+    result = RunResult(
+        seed=seed,
+        best_epoch=best_epoch,
+        epochs_run=len(history),
+        val=best["val"],
+        spike_rate=best["spike_rate"],
+        training_time_s=elapsed,
+        history=history,
+        model_state=best["model"],
+        optimizer_state=best["optimizer"],
+        resumed_from_epoch=resumed_from,
+    )
+    if evaluate_test:
+        ev = evaluate(model, data, "test", training.batch_size, training.limit_eval_batches)
+        result.test, result.test_logits = ev.metrics, ev.logits
+    return result

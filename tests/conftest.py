@@ -1,0 +1,61 @@
+"""Shared fixtures: tiny synthetic data and study files, and a runner for the real CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from c5snn.data import write_synthetic
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def study_dict(data_path: Path, name: str = "t", **sections) -> dict:
+    """A small study: the real 72-point grid, a 12-event window and a budget of seconds."""
+    study = {
+        "study": {"name": name},
+        "data": {"path": str(data_path), "window_size": 12, "split_ratios": [0.7, 0.15, 0.15],
+                 "batch_size": 16},
+        "model": {"type": "spiking_transformer", "timesteps": 3, "dropout": 0.1,
+                  "max_window_size": 100, "surrogate": "fast_sigmoid", "d_ffn_multiplier": 2},
+        "grid": {"n_layers": [2, 4, 6], "n_heads": [2, 4], "d_model": [64, 128],
+                 "beta": [0.5, 0.8, 0.95], "encoding": ["direct", "rate_coded"]},
+        "training": {"epochs": 2, "learning_rate": 0.001, "optimizer": "adam",
+                     "early_stopping_patience": 10, "early_stopping_metric": "val_recall_at_20",
+                     "limit_train_batches": 2, "limit_eval_batches": 2},
+        "promote": {"top_k": 5, "seeds": [42, 123, 7], "screening_seed": 42},
+        "output": {"dir": "results"},
+    }
+    for section, values in sections.items():
+        study[section].update(values)
+    return study
+
+
+def write_study(path: Path, study: dict) -> Path:
+    path.write_text(yaml.safe_dump(study, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def synthetic_csv(tmp_path) -> Path:
+    return write_synthetic(tmp_path / "events.csv", rows=300, seed=1)
+
+
+@pytest.fixture
+def study_file(tmp_path, synthetic_csv) -> Path:
+    return write_study(tmp_path / "study.yaml", study_dict(synthetic_csv))
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 300):
+    """Run `python -m c5snn ARGS` as a user would; returns the CompletedProcess."""
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    full_env.pop("C5SNN_DEBUG", None)
+    return subprocess.run(
+        [sys.executable, "-m", "c5snn", *args], cwd=cwd, env=full_env, capture_output=True,
+        text=True, timeout=timeout,
+    )

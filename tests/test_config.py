@@ -1,0 +1,57 @@
+import itertools
+
+import pytest
+from conftest import ROOT, study_dict, write_study
+
+from c5snn.config import GRID_KEYS, load_study
+from c5snn.errors import StudyFileError
+
+
+def test_phase_c_study_is_the_story_grid():
+    config = load_study(ROOT / "studies" / "phase_c.yaml")
+    points = config.grid_points()
+    assert len(points) == 72 and config.window_size == 90
+    expected = list(itertools.product([2, 4, 6], [2, 4], [64, 128], [0.5, 0.8, 0.95],
+                                      ["direct", "rate_coded"]))
+    assert [tuple(p[k] for k in GRID_KEYS) for p in points] == expected
+    assert config.config_id(points[37]) == 37
+    p = config.model_params(points[1])
+    assert (p.d_ffn, p.timesteps, p.encoding) == (128, 10, "rate_coded")
+    assert config.model_params(points[0]).timesteps == 1
+    assert (config.top_k, config.seeds, config.screening_seed) == (5, (42, 123, 7), 42)
+    assert load_study(ROOT / "studies" / "quickstart.yaml").n_points == 72
+
+
+BAD = [
+    (lambda s: s["training"].update(lr=1), "training.lr", "unknown key"),
+    (lambda s: s.update(extra={}), "extra", "unknown section"),
+    (lambda s: s["grid"].update(n_heads=[3]), "grid.n_heads", "does not divide"),
+    (lambda s: s["data"].update(window_size=101), "data.window_size", "max_window_size"),
+    (lambda s: s["data"].update(split_ratios=[0.5, 0.5, 0.5]), "data.split_ratios", "sum to 1"),
+    (lambda s: s["grid"].update(encoding=["poisson"]), "grid.encoding", "must be one of"),
+    (lambda s: s["training"].update(epochs="ten"), "training.epochs", "must be int"),
+    (lambda s: s["promote"].update(seeds=[1, 1]), "promote.seeds", "duplicates"),
+    (lambda s: s["study"].pop("name"), "study.name", "missing"),
+]
+
+
+@pytest.mark.parametrize("mutate,key,rule", BAD, ids=[b[1] for b in BAD])
+def test_study_file_mistakes_name_the_key(tmp_path, mutate, key, rule):
+    study = study_dict(tmp_path / "x.csv")
+    mutate(study)
+    path = write_study(tmp_path / "s.yaml", study)
+    with pytest.raises(StudyFileError) as info:
+        load_study(path)
+    assert str(path) in str(info.value) and f"'{key}'" in str(info.value)
+    assert rule in str(info.value)
+
+
+def test_overrides_and_content_hash(tmp_path):
+    path = write_study(tmp_path / "s.yaml", study_dict(tmp_path / "x.csv"))
+    base = load_study(path)
+    pinned = load_study(path, ["d_model=64", "training.epochs=7"])
+    assert pinned.grid["d_model"] == (64,) and pinned.training.epochs == 7
+    assert pinned.content_hash != base.content_hash
+    assert load_study(path).content_hash == base.content_hash
+    with pytest.raises(StudyFileError, match="'training.nope'"):
+        load_study(path, ["training.nope=1"])

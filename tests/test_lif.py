@@ -1,0 +1,38 @@
+import torch
+
+from c5snn.lif import drop_mask, dropout_spikes, lif, spike_attention
+
+
+def test_drop_mask_rate():
+    mask = drop_mask((400, 1000), 0.1, torch.device("cpu"))
+    assert abs(mask.float().mean().item() - 0.1) < 0.003
+
+
+def test_lif_dynamics_by_hand():
+    # beta 0.5, threshold 1, reset by subtraction: U = 0.6, 0.3+0.6=0.9, 0.45+0.9=1.35 -> spike,
+    # then 0.675 + 0.2 - 1 = -0.125
+    x = torch.tensor([[0.6], [0.6], [0.9], [0.2]])
+    assert lif(x, 0.5).flatten().tolist() == [0.0, 0.0, 1.0, 0.0]
+
+
+def test_dropout_backward_uses_the_forward_mask():
+    torch.manual_seed(0)
+    x = torch.ones(50, 60, requires_grad=True)
+    y = dropout_spikes(x, 0.3, training=True)
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())  # d(sum)/dx = mask / (1-p) = y where x = 1
+    assert torch.equal(dropout_spikes(x, 0.3, training=False), x)
+
+
+def test_spike_attention_matches_reference_with_dropout_off():
+    torch.manual_seed(0)
+    q, k, v = ((torch.rand(3, 10, 8) < 0.4).float().requires_grad_() for _ in range(3))
+    out = spike_attention(q, k, v, 2, 0.5, 0.1, training=False)
+    heads = [t.detach().view(3, 10, 2, 4).transpose(1, 2).requires_grad_() for t in (q, k, v)]
+    ref = ((heads[0] @ heads[1].transpose(-2, -1)) * 0.5) @ heads[2]
+    assert torch.allclose(out, ref.transpose(1, 2).reshape(3, 10, 8))
+    w = torch.randn_like(out)
+    (out * w).sum().backward()
+    (ref.transpose(1, 2).reshape(3, 10, 8) * w).sum().backward()
+    for fast, slow in zip((q, k, v), heads, strict=True):
+        assert torch.allclose(fast.grad, slow.grad.transpose(1, 2).reshape(3, 10, 8), atol=1e-5)

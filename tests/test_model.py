@@ -1,0 +1,69 @@
+import pytest
+import torch
+from oracle import OracleSpikingTransformer
+
+from c5snn.model import SpikingTransformer, count_parameters
+
+
+def _pair(encoding, n_layers, d_model=64, n_heads=2):
+    kw = dict(d_model=d_model, n_heads=n_heads, n_layers=n_layers, d_ffn=2 * d_model, beta=0.8,
+              encoding=encoding, timesteps=4, dropout=0.0)
+    torch.manual_seed(0)
+    fast = SpikingTransformer(**kw)
+    with torch.no_grad():  # larger weights so that every block spikes (a silent net proves nothing)
+        for name, p in fast.named_parameters():
+            p.mul_(2.0)
+            if name.endswith("bias"):
+                p.add_(1.0)
+    oracle = OracleSpikingTransformer(**kw)
+    missing, unexpected = oracle.load_state_dict(fast.state_dict(), strict=False)
+    assert not unexpected and all(".lifs." in k for k in missing)  # only snntorch's buffers
+    return fast.train(), oracle.train()
+
+
+@pytest.mark.parametrize("encoding", ["direct", "rate_coded"])
+@pytest.mark.parametrize("n_layers", [2, 6])
+def test_fast_model_matches_snntorch_oracle(encoding, n_layers):
+    fast, oracle = _pair(encoding, n_layers)
+    x = (torch.rand(6, 20, 39, generator=torch.Generator().manual_seed(1)) < 5 / 39).float()
+    out_fast, rates = fast(x, return_spike_rates=True)
+    out_oracle = oracle(x)
+    assert (rates > 0).all(), f"some block never fired: {rates}"
+    assert (out_fast - out_oracle).norm() / out_oracle.norm() <= 1e-5
+    out_fast.square().sum().backward()
+    out_oracle.square().sum().backward()
+    oracle_params = dict(oracle.named_parameters())
+    for name, p in fast.named_parameters():
+        ref = oracle_params[name].grad
+        assert ref.norm() > 0, name
+        assert (p.grad - ref).norm() / ref.norm() <= 1e-4, name  # relative error, L2
+
+
+def test_parameter_count_fingerprint():
+    model = SpikingTransformer(d_model=128, n_heads=4, n_layers=2, d_ffn=256, beta=0.5,
+                               encoding="direct")
+    assert count_parameters(model) == 286_887
+
+
+def test_rate_coding_bernoulli_path_equals_repeat_on_binary_input():
+    torch.manual_seed(0)
+    kw = dict(d_model=64, n_heads=2, n_layers=2, d_ffn=128, beta=0.8, encoding="rate_coded",
+              timesteps=5, dropout=0.0)
+    fast = SpikingTransformer(**kw).eval()
+    sampled = SpikingTransformer(**kw, binary_input=False).eval()
+    sampled.load_state_dict(fast.state_dict())
+    x = (torch.rand(4, 15, 39) < 0.2).float()
+    assert torch.equal(fast(x), sampled(x))
+    # on non-binary input the Bernoulli path really samples: two calls differ
+    soft = torch.rand(4, 15, 39)
+    assert not torch.equal(sampled(soft), sampled(soft))
+
+
+def test_invariants_fail_with_messages():
+    with pytest.raises(ValueError, match="divide"):
+        SpikingTransformer(d_model=64, n_heads=3, n_layers=1, d_ffn=128, beta=0.5,
+                           encoding="direct")
+    model = SpikingTransformer(d_model=8, n_heads=2, n_layers=1, d_ffn=16, beta=0.5,
+                               encoding="direct", max_window_size=10)
+    with pytest.raises(ValueError, match="max_window_size"):
+        model(torch.zeros(1, 11, 39))

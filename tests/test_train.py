@@ -1,0 +1,65 @@
+import pytest
+import torch
+
+from c5snn.config import load_study
+from c5snn.data import prepare
+from c5snn.errors import TrainingInterrupted
+from c5snn.model import build_model
+from c5snn.train import evaluate, train_run
+
+
+def _setup(study_file, **training):
+    overrides = ["d_model=64", "n_heads=2", "n_layers=2", "beta=0.8", "encoding=rate_coded"]
+    overrides += [f"training.{k}={v}" for k, v in training.items()]
+    config = load_study(study_file, overrides)
+    params = config.model_params(config.grid_points()[0])
+    data = prepare(config.data_path, config.window_size, config.split_ratios)
+    return config, params, data
+
+
+def test_best_epoch_weights_are_restored(study_file):
+    config, params, data = _setup(study_file, epochs=4)
+    result = train_run(params, config.training, data, seed=1)
+    best = result.history[result.best_epoch - 1]
+    assert best.improved and result.val == best.val
+    later_best = max(r.val["recall_at_20"] for r in result.history)
+    assert result.val["recall_at_20"] == later_best
+    model = build_model(params)
+    model.load_state_dict(result.model_state)
+    again = evaluate(model, data, "val", 16, config.training.limit_eval_batches)
+    assert again.metrics == result.val
+
+
+def test_early_stopping_counts_strict_improvements(study_file):
+    config, params, data = _setup(study_file, epochs=30, early_stopping_patience=2)
+    result = train_run(params, config.training, data, seed=3)
+    assert result.epochs_run == result.best_epoch + 2 or result.epochs_run == 30
+    values = [r.val["recall_at_20"] for r in result.history]
+    assert all(v <= values[result.best_epoch - 1] for v in values)
+
+
+def test_resume_after_interruption_is_bitwise_identical(study_file, tmp_path):
+    config, params, data = _setup(study_file, epochs=4)
+    straight = train_run(params, config.training, data, seed=7)
+    ckpt = tmp_path / "ckpt.pt"
+    batches = iter(range(10_000))
+    stop_after = 2 * config.training.limit_train_batches + 1  # mid epoch 3
+    with pytest.raises(TrainingInterrupted):
+        train_run(params, config.training, data, seed=7, checkpoint_path=ckpt,
+                  should_stop=lambda: next(batches) + 1 >= stop_after)
+    assert torch.load(ckpt, weights_only=False)["epoch"] == 2
+    replayed = []
+    resumed = train_run(params, config.training, data, seed=7, checkpoint_path=ckpt,
+                        on_epoch=lambda r: replayed.append((r.epoch, r.replayed)))
+    assert resumed.resumed_from_epoch == 2
+    assert replayed == [(1, True), (2, True), (3, False), (4, False)]
+    assert resumed.val == straight.val and resumed.best_epoch == straight.best_epoch
+    for key, value in straight.model_state.items():
+        assert torch.equal(value, resumed.model_state[key]), key
+
+
+def test_test_split_only_when_asked(study_file):
+    config, params, data = _setup(study_file, epochs=1)
+    assert train_run(params, config.training, data, seed=1).test is None
+    result = train_run(params, config.training, data, seed=1, evaluate_test=True)
+    assert set(result.test) == set(result.val)
