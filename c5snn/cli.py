@@ -24,6 +24,8 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Validate or synthesize CA5 event files.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+study_app = typer.Typer(help="Create and inspect sweep studies.", no_args_is_help=True)
+app.add_typer(study_app, name="study")
 
 ConfigOpt = Annotated[Path, typer.Option("--config", "-c", help="Study file (YAML).")]
 SetOpt = Annotated[
@@ -34,6 +36,21 @@ DeviceOpt = Annotated[str, typer.Option(help="Torch device: cpu, cuda or cuda:N.
 ThreadsOpt = Annotated[
     int | None, typer.Option(help="Torch CPU threads for this process (default: torch's).")
 ]
+StorageOpt = Annotated[
+    str | None,
+    typer.Option(help="SQLAlchemy URL; default $C5SNN_STORAGE, then the study file, then "
+                      "sqlite:///storage/c5snn.db."),
+]
+ArtifactsOpt = Annotated[
+    Path | None,
+    typer.Option(help="Checkpoint store every worker can reach; default $C5SNN_ARTIFACTS or "
+                      "storage/artifacts."),
+]
+HeartbeatOpt = Annotated[float, typer.Option(help="Seconds between a worker's heartbeats.")]
+GraceOpt = Annotated[
+    float, typer.Option(help="Seconds without a heartbeat before a trial counts as dead.")
+]
+AttemptsOpt = Annotated[int, typer.Option(help="Failed attempts before a point is given up.")]
 
 
 def _echo(line: str) -> None:
@@ -87,6 +104,109 @@ def train(
     metrics = " ".join(f"{k}={v:.4f}" for k, v in result.val.items())
     _echo(f"best epoch {result.best_epoch}/{result.epochs_run}: val {metrics}")
     _echo(f"wrote {run_dir}")
+
+
+def _artifacts(option: Path | None) -> Path:
+    from c5snn.sweep import DEFAULT_ARTIFACTS
+
+    return option or Path(os.environ.get("C5SNN_ARTIFACTS") or DEFAULT_ARTIFACTS)
+
+
+@study_app.command("create")
+def study_create(config: ConfigOpt, storage: StorageOpt = None) -> None:
+    """Create the screening study (GridSampler over the grid), or open it if it exists."""
+    from c5snn.config import load_study
+    from c5snn.storage import open_store
+    from c5snn.sweep import create_study
+
+    cfg = load_study(config)
+    store = open_store(storage, cfg.storage)
+    _, created = create_study(cfg, store)
+    verb = "created" if created else "exists:"
+    _echo(f"{verb} study '{cfg.name}' ({cfg.n_points} points, hash {cfg.content_hash}) "
+          f"in {store.masked}")
+
+
+@app.command()
+def worker(
+    config: ConfigOpt,
+    storage: StorageOpt = None,
+    device: DeviceOpt = "cpu",
+    max_trials: Annotated[int | None, typer.Option(help="Stop after this many trials.")] = None,
+    name: Annotated[str | None, typer.Option(help="Worker name in logs and status.")] = None,
+    threads: ThreadsOpt = None,
+    artifacts: ArtifactsOpt = None,
+    heartbeat: HeartbeatOpt = 15.0,
+    grace: GraceOpt = 180.0,
+    max_attempts: AttemptsOpt = 3,
+) -> None:
+    """Pull and train points until none is left; SIGTERM/Ctrl-C releases the current one."""
+    import socket
+
+    from c5snn.config import load_study
+    from c5snn.runs import configure_threads
+    from c5snn.storage import open_store
+    from c5snn.sweep import StopFlag, Timing, Worker
+
+    cfg = load_study(config)
+    configure_threads(threads)
+    store = open_store(storage, cfg.storage)
+    name = name or f"{socket.gethostname()}-{os.getpid()}"
+    stop = StopFlag().install()
+    timing = Timing(heartbeat_s=heartbeat, grace_s=grace, max_attempts=max_attempts)
+    ran = Worker(cfg, store, name=name, device=device, artifacts=_artifacts(artifacts),
+                 timing=timing, echo=_echo, stop=stop).run(max_trials)
+    _echo(f"worker {name}: {ran} trial(s) done; {'stopped on request' if stop() else 'no work left'}")
+
+
+@app.command()
+def workers(
+    config: ConfigOpt,
+    n: Annotated[int, typer.Option("-n", "--n", help="Number of worker processes.")] = 2,
+    gpus: Annotated[str | None, typer.Option(help="GPU ids, e.g. 0,1 (round-robin).")] = None,
+    storage: StorageOpt = None,
+    threads: ThreadsOpt = None,
+    artifacts: ArtifactsOpt = None,
+    heartbeat: HeartbeatOpt = 15.0,
+    grace: GraceOpt = 180.0,
+    max_attempts: AttemptsOpt = 3,
+) -> None:
+    """Start N local worker processes (several per GPU allowed) and wait for them."""
+    from c5snn.launcher import launch
+
+    args = ["--config", str(config), "--heartbeat", str(heartbeat), "--grace", str(grace),
+            "--max-attempts", str(max_attempts), "--artifacts", str(_artifacts(artifacts))]
+    if storage:
+        args += ["--storage", storage]
+    gpu_list = [g.strip() for g in gpus.split(",") if g.strip()] if gpus else None
+    code = launch(args, n, gpus=gpu_list, threads=threads, echo=_echo)
+    raise typer.Exit(code)
+
+
+@app.command()
+def status(
+    config: ConfigOpt,
+    storage: StorageOpt = None,
+    watch: Annotated[float | None, typer.Option(help="Refresh every N seconds.")] = None,
+    max_attempts: AttemptsOpt = 3,
+) -> None:
+    """Trials per state, running trials with their workers, failed points, ETA."""
+    import time
+
+    from c5snn.config import load_study
+    from c5snn.status import format_status, study_status
+    from c5snn.storage import open_store
+
+    cfg = load_study(config)
+    store = open_store(storage, cfg.storage)
+    while True:
+        text = format_status(study_status(cfg, store, max_attempts), store.masked)
+        if watch:
+            typer.clear()
+        _echo(text)
+        if not watch:
+            return
+        time.sleep(watch)
 
 
 def main() -> None:

@@ -1,0 +1,76 @@
+"""`c5snn workers -n N`: start N worker processes, prefix their output, forward signals."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+
+
+def default_threads(n_workers: int, gpus: list[str] | None) -> int:
+    """Workers sharing the CPU split its cores; GPU workers need one thread each."""
+    if gpus:
+        return 1
+    return max(1, (os.cpu_count() or 1) // n_workers)
+
+
+def launch(
+    worker_args: list[str],
+    n: int,
+    *,
+    gpus: list[str] | None,
+    threads: int | None,
+    echo: Callable[[str], None],
+) -> int:
+    """Run N `c5snn worker` processes to the end; returns 0 when all exited 0, else 1.
+
+    Worker i runs on GPU `gpus[i % len(gpus)]` (through CUDA_VISIBLE_DEVICES, so several
+    workers may share one GPU) or on the CPU when no GPU is listed. SIGINT/SIGTERM sent to this
+    process are forwarded as SIGTERM, so each worker checkpoints and releases its trial.
+    """
+    threads = threads or default_threads(n, gpus)
+    procs: list[tuple[str, subprocess.Popen]] = []
+    for i in range(n):
+        name = f"w{i}"
+        env = dict(os.environ)
+        device = "cpu"
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = gpus[i % len(gpus)]
+            device = "cuda"
+        cmd = [sys.executable, "-m", "c5snn", "worker", *worker_args, "--name", name,
+               "--device", device, "--threads", str(threads)]
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env,
+            start_new_session=True,  # our signal handler, not the terminal, signals the workers
+        )
+        procs.append((name, proc))
+
+    def forward(signum, _frame):
+        for _, proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def pump(name: str, proc: subprocess.Popen) -> None:
+        for line in proc.stdout:
+            echo(f"[{name}] {line.rstrip()}")
+
+    pumps = [threading.Thread(target=pump, args=p, daemon=True) for p in procs]
+    for t in pumps:
+        t.start()
+    try:
+        codes = {name: proc.wait() for name, proc in procs}
+        for t in pumps:
+            t.join()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    failed = {name: code for name, code in codes.items() if code != 0}
+    if failed:
+        echo("workers failed: " + ", ".join(f"{n} (exit {c})" for n, c in failed.items()))
+        return 1
+    return 0

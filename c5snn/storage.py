@@ -1,0 +1,262 @@
+"""The one place that talks to the database: Optuna's storage and c5snn's claim table.
+
+Optuna keeps studies, trials, params, intermediate values and attributes. Beside its tables,
+c5snn keeps `c5snn_claims`: one row per attempt at one point of one study, with a unique key
+(study, point, attempt). A worker claims a point by INSERTing the next attempt's row; when two
+workers race for the same attempt the database's unique constraint lets exactly one insert
+succeed, in SQLite and PostgreSQL alike. A claim is a lease: its worker refreshes `heartbeat`,
+and a row whose heartbeat is older than the grace period is marked stale by a compare-and-set
+UPDATE (`WHERE state = 'running' AND heartbeat < cutoff`), after which the point can be claimed
+again as the next attempt. Study names and other user text only ever travel as bound parameters.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import optuna
+import sqlalchemy as sa
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError, SQLAlchemyError
+
+from c5snn.config import DEFAULT_STORAGE
+from c5snn.errors import StorageError
+
+SQLITE_TIMEOUT_S = 60  # how long a SQLite writer waits for the lock before "database is locked"
+
+metadata = sa.MetaData()
+claims = sa.Table(
+    "c5snn_claims",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("study", sa.String(512), nullable=False),
+    sa.Column("point", sa.Integer, nullable=False),
+    sa.Column("attempt", sa.Integer, nullable=False),
+    # running -> done | failed (training raised) | released (SIGTERM) | stale (heartbeat lost)
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("trial_id", sa.Integer),
+    sa.Column("trial_number", sa.Integer),
+    sa.Column("worker", sa.String(128), nullable=False),
+    sa.Column("host", sa.String(256), nullable=False),
+    sa.Column("device", sa.String(64), nullable=False),
+    sa.Column("epoch", sa.Integer, nullable=False, default=0),
+    sa.Column("started", sa.Float, nullable=False),
+    sa.Column("heartbeat", sa.Float, nullable=False),
+    sa.Column("finished", sa.Float),
+    sa.Column("error", sa.Text),
+    sa.UniqueConstraint("study", "point", "attempt", name="uq_c5snn_claim_attempt"),
+)
+
+
+def resolve_url(option: str | None, study_file_value: str | None) -> str:
+    """Storage URL precedence: --storage > C5SNN_STORAGE > study file > embedded SQLite."""
+    url = option or os.environ.get("C5SNN_STORAGE") or study_file_value or DEFAULT_STORAGE
+    if url.startswith("postgresql://") or url.startswith("postgres://"):
+        url = "postgresql+psycopg://" + url.split("://", 1)[1]  # psycopg 3, not psycopg2
+    return url
+
+
+def mask(url: str) -> str:
+    """The URL with any password replaced by ***, safe to print."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "<unparseable storage URL>"
+
+
+def _reason(exc: BaseException) -> str:
+    orig = getattr(exc, "orig", None) or exc
+    text = str(orig).strip().splitlines()
+    return text[0] if text else type(orig).__name__
+
+
+@dataclass(frozen=True)
+class Claim:
+    id: int
+    study: str
+    point: int
+    attempt: int
+
+
+@dataclass(frozen=True)
+class ClaimRow:
+    """A read-only view of one attempt (for status and scheduling)."""
+
+    id: int
+    point: int
+    attempt: int
+    state: str
+    trial_id: int | None
+    trial_number: int | None
+    worker: str
+    host: str
+    device: str
+    epoch: int
+    started: float
+    heartbeat: float
+    finished: float | None
+    error: str | None
+
+
+class Store:
+    """Connections for one process: an engine for the claim table and Optuna's RDBStorage."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.masked = mask(url)
+        try:
+            parsed = make_url(url)
+        except ArgumentError:
+            raise StorageError(f"not a valid SQLAlchemy storage URL: {self.masked}") from None
+        self.is_sqlite = parsed.get_backend_name() == "sqlite"
+        self.backend = parsed.get_backend_name()
+        engine_kwargs: dict = {"pool_pre_ping": True}
+        if self.is_sqlite:
+            engine_kwargs = {"connect_args": {"timeout": SQLITE_TIMEOUT_S}}
+            if parsed.database and parsed.database != ":memory:":
+                os.makedirs(os.path.dirname(os.path.abspath(parsed.database)), exist_ok=True)
+        self._engine_kwargs = engine_kwargs
+        try:
+            self.engine = sa.create_engine(url, **engine_kwargs)
+            with self.engine.begin() as conn:
+                if self.is_sqlite:
+                    # WAL lets readers (status, dashboard) run beside one writer.
+                    conn.exec_driver_sql("PRAGMA journal_mode=WAL")
+            self._retry(lambda: metadata.create_all(self.engine))
+        except (SQLAlchemyError, ImportError) as exc:
+            raise StorageError(f"cannot open storage {self.masked}: {_reason(exc)}") from None
+        self._optuna: optuna.storages.RDBStorage | None = None
+
+    def close(self) -> None:
+        self.engine.dispose()
+        if self._optuna is not None:
+            self._optuna.remove_session()
+            self._optuna.engine.dispose()
+
+    @property
+    def optuna(self) -> optuna.storages.RDBStorage:
+        """Optuna's storage on the same database (created on first use)."""
+        if self._optuna is None:
+            try:
+                self._optuna = self._retry(
+                    lambda: optuna.storages.RDBStorage(self.url, engine_kwargs=self._engine_kwargs)
+                )
+            except SQLAlchemyError as exc:
+                raise StorageError(f"cannot open storage {self.masked}: {_reason(exc)}") from None
+        return self._optuna
+
+    def _retry(self, fn, attempts: int = 8):
+        """Run `fn`, retrying SQLite's transient 'database is locked' with backoff."""
+        for i in range(attempts):
+            try:
+                return fn()
+            except OperationalError as exc:
+                if not (self.is_sqlite and "locked" in str(exc)) or i == attempts - 1:
+                    raise
+                time.sleep(0.05 * 2**i)
+        raise AssertionError("unreachable")
+
+    def _run(self, fn):
+        """One transaction with retries on SQLite lock contention; errors become StorageError."""
+        return self._retry_tx(lambda: self._once(fn))
+
+    def _once(self, fn):
+        with self.engine.begin() as conn:
+            return fn(conn)
+
+    def _retry_tx(self, fn):
+        try:
+            return self._retry(fn)
+        except IntegrityError:
+            raise
+        except SQLAlchemyError as exc:
+            raise StorageError(f"storage {self.masked}: {_reason(exc)}") from None
+
+    # ---- claims -----------------------------------------------------------------------------
+
+    def attempts(self, study: str) -> list[ClaimRow]:
+        """Every attempt of a study, oldest first."""
+
+        def read(conn):
+            rows = conn.execute(
+                sa.select(claims).where(claims.c.study == study).order_by(claims.c.id)
+            ).mappings()
+            return [ClaimRow(**{k: r[k] for k in ClaimRow.__dataclass_fields__}) for r in rows]
+
+        return self._run(read)
+
+    def try_claim(
+        self, study: str, point: int, attempt: int, *, worker: str, host: str, device: str
+    ) -> Claim | None:
+        """Insert attempt `attempt` of `point`; None when another worker inserted it first."""
+        now = time.time()
+        values = dict(
+            study=study, point=point, attempt=attempt, state="running", worker=worker, host=host,
+            device=device, epoch=0, started=now, heartbeat=now,
+        )
+        try:
+            claim_id = self._run(
+                lambda conn: conn.execute(sa.insert(claims).values(**values)).inserted_primary_key[0]
+            )
+        except IntegrityError:
+            return None
+        return Claim(int(claim_id), study, point, attempt)
+
+    def attach_trial(self, claim: Claim, trial_id: int, trial_number: int) -> None:
+        self._run(
+            lambda conn: conn.execute(
+                sa.update(claims).where(claims.c.id == claim.id)
+                .values(trial_id=trial_id, trial_number=trial_number)
+            )
+        )
+
+    def beat(self, claim: Claim, epoch: int) -> bool:
+        """Refresh the lease; False when it was lost (marked stale by another worker)."""
+        result = self._run(
+            lambda conn: conn.execute(
+                sa.update(claims)
+                .where(claims.c.id == claim.id, claims.c.state == "running")
+                .values(heartbeat=time.time(), epoch=epoch)
+            )
+        )
+        return result.rowcount == 1
+
+    def finish(self, claim: Claim, state: str, error: str | None = None, *, from_state="running") -> bool:
+        """Compare-and-set the claim from `from_state` to a final state; False if it had moved."""
+        result = self._run(
+            lambda conn: conn.execute(
+                sa.update(claims)
+                .where(claims.c.id == claim.id, claims.c.state == from_state)
+                .values(state=state, finished=time.time(), error=error)
+            )
+        )
+        return result.rowcount == 1
+
+    def mark_stale(self, study: str, grace_s: float) -> list[ClaimRow]:
+        """Mark running claims whose heartbeat is older than `grace_s` stale; returns those won."""
+        cutoff = time.time() - grace_s
+        won = []
+        for row in self.attempts(study):
+            if row.state != "running" or row.heartbeat >= cutoff:
+                continue
+            result = self._run(
+                lambda conn, rid=row.id: conn.execute(
+                    sa.update(claims)
+                    .where(claims.c.id == rid, claims.c.state == "running",
+                           claims.c.heartbeat < cutoff)
+                    .values(state="stale", finished=time.time(),
+                            error=f"heartbeat lost (none for {grace_s:.0f}s)")
+                )
+            )
+            if result.rowcount == 1:
+                won.append(row)
+        return won
+
+    def delete_study_claims(self, study: str) -> None:
+        self._run(lambda conn: conn.execute(sa.delete(claims).where(claims.c.study == study)))
+
+
+def open_store(option: str | None, study_file_value: str | None) -> Store:
+    return Store(resolve_url(option, study_file_value))

@@ -1,0 +1,63 @@
+import threading
+
+import pytest
+
+from c5snn.errors import StorageError
+from c5snn.storage import Store, mask, resolve_url
+
+
+def test_url_precedence(monkeypatch):
+    monkeypatch.delenv("C5SNN_STORAGE", raising=False)
+    assert resolve_url(None, None) == "sqlite:///storage/c5snn.db"
+    assert resolve_url(None, "sqlite:///file.db") == "sqlite:///file.db"
+    monkeypatch.setenv("C5SNN_STORAGE", "sqlite:///env.db")
+    assert resolve_url(None, "sqlite:///file.db") == "sqlite:///env.db"
+    assert resolve_url("sqlite:///opt.db", "sqlite:///file.db") == "sqlite:///opt.db"
+    assert resolve_url("postgresql://u@h/db", None) == "postgresql+psycopg://u@h/db"
+
+
+def test_passwords_are_masked_in_messages():
+    assert "hunter2" not in mask("postgresql+psycopg://me:hunter2@db.example:5432/x")
+    with pytest.raises(StorageError) as info:
+        Store("postgresql+psycopg://me:hunter2@127.0.0.1:1/x")
+    assert "hunter2" not in str(info.value) and "***" in str(info.value)
+
+
+def test_concurrent_claims_grant_each_attempt_once(tmp_path):
+    """Many threads race for the same points on SQLite: each (point, attempt) is granted once."""
+    url = f"sqlite:///{tmp_path / 'race.db'}"
+    Store(url).close()
+    granted, errors = [], []
+
+    def racer(name):
+        store = Store(url)
+        try:
+            for point in range(20):
+                claim = store.try_claim("s", point, 1, worker=name, host="h", device="cpu")
+                if claim is not None:
+                    granted.append((claim.point, name))
+        except Exception as exc:  # "database is locked" would land here
+            errors.append(exc)
+        finally:
+            store.close()
+
+    threads = [threading.Thread(target=racer, args=(f"w{i}",)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert sorted(p for p, _ in granted) == list(range(20))
+
+
+def test_lease_compare_and_set(tmp_path):
+    store = Store(f"sqlite:///{tmp_path / 'lease.db'}")
+    claim = store.try_claim("s", 0, 1, worker="a", host="h", device="cpu")
+    assert store.beat(claim, 1)
+    assert store.mark_stale("s", grace_s=3600) == []
+    stale = store.mark_stale("s", grace_s=-1)
+    assert [r.id for r in stale] == [claim.id]
+    assert not store.beat(claim, 2)  # the lease is gone: the worker learns it
+    assert not store.finish(claim, "done")
+    assert store.try_claim("s", 0, 1, worker="b", host="h", device="cpu") is None
+    assert store.try_claim("s", 0, 2, worker="b", host="h", device="cpu") is not None

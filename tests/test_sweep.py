@@ -1,0 +1,200 @@
+"""The sweep service with real worker processes on real SQLite and PostgreSQL databases."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import optuna
+import pytest
+import sqlalchemy as sa
+import torch
+from conftest import ROOT, run_cli, study_dict, write_study
+from optuna.trial import TrialState
+
+from c5snn.config import GRID_KEYS, load_study
+from c5snn.data import prepare
+from c5snn.train import train_run
+
+PG_URL = os.environ.get("C5SNN_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+
+def _pg_available() -> bool:
+    try:
+        with sa.create_engine(PG_URL).connect():
+            return True
+    except Exception:
+        return False
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def storage_url(request, tmp_path):
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'sweep.db'}"
+    if not os.environ.get("C5SNN_TEST_PG_URL") and not _pg_available():
+        pytest.skip("no PostgreSQL: set C5SNN_TEST_PG_URL (CI does) or start one on 127.0.0.1")
+    return PG_URL
+
+
+def _study(tmp_path, synthetic_csv, **sections):
+    name = f"t-{uuid.uuid4().hex[:10]}"
+    return write_study(tmp_path / "study.yaml", study_dict(synthetic_csv, name=name, **sections))
+
+
+def _worker(study, url, tmp_path, name, *extra):
+    return subprocess.Popen(
+        [sys.executable, "-m", "c5snn", "worker", "--config", str(study), "--storage", url,
+         "--name", name, "--threads", "1", "--heartbeat", "0.2", "--grace", "3",
+         "--artifacts", str(tmp_path / "artifacts"), *extra],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True,
+    )
+
+
+def _assert_exactly_once(study_path, url):
+    config = load_study(study_path)
+    trials = optuna.load_study(study_name=config.name, storage=url).trials
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    points = [tuple(t.params[k] for k in GRID_KEYS) for t in complete]
+    assert len(points) == len(set(points)) == 72
+    assert set(points) == set(itertools.product(*(config.grid[k] for k in GRID_KEYS)))
+    assert sorted(t.user_attrs["config_id"] for t in complete) == list(range(72))
+    return trials
+
+
+def _claims(url, study_name):
+    engine = sa.create_engine(url)
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text("SELECT worker, point, state, epoch FROM c5snn_claims "
+                                    "WHERE study = :s"), {"s": study_name}).all()
+    engine.dispose()
+    return rows
+
+
+def test_parallel_workers_run_each_grid_point_exactly_once(storage_url, tmp_path, synthetic_csv):
+    study = _study(tmp_path, synthetic_csv, training={"epochs": 1, "limit_train_batches": 1})
+    n = 4 if storage_url.startswith("postgresql") else 2
+    assert run_cli("study", "create", "--config", str(study), "--storage", storage_url,
+                   cwd=tmp_path).returncode == 0
+    proc = run_cli("workers", "--config", str(study), "-n", str(n), "--storage", storage_url,
+                   "--artifacts", str(tmp_path / "artifacts"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:]
+    trials = _assert_exactly_once(study, storage_url)
+    assert len(trials) == 72  # no faults: no extra attempts
+    assert {f"[w{i}]" for i in range(n)} <= {line.split()[0] for line in proc.stdout.splitlines()}
+    assert "[72/72]" in proc.stdout
+    t = trials[0]
+    assert set(t.intermediate_values) == {1}
+    for key in ("config_id", "val_hit_at_20", "val_mrr", "training_time_s", "best_epoch",
+                "epochs_run", "device", "host", "seed", "spike_rate"):
+        assert key in t.user_attrs
+    # idempotent create; a changed study file is refused with both hashes
+    again = run_cli("study", "create", "--config", str(study), "--storage", storage_url)
+    assert again.returncode == 0 and "exists" in again.stdout
+    text = study.read_text().replace("learning_rate: 0.001", "learning_rate: 0.002")
+    study.write_text(text)
+    changed = run_cli("study", "create", "--config", str(study), "--storage", storage_url)
+    assert changed.returncode == 1 and "different study file" in changed.stderr
+
+
+def test_sigkill_mid_trial_is_retried_and_resumed_exactly(tmp_path, synthetic_csv):
+    url = f"sqlite:///{tmp_path / 'kill.db'}"
+    study = _study(tmp_path, synthetic_csv, training={"epochs": 4, "limit_train_batches": 3})
+    name = load_study(study).name
+    assert run_cli("study", "create", "--config", str(study), "--storage", url).returncode == 0
+    procs = [_worker(study, url, tmp_path, f"w{i}") for i in range(3)]
+    victim = procs[0]
+    deadline = time.time() + 120
+    while time.time() < deadline:  # wait until w0 is past epoch 1 of some trial
+        rows = [r for r in _claims(url, name) if r.worker == "w0" and r.state == "running"]
+        if rows and rows[0].epoch >= 1:
+            victim.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail("worker w0 never reached epoch 1")
+    victim.wait()
+    for p in procs[1:]:
+        out, _ = p.communicate(timeout=600)
+        assert p.returncode == 0, out[-2000:]
+    trials = _assert_exactly_once(study, url)
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert len(failed) == 1 and failed[0].user_attrs["error"] == "heartbeat lost"
+    retried = [t for t in trials if t.state == TrialState.COMPLETE
+               and t.params == failed[0].params]
+    assert len(retried) == 1 and retried[0].user_attrs["resumed_from_epoch"] >= 1
+    assert len(retried[0].intermediate_values) == retried[0].user_attrs["epochs_run"]
+    # the resumed result equals an uninterrupted run of that point and seed
+    config = load_study(study)
+    data = prepare(config.data_path, config.window_size, config.split_ratios)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        straight = train_run(config.model_params(retried[0].params), config.training, data, seed=42)
+    finally:
+        torch.set_num_threads(threads)
+    assert retried[0].value == straight.val["recall_at_20"]
+    assert retried[0].user_attrs["val_mrr"] == straight.val["mrr"]
+    assert retried[0].user_attrs["best_epoch"] == straight.best_epoch
+
+
+def test_sigterm_releases_and_restart_continues(tmp_path, synthetic_csv):
+    url = f"sqlite:///{tmp_path / 'term.db'}"
+    study = _study(tmp_path, synthetic_csv, training={"epochs": 3, "limit_train_batches": 3})
+    name = load_study(study).name
+    assert run_cli("study", "create", "--config", str(study), "--storage", url).returncode == 0
+    procs = [_worker(study, url, tmp_path, f"w{i}") for i in range(2)]
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        done = [r for r in _claims(url, name) if r.state == "done"]
+        if len(done) >= 4 and any(r.state == "running" for r in _claims(url, name)):
+            break
+        time.sleep(0.05)
+    t0 = time.time()
+    for p in procs:
+        p.send_signal(signal.SIGTERM)
+    for p in procs:
+        out, _ = p.communicate(timeout=60)
+        assert p.returncode == 0, out[-2000:]
+    assert time.time() - t0 < 20  # promptly: within one epoch, not one trial
+    rows = _claims(url, name)
+    assert not any(r.state == "running" for r in rows)
+    done_before = {r.point for r in rows if r.state == "done"}
+    released = {r.point for r in rows if r.state == "released"}
+    assert released and not released & done_before
+    proc = run_cli("workers", "--config", str(study), "-n", "2", "--storage", url,
+                   "--artifacts", str(tmp_path / "artifacts"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:]
+    trials = _assert_exactly_once(study, url)
+    rows = _claims(url, name)
+    for point in done_before:  # no completed point ran again
+        assert sum(1 for r in rows if r.point == point) == 1
+    resumed = [t for t in trials if t.state == TrialState.COMPLETE
+               and t.user_attrs["config_id"] in released]
+    assert any("resumed_from_epoch" in t.user_attrs for t in resumed) or all(
+        t.user_attrs["epochs_run"] for t in resumed)
+
+
+def test_a_trial_that_raises_fails_with_its_error_and_is_not_retried_forever(
+    tmp_path, synthetic_csv
+):
+    url = f"sqlite:///{tmp_path / 'fail.db'}"
+    grid = {"n_layers": [2], "n_heads": [2], "d_model": [64], "beta": [0.5],
+            "encoding": ["direct", "rate_coded"]}
+    study = _study(tmp_path, synthetic_csv, grid=grid)
+    assert run_cli("study", "create", "--config", str(study), "--storage", url).returncode == 0
+    # this machine has no CUDA build: every trial raises inside training
+    proc = _worker(study, url, tmp_path, "w0", "--device", "cuda:0", "--max-attempts", "2")
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-2000:]
+    trials = optuna.load_study(study_name=load_study(study).name, storage=url).trials
+    assert len(trials) == 4 and all(t.state == TrialState.FAIL for t in trials)
+    assert all(t.user_attrs["error"] for t in trials)
+    status = run_cli("status", "--config", str(study), "--storage", url, "--max-attempts", "2")
+    assert status.returncode == 0
+    assert status.stdout.count("GIVEN UP") == 2 and "0/2 done" in status.stdout
