@@ -27,10 +27,10 @@ test: install
 	$(VENV)/bin/pytest -q
 
 demo: install
-	test -f storage/demo/synthetic.csv || \
-	  $(VENV)/bin/c5snn data synth --out storage/demo/synthetic.csv --rows 1200
-	$(VENV)/bin/c5snn train --config studies/quickstart.yaml --set d_model=64 --set n_heads=2 \
-	  --set n_layers=2 --set beta=0.95 --set encoding=rate_coded --run-dir results/demo_run
+	@test -f storage/demo/synthetic.csv || { \
+	  echo "studies/quickstart.yaml reads storage/demo/synthetic.csv: generating SYNTHETIC data"; \
+	  $(VENV)/bin/c5snn data synth --out storage/demo/synthetic.csv --rows 1200; }
+	$(VENV)/bin/c5snn phase-c-sweep --config studies/quickstart.yaml --workers 2
 
 bench: install
 	$(PY) benchmarks/bench_model.py

@@ -130,6 +130,7 @@ def study_create(config: ConfigOpt, storage: StorageOpt = None) -> None:
 @app.command()
 def worker(
     config: ConfigOpt,
+    set_: SetOpt = None,
     storage: StorageOpt = None,
     device: DeviceOpt = "cpu",
     max_trials: Annotated[int | None, typer.Option(help="Stop after this many trials.")] = None,
@@ -148,7 +149,7 @@ def worker(
     from c5snn.storage import open_store
     from c5snn.sweep import StopFlag, Timing, Worker
 
-    cfg = load_study(config)
+    cfg = load_study(config, set_ or [])
     configure_threads(threads)
     store = open_store(storage, cfg.storage)
     name = name or f"{socket.gethostname()}-{os.getpid()}"
@@ -176,10 +177,8 @@ def workers(
 
     args = ["--config", str(config), "--heartbeat", str(heartbeat), "--grace", str(grace),
             "--max-attempts", str(max_attempts), "--artifacts", str(_artifacts(artifacts))]
-    if storage:
-        args += ["--storage", storage]
     gpu_list = [g.strip() for g in gpus.split(",") if g.strip()] if gpus else None
-    code = launch(args, n, gpus=gpu_list, threads=threads, echo=_echo)
+    code = launch(args, n, gpus=gpu_list, threads=threads, echo=_echo, storage_url=storage)
     raise typer.Exit(code)
 
 
@@ -207,6 +206,101 @@ def status(
         if not watch:
             return
         time.sleep(watch)
+
+
+TopKOpt = Annotated[int | None, typer.Option(help="Configurations to promote (default: study file).")]
+SeedsOpt = Annotated[str | None, typer.Option(help="Promote seeds, e.g. 42,123,7 (default: study file).")]
+OutputOpt = Annotated[Path, typer.Option(help="Sweep CSV; the JSON, best/ and meta go next to it.")]
+
+
+@app.command()
+def promote(
+    config: ConfigOpt,
+    storage: StorageOpt = None,
+    top_k: TopKOpt = None,
+    seeds: SeedsOpt = None,
+    allow_partial: Annotated[bool, typer.Option(help="Promote before screening ends.")] = False,
+    wait: Annotated[bool, typer.Option(help="Wait until workers finish the promote trials.")] = False,
+) -> None:
+    """Create the promote study: the top-K screening configs x seeds, run by the workers on test."""
+    import time
+
+    from c5snn.config import load_study, parse_seeds
+    from c5snn.promote import promote as create_promote
+    from c5snn.storage import open_store
+    from c5snn.sweep import promote_phase
+
+    cfg = load_study(config)
+    store = open_store(storage, cfg.storage)
+    k = top_k or cfg.top_k
+    seed_list = parse_seeds(seeds) if seeds else cfg.seeds
+    study, created = create_promote(cfg, store, top_k=k, seeds=seed_list, allow_partial=allow_partial)
+    n = len(study.user_attrs["points"])
+    _echo(f"{'created' if created else 'exists:'} promote study '{study.study_name}' "
+          f"({n} trials: top {k} x seeds {','.join(map(str, seed_list))})")
+    while wait:
+        from c5snn.sweep import point_states
+
+        phase = promote_phase(cfg, store)
+        done = sum(s.done for s in point_states(store.attempts(phase.study), n))
+        if done == n:
+            _echo(f"promote complete: {done}/{n}")
+            return
+        time.sleep(5)
+
+
+@app.command()
+def export(
+    config: ConfigOpt,
+    storage: StorageOpt = None,
+    output: OutputOpt = Path("results/phase_c_sweep.csv"),
+    plots: Annotated[bool, typer.Option(help="Also write HTML figures (needs plotly).")] = False,
+) -> None:
+    """Write the sweep CSV and, once promote is done, the top-K JSON, best checkpoint and meta."""
+    from c5snn.config import load_study
+    from c5snn.export import export as do_export
+    from c5snn.export import top_table
+    from c5snn.storage import open_store
+
+    cfg = load_study(config)
+    written = do_export(cfg, open_store(storage, cfg.storage), output, plots=plots)
+    _echo(written["leaderboard"])
+    if "report" in written:
+        _echo(top_table(written["report"]))
+    _echo("wrote " + ", ".join(str(written[k]) for k in ("csv", "top", "best", "meta") if k in written))
+
+
+@app.command("phase-c-sweep")
+def phase_c_sweep(
+    config: ConfigOpt,
+    output: OutputOpt = Path("results/phase_c_sweep.csv"),
+    top_k: TopKOpt = None,
+    seeds: SeedsOpt = None,
+    screening_seed: Annotated[int | None, typer.Option(help="Screening seed (default: study file).")] = None,
+    workers: Annotated[int, typer.Option(help="Local worker processes.")] = 2,
+    gpus: Annotated[str | None, typer.Option(help="GPU ids, e.g. 0,1 (round-robin).")] = None,
+    storage: StorageOpt = None,
+    threads: ThreadsOpt = None,
+    artifacts: ArtifactsOpt = None,
+    heartbeat: HeartbeatOpt = 15.0,
+    grace: GraceOpt = 180.0,
+    max_attempts: AttemptsOpt = 3,
+) -> None:
+    """Run the spiking transformer sweep end to end: screen, promote top-K, re-run, export."""
+    from c5snn.config import load_study, parse_seeds
+    from c5snn.pipeline import phase_c_sweep as run
+    from c5snn.storage import open_store
+    from c5snn.sweep import Timing
+
+    overrides = [f"promote.screening_seed={screening_seed}"] if screening_seed is not None else []
+    cfg = load_study(config, overrides)
+    gpu_list = [g.strip() for g in gpus.split(",") if g.strip()] if gpus else None
+    run(
+        cfg, open_store(storage, cfg.storage), output=output, top_k=top_k or cfg.top_k,
+        seeds=parse_seeds(seeds) if seeds else cfg.seeds, n_workers=workers, gpus=gpu_list,
+        threads=threads, artifacts=_artifacts(artifacts),
+        timing=Timing(heartbeat_s=heartbeat, grace_s=grace, max_attempts=max_attempts), echo=_echo,
+    )
 
 
 def main() -> None:

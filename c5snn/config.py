@@ -9,6 +9,7 @@ promote, export) reads the validated object, never the raw YAML.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -114,11 +115,18 @@ class StudyConfig:
     seeds: tuple[int, ...]
     screening_seed: int
     output_dir: Path
+    overrides: tuple[str, ...] = ()  # the --set assignments applied on load, for child processes
 
     @property
     def content_hash(self) -> str:
-        """sha256 of the validated content (comments and key order do not matter)."""
-        canonical = json.dumps(self.raw, sort_keys=True, separators=(",", ":"))
+        """sha256 of what defines screening results (comments and key order do not matter).
+
+        Promote's top_k and seeds and the output folder are left out: changing them after
+        screening must not orphan the screening study.
+        """
+        defining = {k: v for k, v in self.raw.items() if k != "output"}
+        defining["promote"] = {"screening_seed": self.screening_seed}
+        canonical = json.dumps(defining, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
     @property
@@ -195,7 +203,7 @@ def load_study(path: str | os.PathLike, overrides: list[str] | None = None) -> S
     for assignment in overrides or []:
         _apply_override(raw, source, assignment)
     _check_schema(raw, source)
-    return _build(raw, source)
+    return dataclasses.replace(_build(raw, source), overrides=tuple(overrides or ()))
 
 
 def _check_schema(raw: dict, source: Path) -> None:

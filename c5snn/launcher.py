@@ -24,18 +24,23 @@ def launch(
     gpus: list[str] | None,
     threads: int | None,
     echo: Callable[[str], None],
+    storage_url: str | None = None,
 ) -> int:
     """Run N `c5snn worker` processes to the end; returns 0 when all exited 0, else 1.
 
     Worker i runs on GPU `gpus[i % len(gpus)]` (through CUDA_VISIBLE_DEVICES, so several
     workers may share one GPU) or on the CPU when no GPU is listed. SIGINT/SIGTERM sent to this
     process are forwarded as SIGTERM, so each worker checkpoints and releases its trial.
+    The storage URL travels in the environment (C5SNN_STORAGE), never on a command line where
+    `ps` would show its password.
     """
     threads = threads or default_threads(n, gpus)
     procs: list[tuple[str, subprocess.Popen]] = []
     for i in range(n):
         name = f"w{i}"
         env = dict(os.environ)
+        if storage_url:
+            env["C5SNN_STORAGE"] = storage_url
         device = "cpu"
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = gpus[i % len(gpus)]

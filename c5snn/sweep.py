@@ -173,10 +173,13 @@ def promote_phase(config: StudyConfig, store: Store) -> Phase | None:
         study = optuna.load_study(study_name=promote_study_name(config), storage=store.optuna)
     except KeyError:
         return None
+    stored = study.user_attrs.get("points")
+    if stored is None:  # being created by `c5snn promote` right now
+        return None
     points = tuple(
         Point(i, p["config_id"], p["params"], p["seed"], evaluate_test=True,
               screening_trial=p["screening_trial"])
-        for i, p in enumerate(study.user_attrs["points"])
+        for i, p in enumerate(stored)
     )
     return Phase(study.study_name, "promote", points)
 

@@ -1,0 +1,300 @@
+"""Export: the story's outputs, read back from the studies in storage.
+
+    phase_c_sweep.csv       all screening points, ordered by config_id
+    phase_c_top5.json       top-K x seeds on test, in the original comparison format, plus
+                            per-seed metrics, chance levels, a frequency baseline and a
+                            bootstrap interval of each model's test recall@20
+    phase_c_best/           best config (mean test recall@20), best seed within it
+    phase_c_sweep_meta.json grid, window, seeds, top-k, storage (no password), wall times
+
+Everything is written into a temporary folder first and moved into place at the end, so a
+failed export leaves the previous outputs as they were.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import json
+import platform
+import shutil
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from optuna.trial import FrozenTrial, TrialState
+
+from c5snn.config import StudyConfig
+from c5snn.data import WindowData, prepare
+from c5snn.errors import NotReadyError
+from c5snn.metrics import METRIC_KEYS, chance_metrics, compute_metrics, per_window_metrics
+from c5snn.promote import completed_screening, rank
+from c5snn.storage import Store
+from c5snn.sweep import load_study, promote_phase, promote_study_name
+
+CSV_COLUMNS = [
+    "config_id", "d_model", "n_heads", "n_layers", "d_ffn", "beta", "encoding", "timesteps",
+    "val_recall_at_20", "val_hit_at_20", "val_mrr", "training_time_s", "best_epoch",
+]
+BEST_FILES = ("best_model.pt", "config_snapshot.yaml", "pip_freeze.txt", "metrics.csv")
+BOOTSTRAP_SAMPLES = 2000
+
+
+@dataclass(frozen=True)
+class Paths:
+    csv: Path
+
+    @property
+    def folder(self) -> Path:
+        return self.csv.parent
+
+    @property
+    def stem(self) -> str:  # "phase_c" for phase_c_sweep.csv
+        name = self.csv.stem
+        return name[: -len("_sweep")] if name.endswith("_sweep") else name
+
+    @property
+    def top(self) -> Path:
+        return self.folder / f"{self.stem}_top5.json"
+
+    @property
+    def best(self) -> Path:
+        return self.folder / f"{self.stem}_best"
+
+    @property
+    def meta(self) -> Path:
+        return self.folder / f"{self.stem}_sweep_meta.json"
+
+
+def sweep_rows(config: StudyConfig, trials: list[FrozenTrial]) -> list[dict]:
+    rows = []
+    for t in trials:
+        p = config.model_params(t.params)
+        rows.append({
+            "config_id": t.user_attrs["config_id"], "d_model": p.d_model, "n_heads": p.n_heads,
+            "n_layers": p.n_layers, "d_ffn": p.d_ffn, "beta": p.beta, "encoding": p.encoding,
+            "timesteps": p.timesteps, "val_recall_at_20": round(t.value, 4),
+            "val_hit_at_20": round(t.user_attrs["val_hit_at_20"], 4),
+            "val_mrr": round(t.user_attrs["val_mrr"], 4),
+            "training_time_s": round(t.user_attrs["training_time_s"], 1),
+            "best_epoch": t.user_attrs["best_epoch"],
+        })
+    return rows
+
+
+def leaderboard(config: StudyConfig, trials: list[FrozenTrial]) -> str:
+    """All screening points, best first, with a mark on silent networks."""
+    lines = ["rank  id  model                                     val_r@20  val_hit@20  val_mrr"]
+    for i, t in enumerate(rank(trials), 1):
+        p = config.model_params(t.params)
+        silent = "  silent (frequency baseline in disguise)" if t.user_attrs.get("silent") else ""
+        lines.append(
+            f"{i:>4} {t.user_attrs['config_id']:>3}  {p.describe():<40}  {t.value:.4f}    "
+            f"{t.user_attrs['val_hit_at_20']:.4f}      {t.user_attrs['val_mrr']:.4f}{silent}"
+        )
+    return "\n".join(lines)
+
+
+def frequency_baseline(data: WindowData, n_windows: int | None = None) -> dict[str, float]:
+    """Parts ranked by how often they were targets in train, scored on the (first n) test windows."""
+    freq = data.part_frequencies("train").float()  # (39,)
+    targets = data.targets("test", n_windows)
+    return compute_metrics(freq.expand(targets.shape[0], -1), targets)
+
+
+def _bootstrap_ci(per_window: np.ndarray, seed: int = 0) -> tuple[float, float]:
+    rng = np.random.default_rng(seed)
+    n = len(per_window)
+    idx = rng.integers(0, n, size=(BOOTSTRAP_SAMPLES, n))
+    means = per_window[idx].mean(axis=1)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def _population_std(values: list[float]) -> float:
+    return statistics.pstdev(values) if len(values) > 1 else 0.0
+
+
+def promote_models(config: StudyConfig, store: Store, data: WindowData) -> tuple[list[dict], dict]:
+    """The top-K models (JSON-ready, best first by rank) and the chosen best run."""
+    study = load_study(store, promote_study_name(config))
+    points = study.user_attrs["points"]
+    done = {(t.user_attrs["config_id"], t.user_attrs["seed"]): t
+            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
+    missing = [p for p in points if (p["config_id"], p["seed"]) not in done]
+    if missing:
+        raise NotReadyError(
+            f"promote study '{study.study_name}' has {len(points) - len(missing)}/{len(points)} "
+            "trials complete; run the workers until it finishes (c5snn status)"
+        )
+    # Test logits of every run cover the same windows: all of test, or the first ones when
+    # training.limit_eval_batches caps evaluation. Baseline and intervals use exactly those.
+    logits = {key: torch.load(Path(t.user_attrs["run_dir"]) / "test_logits.pt")
+              for key, t in done.items() if key in {(p["config_id"], p["seed"]) for p in points}}
+    n_windows = next(iter(logits.values())).shape[0]
+    chance = chance_metrics()
+    baseline = frequency_baseline(data, n_windows)
+    targets = data.targets("test", n_windows)
+    models, best = [], None
+    for rank_ in sorted({p["rank"] for p in points}):
+        group = [p for p in points if p["rank"] == rank_]
+        trials = [done[(p["config_id"], p["seed"])] for p in group]
+        per_seed = [
+            {"seed": t.user_attrs["seed"], "trial": t.number,
+             "metrics": {k: t.user_attrs["test_metrics"][k] for k in METRIC_KEYS},
+             "val_recall_at_20": t.user_attrs["val_recall_at_20"],
+             "best_epoch": t.user_attrs["best_epoch"], "epochs_run": t.user_attrs["epochs_run"],
+             "training_time_s": t.user_attrs["training_time_s"],
+             "spike_rate": t.user_attrs["spike_rate"]}
+            for t in trials
+        ]
+        per_window = np.mean([
+            per_window_metrics(logits[(p["config_id"], p["seed"])], targets)["recall_at_20"].numpy()
+            for p in group
+        ], axis=0)  # (n_windows,) recall@20 per test window, averaged over seeds
+        lo, hi = _bootstrap_ci(per_window)
+        first = trials[0]
+        params = config.model_params(first.params)
+        model = {
+            "name": f"spiking_transformer_top{rank_}",
+            "type": "learned",
+            "phase": "phase_c",
+            "metrics_mean": {k: statistics.fmean(s["metrics"][k] for s in per_seed)
+                             for k in METRIC_KEYS},
+            "metrics_std": {k: _population_std([s["metrics"][k] for s in per_seed])
+                            for k in METRIC_KEYS},
+            "n_seeds": len(per_seed),
+            "training_time_s": statistics.fmean(s["training_time_s"] for s in per_seed),
+            "environment": {
+                "python": platform.python_version(), "torch": torch.__version__,
+                "devices": sorted({t.user_attrs["device"] for t in trials}),
+                "hosts": sorted({t.user_attrs["host"] for t in trials}),
+            },
+            "config": {"config_id": group[0]["config_id"], "model_type": "spiking_transformer",
+                       **params.__dict__, "window_size": config.window_size,
+                       "screening_val_recall_at_20": group[0]["screening_val_recall_at_20"]},
+            "per_seed": per_seed,
+            "test_recall_at_20_ci95": [lo, hi],
+            "above_chance": lo > chance["recall_at_20"],
+            "above_frequency_baseline": lo > baseline["recall_at_20"],
+        }
+        models.append(model)
+        best_seed = max(per_seed, key=lambda s: s["metrics"]["recall_at_20"])  # first on ties
+        key = (-model["metrics_mean"]["recall_at_20"], group[0]["config_id"])
+        if best is None or key < best["key"]:
+            trial = done[(group[0]["config_id"], best_seed["seed"])]
+            best = {"key": key, "model": model["name"], "seed": best_seed["seed"],
+                    "run_dir": Path(trial.user_attrs["run_dir"]),
+                    "test_recall_at_20": best_seed["metrics"]["recall_at_20"]}
+    return models, {"baseline": baseline, "chance": chance, "best": best, "n_windows": n_windows}
+
+
+def _wall(trials: list[FrozenTrial]) -> dict:
+    starts = [t.datetime_start for t in trials if t.datetime_start]
+    ends = [t.datetime_complete for t in trials if t.datetime_complete]
+    if not starts or not ends:
+        return {}
+    return {"start": min(starts).isoformat(), "end": max(ends).isoformat(),
+            "wall_s": round((max(ends) - min(starts)).total_seconds(), 1),
+            "trials": len(trials),
+            "trial_time_s_sum": round(sum(t.user_attrs.get("training_time_s", 0) for t in trials), 1)}
+
+
+def export(config: StudyConfig, store: Store, csv_path: Path, *, plots: bool = False) -> dict:
+    """Write every output that the studies' progress allows; returns what was written."""
+    paths = Paths(Path(csv_path))
+    trials = completed_screening(config, store)
+    if len(trials) < config.n_points:
+        raise NotReadyError(
+            f"screening of '{config.name}' has {len(trials)}/{config.n_points} points complete; "
+            "the CSV needs all of them (c5snn status)"
+        )
+    paths.folder.mkdir(parents=True, exist_ok=True)
+    staging = Path(str(paths.folder / f".export-{paths.stem}.tmp"))
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    written = {"csv": paths.csv, "leaderboard": leaderboard(config, trials)}
+    try:
+        with open(staging / paths.csv.name, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
+            writer.writeheader()
+            writer.writerows(sweep_rows(config, trials))
+        promote_done = _promote_complete(config, store)
+        if promote_done:
+            data = prepare(config.data_path, config.window_size, config.split_ratios)
+            models, extra = promote_models(config, store, data)
+            report = {
+                "models": models,
+                "generated_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+                "window_size": config.window_size,
+                "test_split_size": extra["n_windows"],
+                "test_split_dates": [data.splits["test"].first_target, data.splits["test"].last_target],
+                "chance": extra["chance"],
+                "frequency_baseline": {"name": "frequency_baseline", "type": "baseline",
+                                       "description": "parts ranked by train-split frequency",
+                                       "metrics": extra["baseline"]},
+                "best": {k: (str(v) if isinstance(v, Path) else v)
+                         for k, v in extra["best"].items() if k != "key"},
+            }
+            (staging / paths.top.name).write_text(json.dumps(report, indent=2))
+            best_dir = staging / paths.best.name
+            best_dir.mkdir()
+            for name in BEST_FILES:
+                shutil.copy2(extra["best"]["run_dir"] / name, best_dir / name)
+            promote_study = load_study(store, promote_study_name(config))
+            meta = {
+                "study": config.name, "study_hash": config.content_hash,
+                "storage": store.masked, "backend": store.backend,
+                "grid": {k: list(v) for k, v in config.grid.items()},
+                "window_size": config.window_size, "screening_seed": config.screening_seed,
+                "seeds": promote_study.user_attrs["seeds"], "top_k": promote_study.user_attrs["top_k"],
+                "screening": _wall(trials),
+                "promote": _wall(promote_study.get_trials(deepcopy=False,
+                                                          states=(TrialState.COMPLETE,))),
+            }
+            (staging / paths.meta.name).write_text(json.dumps(meta, indent=2))
+            written.update(top=paths.top, best=paths.best, meta=paths.meta, report=report)
+        if plots:
+            from c5snn.plots import write_plots
+
+            written["plots"] = write_plots(config, store, staging, paths.stem)
+        for item in sorted(staging.iterdir()):
+            target = paths.folder / item.name
+            if target.is_dir():
+                shutil.rmtree(target)
+            item.replace(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return written
+
+
+def _promote_complete(config: StudyConfig, store: Store) -> bool:
+    phase = promote_phase(config, store)
+    if phase is None:
+        return False
+    study = load_study(store, phase.study)
+    done = {(t.user_attrs["config_id"], t.user_attrs["seed"])
+            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
+    return all((p.config_id, p.seed) in done for p in phase.points)
+
+
+def top_table(report: dict) -> str:
+    """The top-K table: mean ± std on test beside chance and the frequency baseline."""
+    chance, base = report["chance"], report["frequency_baseline"]["metrics"]
+    lines = ["model                        test_r@20         test_hit@20       test_mrr          "
+             "95% CI r@20       > chance  > baseline"]
+    for m in report["models"]:
+        mean, std = m["metrics_mean"], m["metrics_std"]
+        lo, hi = m["test_recall_at_20_ci95"]
+        lines.append(
+            f"{m['name']:<28} {mean['recall_at_20']:.4f}±{std['recall_at_20']:.4f}   "
+            f"{mean['hit_at_20']:.4f}±{std['hit_at_20']:.4f}   {mean['mrr']:.4f}±{std['mrr']:.4f}   "
+            f"[{lo:.4f}, {hi:.4f}]  {'yes' if m['above_chance'] else 'no':<8}  "
+            f"{'yes' if m['above_frequency_baseline'] else 'no'}"
+        )
+    lines.append(f"{'frequency_baseline':<28} {base['recall_at_20']:.4f}            "
+                 f"{base['hit_at_20']:.4f}            {base['mrr']:.4f}")
+    lines.append(f"{'chance (uniform ranking)':<28} {chance['recall_at_20']:.4f}            "
+                 f"{chance['hit_at_20']:.4f}            {chance['mrr']:.4f}")
+    return "\n".join(lines)

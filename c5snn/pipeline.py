@@ -1,0 +1,73 @@
+"""The story's one-shot `phase-c-sweep`: create, screen, promote, re-run, export.
+
+Every step is the service's own (study create, local workers, promote, export), so an
+interrupted one-shot run continues the same studies when started again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from c5snn.config import StudyConfig
+from c5snn.errors import C5Error, NotReadyError
+from c5snn.export import export, leaderboard, top_table
+from c5snn.launcher import launch
+from c5snn.promote import completed_screening, promote
+from c5snn.storage import Store
+from c5snn.sweep import Timing, create_study
+
+
+class WorkersFailed(C5Error):
+    """A local worker process exited non-zero."""
+
+
+def run_workers(config: StudyConfig, store: Store, *, n: int, gpus, threads, artifacts: Path,
+                timing: Timing, echo) -> None:
+    args = ["--config", str(config.source), "--heartbeat", str(timing.heartbeat_s),
+            "--grace", str(timing.grace_s), "--max-attempts", str(timing.max_attempts),
+            "--artifacts", str(artifacts)]
+    for assignment in config.overrides:
+        args += ["--set", assignment]
+    if launch(args, n, gpus=gpus, threads=threads, echo=echo, storage_url=store.url):
+        raise WorkersFailed("a worker process failed; see its [wN] lines above")
+
+
+def phase_c_sweep(
+    config: StudyConfig,
+    store: Store,
+    *,
+    output: Path,
+    top_k: int,
+    seeds: tuple[int, ...],
+    n_workers: int,
+    gpus: list[str] | None,
+    threads: int | None,
+    artifacts: Path,
+    timing: Timing,
+    echo: Callable[[str], None],
+) -> dict:
+    """Run the whole sweep to its outputs; returns what `export` wrote."""
+    _, created = create_study(config, store)
+    echo(f"{'created' if created else 'continuing'} study '{config.name}' in {store.masked}")
+    workers = dict(n=n_workers, gpus=gpus, threads=threads, artifacts=artifacts, timing=timing,
+                   echo=echo)
+    echo(f"screening {config.n_points} points with {n_workers} worker(s)")
+    run_workers(config, store, **workers)
+    trials = completed_screening(config, store)
+    if len(trials) < config.n_points:
+        raise NotReadyError(
+            f"screening ended with {len(trials)}/{config.n_points} points complete; "
+            "`c5snn status` shows the failed points and their errors"
+        )
+    echo(f"screening leaderboard (val, seed {config.screening_seed}):")
+    echo(leaderboard(config, trials))
+    promote(config, store, top_k=top_k, seeds=seeds)
+    echo(f"promote: top {top_k} x seeds {','.join(map(str, seeds))} on test")
+    run_workers(config, store, **workers)
+    written = export(config, store, output)
+    if "report" not in written:
+        raise NotReadyError("promote did not finish; `c5snn status` shows why")
+    echo(top_table(written["report"]))
+    echo(f"wrote {written['csv']}, {written['top']}, {written['best']}, {written['meta']}")
+    return written

@@ -1,0 +1,205 @@
+"""Promote and export through the one-shot pipeline, on tiny data, with real workers."""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+import uuid
+from math import comb
+
+import optuna
+import pytest
+import torch
+from conftest import run_cli, study_dict, write_study
+from optuna.distributions import FloatDistribution
+from optuna.trial import TrialState, create_trial
+from test_sweep import PG_URL, _pg_available
+
+from c5snn.artifacts import load_model
+from c5snn.config import load_study
+from c5snn.data import prepare
+from c5snn.export import CSV_COLUMNS
+from c5snn.metrics import METRIC_KEYS, compute_metrics
+from c5snn.promote import rank
+from c5snn.storage import Store
+from c5snn.sweep import Worker
+
+TRAINING = {"epochs": 2, "limit_train_batches": 1, "limit_eval_batches": 2}
+
+
+def _sweep(tmp, csv_path, url, workers, study_name):
+    proc = run_cli("phase-c-sweep", "--config", str(tmp / "study.yaml"), "--output", str(csv_path),
+                   "--workers", str(workers), "--threads", "1", "--storage", url,
+                   "--artifacts", str(tmp / "artifacts"), cwd=tmp, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pipeline")
+    from c5snn.data import write_synthetic
+
+    data = write_synthetic(tmp / "events.csv", rows=300, seed=1)
+    name = f"p-{uuid.uuid4().hex[:8]}"
+    write_study(tmp / "study.yaml", study_dict(data, name=name, training=TRAINING))
+    url = f"sqlite:///{tmp / 'sweep.db'}"
+    proc = _sweep(tmp, tmp / "results" / "phase_c_sweep.csv", url, 1, name)
+    return {"tmp": tmp, "url": url, "out": proc.stdout, "results": tmp / "results",
+            "config": load_study(tmp / "study.yaml")}
+
+
+def test_console_shows_progress_leaderboard_and_top_table(swept):
+    out = swept["out"]
+    assert "[72/72] spiking_transformer" in out and "[15/15] spiking_transformer" in out
+    assert "screening leaderboard" in out and out.count("\n") > 72
+    assert "frequency_baseline" in out and "chance (uniform ranking)" in out
+
+
+def test_sweep_csv_has_exact_columns_and_72_rows(swept):
+    with open(swept["results"] / "phase_c_sweep.csv") as fh:
+        reader = csv.DictReader(fh)
+        rows = list(reader)
+        assert reader.fieldnames == CSV_COLUMNS
+    assert [int(r["config_id"]) for r in rows] == list(range(72))
+    for r in rows:
+        assert int(r["timesteps"]) == (3 if r["encoding"] == "rate_coded" else 1)
+        assert int(r["d_ffn"]) == 2 * int(r["d_model"])
+        assert len(r["val_recall_at_20"].split(".")[-1]) <= 4
+
+
+def test_top5_json_format_and_statistics(swept):
+    report = json.loads((swept["results"] / "phase_c_top5.json").read_text())
+    assert {"models", "generated_at", "window_size", "test_split_size"} <= set(report)
+    assert report["window_size"] == 12 and len(report["models"]) == 5
+    chance = report["chance"]
+    assert chance["recall_at_20"] == 20 / 39
+    assert chance["hit_at_20"] == 1 - comb(19, 5) / comb(39, 5)
+    assert chance["recall_at_5"] == 5 / 39
+    for i, model in enumerate(report["models"], 1):
+        assert model["name"] == f"spiking_transformer_top{i}"
+        assert (model["type"], model["phase"], model["n_seeds"]) == ("learned", "phase_c", 3)
+        assert [s["seed"] for s in model["per_seed"]] == [42, 123, 7]
+        for key in METRIC_KEYS:
+            values = [s["metrics"][key] for s in model["per_seed"]]
+            assert model["metrics_mean"][key] == pytest.approx(statistics.fmean(values))
+            assert model["metrics_std"][key] == pytest.approx(statistics.pstdev(values))
+        lo, hi = model["test_recall_at_20_ci95"]
+        assert lo <= model["metrics_mean"]["recall_at_20"] <= hi
+        assert model["above_chance"] == (lo > chance["recall_at_20"])
+        assert {"environment", "config", "training_time_s"} <= set(model)
+    base = report["frequency_baseline"]["metrics"]
+    assert set(base) == set(METRIC_KEYS)
+    vals = [m["screening_val_recall_at_20"] for m in (x["config"] for x in report["models"])]
+    assert vals == sorted(vals, reverse=True)
+
+
+def test_best_checkpoint_reloads_and_reproduces_test_recall(swept):
+    report = json.loads((swept["results"] / "phase_c_top5.json").read_text())
+    best_dir = swept["results"] / "phase_c_best"
+    assert sorted(p.name for p in best_dir.iterdir()) == [
+        "best_model.pt", "config_snapshot.yaml", "metrics.csv", "pip_freeze.txt"]
+    model, state = load_model(best_dir / "best_model.pt")
+    assert state["seed"] == report["best"]["seed"]
+    best_model = max(report["models"], key=lambda m: m["metrics_mean"]["recall_at_20"])
+    assert report["best"]["model"] == best_model["name"]
+    assert report["best"]["test_recall_at_20"] == max(
+        s["metrics"]["recall_at_20"] for s in best_model["per_seed"])
+    config = swept["config"]
+    data = prepare(swept["tmp"] / "events.csv", config.window_size, config.split_ratios)
+    logits, targets = [], []
+    with torch.no_grad():
+        for x, y in data.batches("test", config.training.batch_size,
+                                 limit=config.training.limit_eval_batches):
+            logits.append(model(x))
+            targets.append(y)
+    got = compute_metrics(torch.cat(logits), torch.cat(targets))["recall_at_20"]
+    assert got == report["best"]["test_recall_at_20"]
+
+
+def test_promote_and_export_are_idempotent(swept):
+    tmp, url = swept["tmp"], swept["url"]
+    before = optuna.load_study(study_name=swept["config"].name + "-promote", storage=url).trials
+    proc = run_cli("promote", "--config", str(tmp / "study.yaml"), "--storage", url, cwd=tmp)
+    assert proc.returncode == 0 and "exists" in proc.stdout
+    csv_before = (swept["results"] / "phase_c_sweep.csv").read_text()
+    json_before = json.loads((swept["results"] / "phase_c_top5.json").read_text())
+    proc = run_cli("export", "--config", str(tmp / "study.yaml"), "--storage", url,
+                   "--output", str(swept["results"] / "phase_c_sweep.csv"), cwd=tmp)
+    assert proc.returncode == 0, proc.stderr
+    after = optuna.load_study(study_name=swept["config"].name + "-promote", storage=url).trials
+    assert len(after) == len(before) == 15
+    assert (swept["results"] / "phase_c_sweep.csv").read_text() == csv_before
+    json_after = json.loads((swept["results"] / "phase_c_top5.json").read_text())
+    json_before.pop("generated_at")
+    json_after.pop("generated_at")
+    assert json_after == json_before
+    other = run_cli("promote", "--config", str(tmp / "study.yaml"), "--storage", url,
+                    "--top-k", "3", cwd=tmp)
+    assert other.returncode == 1 and "already exists" in other.stderr
+
+
+def test_promote_before_screening_ends_is_a_clear_error(tmp_path, synthetic_csv):
+    study = write_study(tmp_path / "s.yaml", study_dict(synthetic_csv, name="early"))
+    url = f"sqlite:///{tmp_path / 'e.db'}"
+    assert run_cli("study", "create", "--config", str(study), "--storage", url).returncode == 0
+    proc = run_cli("promote", "--config", str(study), "--storage", url)
+    assert proc.returncode == 1 and "0/72 points complete" in proc.stderr
+    proc = run_cli("export", "--config", str(study), "--storage", url,
+                   "--output", str(tmp_path / "r" / "x.csv"))
+    assert proc.returncode == 1 and not (tmp_path / "r" / "x.csv").exists()
+
+
+def test_rank_breaks_ties_by_lower_config_id():
+    def trial(config_id, value):
+        return create_trial(value=value, params={"x": 0.0},
+                            distributions={"x": FloatDistribution(0, 1)},
+                            user_attrs={"config_id": config_id}, state=TrialState.COMPLETE)
+
+    ranked = rank([trial(5, 0.5), trial(2, 0.6), trial(1, 0.5), trial(9, 0.6)])
+    assert [t.user_attrs["config_id"] for t in ranked] == [2, 9, 1, 5]
+
+
+def test_screening_never_reads_the_test_split(tmp_path, synthetic_csv, monkeypatch):
+    from c5snn.data import WindowData
+    from c5snn.sweep import create_study
+
+    grid = {"n_layers": [2], "n_heads": [2], "d_model": [64], "beta": [0.5],
+            "encoding": ["direct", "rate_coded"]}
+    config = load_study(write_study(tmp_path / "s.yaml", study_dict(synthetic_csv, grid=grid)))
+    store = Store(f"sqlite:///{tmp_path / 'n.db'}")
+    create_study(config, store)
+    seen = []
+    for method in ("batches", "targets"):
+        original = getattr(WindowData, method)
+
+        def spy(self, split, *args, _original=original, **kwargs):
+            seen.append(split)
+            return _original(self, split, *args, **kwargs)
+
+        monkeypatch.setattr(WindowData, method, spy)
+    ran = Worker(config, store, name="w", artifacts=tmp_path / "a", echo=lambda _: None).run()
+    assert ran == 2 and "val" in seen and "train" in seen and "test" not in seen
+
+
+def test_postgres_4_workers_and_sqlite_1_worker_agree(swept, tmp_path):
+    if not _pg_available():
+        pytest.skip("no PostgreSQL at C5SNN_TEST_PG_URL / 127.0.0.1")
+    name = f"pg-{uuid.uuid4().hex[:8]}"
+    write_study(tmp_path / "study.yaml",
+                study_dict(swept["tmp"] / "events.csv", name=name, training=TRAINING))
+    _sweep(tmp_path, tmp_path / "results" / "phase_c_sweep.csv", PG_URL, 4, name)
+
+    def metric_columns(path):
+        with open(path) as fh:
+            return [{k: r[k] for k in CSV_COLUMNS if k != "training_time_s"}
+                    for r in csv.DictReader(fh)]
+
+    assert metric_columns(tmp_path / "results" / "phase_c_sweep.csv") == metric_columns(
+        swept["results"] / "phase_c_sweep.csv")
+    pg = json.loads((tmp_path / "results" / "phase_c_top5.json").read_text())
+    lite = json.loads((swept["results"] / "phase_c_top5.json").read_text())
+    assert [m["config"]["config_id"] for m in pg["models"]] == [
+        m["config"]["config_id"] for m in lite["models"]]
+    assert [m["metrics_mean"] for m in pg["models"]] == [m["metrics_mean"] for m in lite["models"]]
