@@ -14,7 +14,7 @@ $(PY):
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev,dashboard]"
+	$(PY) -m pip install -q -e ".[dev,dashboard,plots]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -303,6 +303,22 @@ def phase_c_sweep(
     )
 
 
+@app.command()
+def dashboard(
+    config: ConfigOpt,
+    storage: StorageOpt = None,
+    host: Annotated[str, typer.Option(help="Interface to bind; 0.0.0.0 exposes it.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8080,
+) -> None:
+    """Serve optuna-dashboard on the study's storage (learning curves, params, attrs, notes)."""
+    from c5snn.config import load_study
+    from c5snn.dashboard import serve
+    from c5snn.storage import open_store
+
+    cfg = load_study(config)
+    serve(open_store(storage, cfg.storage), host, port, _echo)
+
+
 def main() -> None:
     """Console entry point: the one place errors become messages and exit codes."""
     try:

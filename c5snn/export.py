@@ -30,6 +30,7 @@ from c5snn.config import StudyConfig
 from c5snn.data import WindowData, prepare
 from c5snn.errors import NotReadyError
 from c5snn.metrics import METRIC_KEYS, chance_metrics, compute_metrics, per_window_metrics
+from c5snn.plots import write_plots
 from c5snn.promote import completed_screening, rank
 from c5snn.storage import Store
 from c5snn.sweep import load_study, promote_phase, promote_study_name
@@ -256,9 +257,8 @@ def export(config: StudyConfig, store: Store, csv_path: Path, *, plots: bool = F
             (staging / paths.meta.name).write_text(json.dumps(meta, indent=2))
             written.update(top=paths.top, best=paths.best, meta=paths.meta, report=report)
         if plots:
-            from c5snn.plots import write_plots
-
-            written["plots"] = write_plots(config, store, staging, paths.stem)
+            written["plots"] = write_plots(config, store, staging, paths.stem,
+                                           written.get("report"))
         for item in sorted(staging.iterdir()):
             target = paths.folder / item.name
             if target.is_dir():

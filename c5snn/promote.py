@@ -13,6 +13,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from c5snn.config import StudyConfig
+from c5snn.dashboard import write_note
 from c5snn.errors import NotReadyError, StudyMismatchError
 from c5snn.storage import Store
 from c5snn.sweep import open_screening, promote_study_name
@@ -74,4 +75,10 @@ def promote(
     }
     for key, value in attrs.items():
         study.set_user_attr(key, value)
+    write_note(study, (
+        f"**c5snn promote study** of screening study `{config.name}`: the top {top_k} "
+        f"configurations by val recall@20 (ties: lower config_id), each trained with seeds "
+        f"{', '.join(map(str, seeds))} and scored on the **test** split (objective: test "
+        "recall@20 with the best val epoch's weights)."
+    ))
     return study, True

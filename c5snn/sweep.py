@@ -29,6 +29,7 @@ from optuna.trial import TrialState
 
 from c5snn.artifacts import write_run_dir
 from c5snn.config import GRID_KEYS, StudyConfig, snapshot
+from c5snn.dashboard import write_note
 from c5snn.data import WindowData, prepare
 from c5snn.errors import NotReadyError, StorageError, StudyMismatchError, TrainingInterrupted
 from c5snn.runs import epoch_line
@@ -148,6 +149,15 @@ def create_study(config: StudyConfig, store: Store) -> tuple[optuna.Study, bool]
         }
         for key, value in attrs.items():
             study.set_user_attr(key, value)
+        write_note(study, (
+            f"**c5snn screening study** from `{config.source}` (hash `{config.content_hash}`)\n\n"
+            f"- grid: {space} ({config.n_points} points, `config_id` in product order)\n"
+            f"- window {config.window_size}, splits {list(config.split_ratios)}, "
+            f"seed {config.screening_seed}\n"
+            f"- data `{config.data_path}` sha256 `{attrs['data_sha256'][:16]}...`\n"
+            "- objective: val recall@20 of the best epoch; intermediate values: val recall@20 "
+            "per epoch"
+        ))
     _check_hash(study, config)
     return study, True
 
@@ -315,9 +325,12 @@ class Worker:
         timing: Timing = Timing(),
         echo: Callable[[str], None] = print,
         stop: Callable[[], bool] = lambda: False,
+        train_fn: Callable[..., RunResult] = train_run,
     ):
+        """`train_fn` is `train_run`; the coordination benchmark swaps in a ~0 s stub."""
         self.config, self.store, self.name, self.device = config, store, name, device
         self.artifacts, self.timing, self.echo, self.stop = artifacts, timing, echo, stop
+        self.train_fn = train_fn
         self.host = socket.gethostname()
         self._data: WindowData | None = None
         self._studies: dict[str, optuna.Study] = {}
@@ -411,6 +424,11 @@ class Worker:
         if phase.kind == "promote":
             label += f" seed={point.seed}"
         self.echo(f"start trial {trial.number} point {point.index}: {label}")
+        origin = (f"promoted from screening trial {point.screening_trial}, seed {point.seed}, "
+                  "scored on **test**" if phase.kind == "promote" else
+                  f"screening, seed {point.seed}, scored on val")
+        write_note(trial, f"config_id {point.config_id}: `{label}`; {origin}; attempt "
+                          f"{claim.attempt} on {self.name}@{self.host} [{self.device}]")
 
         pdir = point_dir(self.artifacts, phase.study, point.index)
         with Heartbeat(self.store, claim, self.timing.heartbeat_s) as beat:
@@ -422,7 +440,7 @@ class Worker:
                     self.echo(epoch_line(record, self.config.training.epochs))
 
             try:
-                result = train_run(
+                result = self.train_fn(
                     params, self.config.training, self.data, seed=point.seed,
                     evaluate_test=point.evaluate_test, on_epoch=on_epoch,
                     checkpoint_path=pdir / "checkpoint.pt",

@@ -5,14 +5,33 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 import yaml
 
+from c5snn.config import load_study
 from c5snn.data import write_synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
+PG_URL = os.environ.get("C5SNN_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+
+def pg_available() -> bool:
+    """Whether the PostgreSQL the tests use answers (CI sets C5SNN_TEST_PG_URL and starts it)."""
+    try:
+        with sa.create_engine(PG_URL).connect():
+            return True
+    except Exception:
+        return False
+
+
+def require_pg() -> None:
+    """Skip without PostgreSQL, unless C5SNN_TEST_PG_URL is set: then it must be there."""
+    if not os.environ.get("C5SNN_TEST_PG_URL") and not pg_available():
+        pytest.skip("no PostgreSQL: set C5SNN_TEST_PG_URL (CI does) or start one on 127.0.0.1")
 
 
 def study_dict(data_path: Path, name: str = "t", **sections) -> dict:
@@ -59,3 +78,28 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
         [sys.executable, "-m", "c5snn", *args], cwd=cwd, env=full_env, capture_output=True,
         text=True, timeout=timeout,
     )
+
+
+TRAINING = {"epochs": 2, "limit_train_batches": 1, "limit_eval_batches": 2}
+
+
+def run_sweep(tmp: Path, csv_path: Path, url: str, workers: int):
+    """`c5snn phase-c-sweep` on the study file in `tmp`, asserting success."""
+    proc = run_cli("phase-c-sweep", "--config", str(tmp / "study.yaml"), "--output", str(csv_path),
+                   "--workers", str(workers), "--threads", "1", "--storage", url,
+                   "--artifacts", str(tmp / "artifacts"), cwd=tmp, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="session")
+def swept(tmp_path_factory):
+    """A finished tiny sweep (72 screening + 15 promote trials) by one worker on SQLite."""
+    tmp = tmp_path_factory.mktemp("pipeline")
+    data = write_synthetic(tmp / "events.csv", rows=300, seed=1)
+    name = f"p-{uuid.uuid4().hex[:8]}"
+    write_study(tmp / "study.yaml", study_dict(data, name=name, training=TRAINING))
+    url = f"sqlite:///{tmp / 'sweep.db'}"
+    proc = run_sweep(tmp, tmp / "results" / "phase_c_sweep.csv", url, 1)
+    return {"tmp": tmp, "url": url, "out": proc.stdout, "results": tmp / "results",
+            "config": load_study(tmp / "study.yaml")}

@@ -11,10 +11,9 @@ from math import comb
 import optuna
 import pytest
 import torch
-from conftest import run_cli, study_dict, write_study
+from conftest import PG_URL, TRAINING, require_pg, run_cli, run_sweep, study_dict, write_study
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
-from test_sweep import PG_URL, _pg_available
 
 from c5snn.artifacts import load_model
 from c5snn.config import load_study
@@ -24,30 +23,6 @@ from c5snn.metrics import METRIC_KEYS, compute_metrics
 from c5snn.promote import rank
 from c5snn.storage import Store
 from c5snn.sweep import Worker
-
-TRAINING = {"epochs": 2, "limit_train_batches": 1, "limit_eval_batches": 2}
-
-
-def _sweep(tmp, csv_path, url, workers, study_name):
-    proc = run_cli("phase-c-sweep", "--config", str(tmp / "study.yaml"), "--output", str(csv_path),
-                   "--workers", str(workers), "--threads", "1", "--storage", url,
-                   "--artifacts", str(tmp / "artifacts"), cwd=tmp, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
-
-
-@pytest.fixture(scope="module")
-def swept(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("pipeline")
-    from c5snn.data import write_synthetic
-
-    data = write_synthetic(tmp / "events.csv", rows=300, seed=1)
-    name = f"p-{uuid.uuid4().hex[:8]}"
-    write_study(tmp / "study.yaml", study_dict(data, name=name, training=TRAINING))
-    url = f"sqlite:///{tmp / 'sweep.db'}"
-    proc = _sweep(tmp, tmp / "results" / "phase_c_sweep.csv", url, 1, name)
-    return {"tmp": tmp, "url": url, "out": proc.stdout, "results": tmp / "results",
-            "config": load_study(tmp / "study.yaml")}
 
 
 def test_console_shows_progress_leaderboard_and_top_table(swept):
@@ -140,6 +115,17 @@ def test_promote_and_export_are_idempotent(swept):
     assert other.returncode == 1 and "already exists" in other.stderr
 
 
+def test_export_plots(swept, tmp_path):
+    proc = run_cli("export", "--config", str(swept["tmp"] / "study.yaml"), "--storage", swept["url"],
+                   "--output", str(tmp_path / "phase_c_sweep.csv"), "--plots", cwd=swept["tmp"])
+    assert proc.returncode == 0, proc.stderr
+    html = sorted(p.name for p in tmp_path.glob("*.html"))
+    assert html == ["phase_c_intermediate_values.html", "phase_c_parallel_coordinates.html",
+                    "phase_c_param_importances.html", "phase_c_topk_test_recall.html"]
+    figure = (tmp_path / "phase_c_topk_test_recall.html").read_text()
+    assert "frequency baseline" in figure and "spiking_transformer_top5" in figure
+
+
 def test_promote_before_screening_ends_is_a_clear_error(tmp_path, synthetic_csv):
     study = write_study(tmp_path / "s.yaml", study_dict(synthetic_csv, name="early"))
     url = f"sqlite:///{tmp_path / 'e.db'}"
@@ -184,12 +170,11 @@ def test_screening_never_reads_the_test_split(tmp_path, synthetic_csv, monkeypat
 
 
 def test_postgres_4_workers_and_sqlite_1_worker_agree(swept, tmp_path):
-    if not _pg_available():
-        pytest.skip("no PostgreSQL at C5SNN_TEST_PG_URL / 127.0.0.1")
+    require_pg()
     name = f"pg-{uuid.uuid4().hex[:8]}"
     write_study(tmp_path / "study.yaml",
                 study_dict(swept["tmp"] / "events.csv", name=name, training=TRAINING))
-    _sweep(tmp_path, tmp_path / "results" / "phase_c_sweep.csv", PG_URL, 4, name)
+    run_sweep(tmp_path, tmp_path / "results" / "phase_c_sweep.csv", PG_URL, 4)
 
     def metric_columns(path):
         with open(path) as fh:

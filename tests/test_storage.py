@@ -61,3 +61,31 @@ def test_lease_compare_and_set(tmp_path):
     assert not store.finish(claim, "done")
     assert store.try_claim("s", 0, 1, worker="b", host="h", device="cpu") is None
     assert store.try_claim("s", 0, 2, worker="b", host="h", device="cpu") is not None
+
+
+def test_hostile_study_name_is_only_ever_a_bound_parameter(tmp_path):
+    import sqlalchemy as sa
+    import yaml
+    from conftest import study_dict
+
+    from c5snn.config import load_study
+    from c5snn.data import write_synthetic
+    from c5snn.sweep import Worker, create_study
+
+    name = "x'); DROP TABLE c5snn_claims; -- ../../etc"
+    data = write_synthetic(tmp_path / "e.csv", rows=300, seed=0)
+    grid = {"n_layers": [2], "n_heads": [2], "d_model": [64], "beta": [0.5], "encoding": ["direct"]}
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(study_dict(data, name=name, grid=grid)))
+    config = load_study(path)
+    url = f"sqlite:///{tmp_path / 'h.db'}"
+    store = Store(url)
+    create_study(config, store)
+    assert Worker(config, store, name="w", artifacts=tmp_path / "art", echo=lambda _: None).run() == 1
+    engine = sa.create_engine(url)
+    with engine.connect() as conn:
+        tables = set(sa.inspect(conn).get_table_names())
+        studies = conn.execute(sa.text("SELECT study FROM c5snn_claims")).scalars().all()
+    assert "c5snn_claims" in tables and studies == [name]
+    created = [p for p in (tmp_path / "art").rglob("*") if p.is_file()]
+    assert created and all(tmp_path / "art" in p.parents for p in created)

@@ -14,30 +14,19 @@ import optuna
 import pytest
 import sqlalchemy as sa
 import torch
-from conftest import ROOT, run_cli, study_dict, write_study
+from conftest import PG_URL, ROOT, require_pg, run_cli, study_dict, write_study
 from optuna.trial import TrialState
 
 from c5snn.config import GRID_KEYS, load_study
 from c5snn.data import prepare
 from c5snn.train import train_run
 
-PG_URL = os.environ.get("C5SNN_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
-
-
-def _pg_available() -> bool:
-    try:
-        with sa.create_engine(PG_URL).connect():
-            return True
-    except Exception:
-        return False
-
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def storage_url(request, tmp_path):
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'sweep.db'}"
-    if not os.environ.get("C5SNN_TEST_PG_URL") and not _pg_available():
-        pytest.skip("no PostgreSQL: set C5SNN_TEST_PG_URL (CI does) or start one on 127.0.0.1")
+    require_pg()
     return PG_URL
 
 

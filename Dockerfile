@@ -1,0 +1,20 @@
+# One image for every c5snn service. CPU torch by default; the CUDA build with
+#   docker build --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu128 -t c5snn:cuda .
+# (docker-compose.yml builds that one for the GPU workers).
+FROM python:3.11-slim
+
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
+WORKDIR /app
+
+RUN pip install torch --index-url "${TORCH_INDEX}"
+COPY pyproject.toml README.md ./
+COPY c5snn ./c5snn
+COPY studies ./studies
+RUN pip install ".[dashboard]"
+
+RUN useradd --create-home c5snn && mkdir -p /artifacts /app/results && \
+    chown c5snn /artifacts /app/results
+USER c5snn
+ENTRYPOINT ["c5snn"]
+CMD ["--help"]

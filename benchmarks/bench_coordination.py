@@ -1,0 +1,89 @@
+"""Cost of the sweep machinery alone: 72 trials whose training is a ~0 s stub.
+
+Each trial still does everything a real one does against the database: claim (stale-lease
+check, attempt scan, INSERT), create the Optuna trial, a dashboard note, one intermediate value,
+the user attrs, tell, release the claim, and a heartbeat thread. Reports the wall time and the
+worker-seconds per trial.
+
+    .venv/bin/python benchmarks/bench_coordination.py --storage sqlite:////tmp/coord.db --workers 2
+    .venv/bin/python benchmarks/bench_coordination.py \\
+        --storage postgresql+psycopg://postgres@127.0.0.1:5432/test --workers 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def stub_train(params, training, data, *, seed, evaluate_test, on_epoch, checkpoint_path,
+               should_stop):
+    from c5snn.train import EpochRecord, RunResult
+
+    val = {"recall_at_5": 0.13, "recall_at_20": 0.51, "hit_at_5": 0.5, "hit_at_20": 0.98,
+           "mrr": 0.31}
+    on_epoch(EpochRecord(1, 0.69, val, [0.1, 0.1], 0.0, True))
+    return RunResult(seed=seed, best_epoch=1, epochs_run=1, val=val, spike_rate=[0.1, 0.1],
+                     training_time_s=0.0, history=[], model_state={}, optimizer_state={})
+
+
+def work(study_path: str, url: str, name: str, artifacts: str, out) -> None:
+    from c5snn.config import load_study
+    from c5snn.storage import Store
+    from c5snn.sweep import Worker
+
+    config = load_study(study_path)
+    worker = Worker(config, Store(url), name=name, artifacts=Path(artifacts), echo=lambda _: None,
+                    train_fn=stub_train)
+    worker._data = object()  # the stub never touches data
+    t0 = time.perf_counter()
+    ran = worker.run()
+    out.put((name, ran, time.perf_counter() - t0))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--storage", required=True)
+    ap.add_argument("--workers", type=int, default=2)
+    args = ap.parse_args()
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import study_dict, write_study
+
+    from c5snn.config import load_study
+    from c5snn.data import write_synthetic
+    from c5snn.storage import Store
+    from c5snn.sweep import create_study
+
+    tmp = Path(tempfile.mkdtemp())
+    data = write_synthetic(tmp / "e.csv", rows=300, seed=0)
+    study = write_study(tmp / "s.yaml", study_dict(data, name=f"coord-{uuid.uuid4().hex[:8]}"))
+    create_study(load_study(study), Store(args.storage))
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    t0 = time.perf_counter()
+    procs = [ctx.Process(target=work, args=(str(study), args.storage, f"w{i}", str(tmp / "a"), out))
+             for i in range(args.workers)]
+    for p in procs:
+        p.start()
+    results = [out.get() for _ in procs]
+    for p in procs:
+        p.join()
+    wall = time.perf_counter() - t0
+    trials = sum(r[1] for r in results)
+    busy = sum(r[2] for r in results)
+    backend = args.storage.split(":", 1)[0]
+    print(f"{backend}, {args.workers} workers: {trials} trials in {wall:.2f} s wall "
+          f"(incl. process start); {busy / trials * 1000:.1f} ms of worker time per trial, "
+          f"{wall / trials * 1000:.1f} ms wall per trial")
+
+
+if __name__ == "__main__":
+    main()

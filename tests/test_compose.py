@@ -1,0 +1,61 @@
+"""docker-compose.yml, checked without a Docker engine: structure, safety, real commands."""
+
+from __future__ import annotations
+
+import re
+
+import yaml
+from conftest import ROOT, run_cli
+
+COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+SERVICES = COMPOSE["services"]
+
+
+def _defaults(text: str) -> str:
+    """Compose interpolation with every variable at its default (`${X:-d}` -> d)."""
+    return re.sub(r"\$\{[A-Z0-9_]+:-([^}]*)\}", r"\1", text)
+
+
+def test_services_and_dependencies():
+    assert {"postgres", "worker", "dashboard", "create", "promote", "export"} <= set(SERVICES)
+    assert SERVICES["postgres"]["healthcheck"]["test"][1].startswith("pg_isready")
+    for name in ("worker", "dashboard", "create", "promote", "export"):
+        svc = SERVICES[name]
+        assert svc["depends_on"]["postgres"]["condition"] == "service_healthy", name
+        assert "postgres:5432" in svc["environment"]["C5SNN_STORAGE"], name
+        assert any(v.startswith("artifacts:") for v in svc["volumes"]), name
+    for name in ("create", "promote", "export"):
+        assert SERVICES[name]["profiles"] == ["steps"]
+    assert any(v.endswith(":/app/results") for v in SERVICES["export"]["volumes"])
+    assert {"pgdata", "artifacts"} <= set(COMPOSE["volumes"])
+    assert any(v.startswith("pgdata:") for v in SERVICES["postgres"]["volumes"])
+
+
+def test_gpu_reservation_and_scaling():
+    worker = SERVICES["worker"]
+    device = worker["deploy"]["resources"]["reservations"]["devices"][0]
+    assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+    assert "container_name" not in worker  # --scale worker=N needs unnamed replicas
+    assert worker["build"]["args"]["TORCH_INDEX"].endswith("cu128")
+
+
+def test_no_credentials_and_localhost_by_default():
+    text = (ROOT / "docker-compose.yml").read_text()
+    assert "${POSTGRES_PASSWORD:?" in SERVICES["postgres"]["environment"]["POSTGRES_PASSWORD"]
+    assert not re.search(r"postgres(ql)?(\+psycopg)?://[^:@/]+:(?!\$\{)[^@]+@", text)
+    for name in ("postgres", "dashboard"):
+        for port in SERVICES[name]["ports"]:
+            assert _defaults(port).startswith("127.0.0.1:"), port
+
+
+def test_every_service_command_is_a_real_c5snn_command():
+    for name, svc in SERVICES.items():
+        if "command" not in svc or name == "postgres":
+            continue
+        args = [_defaults(a) for a in svc["command"]]
+        words = [a for a in args if not a.startswith("-")]
+        sub = words[:2] if words[0] in ("study", "data") else words[:1]
+        proc = run_cli(*sub, "--help")
+        assert proc.returncode == 0, (name, proc.stderr)
+        for option in (a for a in args if a.startswith("--")):
+            assert option in proc.stdout, (name, option)
