@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -36,6 +37,7 @@ def launch(
     """
     threads = threads or default_threads(n, gpus)
     procs: list[tuple[str, subprocess.Popen]] = []
+    tag = f"{socket.gethostname()}:{os.getpid()}"  # unique across launchers and machines
     for i in range(n):
         name = f"w{i}"
         env = dict(os.environ)
@@ -45,7 +47,7 @@ def launch(
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = gpus[i % len(gpus)]
             device = "cuda"
-        cmd = [sys.executable, "-m", "c5snn", "worker", *worker_args, "--name", name,
+        cmd = [sys.executable, "-m", "c5snn", "worker", *worker_args, "--name", f"{name}@{tag}",
                "--device", device, "--threads", str(threads)]
         proc = subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env,

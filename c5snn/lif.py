@@ -92,50 +92,85 @@ class _Dropout(torch.autograd.Function):
 
 
 class SpikeAttention(torch.autograd.Function):
-    """`dropout(q @ kᵀ * scale) @ v` per head, without softmax, on `(N, W, d)` spikes.
+    """`dropout(q @ kᵀ * scale) @ v` per head, without softmax, on `(N, W, d)` binary spikes.
 
     `N` is T*B folded; heads are strided column slices of `d`, so no head transpose is copied.
-    The scale and the dropout's 1/(1-p) are folded into the GEMM's alpha; backward keeps the
-    bool drop mask and the dropped scores (needed for dV anyway), nothing else per element.
+    Because q and k are 0/1, `q @ kᵀ` is a small integer count: backward keeps the counts as
+    uint8 (255 marking a dropped entry, so no separate mask) and q, k, v as uint8, a quarter of
+    the float tensors autograd would keep, and rebuilds the scaled scores exactly from them.
     """
+
+    DROPPED = 255
 
     @staticmethod
     def forward(ctx, q, k, v, n_heads: int, scale: float, p: float, training: bool):
         n, w, d = q.shape
         dh = d // n_heads
+        if dh >= SpikeAttention.DROPPED:
+            raise ValueError(f"head size {dh} too large for uint8 attention counts")
         dropping = training and p > 0.0
         alpha = scale / (1.0 - p) if dropping else scale
         scores = torch.empty(n_heads, n, w, w, dtype=q.dtype, device=q.device)  # (h, N, W, W)
+        for i in range(n_heads):
+            cols = slice(i * dh, (i + 1) * dh)
+            torch.bmm(q[..., cols], k[..., cols].transpose(1, 2), out=scores[i])  # exact counts
+        counts = scores.to(torch.uint8)
+        scores.mul_(alpha)  # one rounding of an exact integer, as (q @ kᵀ) * scale has
+        if dropping:
+            drop = drop_mask(scores.shape, p, q.device)
+            scores.masked_fill_(drop, 0.0)
+            counts.masked_fill_(drop, SpikeAttention.DROPPED)
         out = torch.empty_like(q)  # (N, W, d)
         for i in range(n_heads):
             cols = slice(i * dh, (i + 1) * dh)
-            torch.baddbmm(scores[i], q[..., cols], k[..., cols].transpose(1, 2),
-                          beta=0.0, alpha=alpha, out=scores[i])
-        drop = drop_mask(scores.shape, p, q.device) if dropping else None
-        if drop is not None:
-            scores.masked_fill_(drop, 0.0)
-        for i in range(n_heads):
-            cols = slice(i * dh, (i + 1) * dh)
             out[..., cols] = torch.bmm(scores[i], v[..., cols])
-        ctx.save_for_backward(q, k, v, scores, drop)
+        ctx.save_for_backward(q.to(torch.uint8), k.to(torch.uint8), v.to(torch.uint8), counts)
         ctx.n_heads, ctx.alpha = n_heads, alpha
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, scores, drop = ctx.saved_tensors
+        q8, k8, v8, counts = ctx.saved_tensors
+        dtype = grad_out.dtype
+        q, k, v = q8.to(dtype), k8.to(dtype), v8.to(dtype)  # (N, W, d) spikes again
         dh = q.shape[-1] // ctx.n_heads
         gq, gk, gv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         for i in range(ctx.n_heads):
             cols = slice(i * dh, (i + 1) * dh)
+            dropped = counts[i] == SpikeAttention.DROPPED  # (N, W, W)
+            scores = counts[i].to(dtype).masked_fill_(dropped, 0.0).mul_(ctx.alpha)
             g = grad_out[..., cols]  # (N, W, dh)
-            gv[..., cols] = torch.bmm(scores[i].transpose(1, 2), g)
-            g_scores = torch.bmm(g, v[..., cols].transpose(1, 2))  # (N, W, W)
-            if drop is not None:
-                g_scores.masked_fill_(drop[i], 0.0)
+            gv[..., cols] = torch.bmm(scores.transpose(1, 2), g)
+            g_scores = torch.bmm(g, v[..., cols].transpose(1, 2)).masked_fill_(dropped, 0.0)
             gq[..., cols] = torch.bmm(g_scores, k[..., cols]).mul_(ctx.alpha)
             gk[..., cols] = torch.bmm(g_scores.transpose(1, 2), q[..., cols]).mul_(ctx.alpha)
         return gq, gk, gv, None, None, None, None
+
+
+class SpikeLinear(torch.autograd.Function):
+    """`x @ Wᵀ + b` for `x` whose entries are 0 or `value` (spikes, or dropped-out spikes).
+
+    Autograd's linear would keep `x` as floats for the weight gradient; this keeps it as uint8.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, value: float):
+        ctx.save_for_backward(x.to(torch.uint8), weight)  # 0 or value -> 0 or 1 (truncation)
+        ctx.value = value
+        return torch.nn.functional.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x8, weight = ctx.saved_tensors
+        flat = grad_out.reshape(-1, grad_out.shape[-1])  # (rows, out)
+        x = x8.reshape(-1, x8.shape[-1]).to(grad_out.dtype)  # (rows, in)
+        grad_w = (flat.t() @ x).mul_(ctx.value) if ctx.value != 1.0 else flat.t() @ x
+        return grad_out @ weight, grad_w, flat.sum(dim=0), None
+
+
+def spike_linear(layer: torch.nn.Linear, x: torch.Tensor, value: float = 1.0) -> torch.Tensor:
+    """`layer(x)` for 0/`value` input, keeping a quarter of the memory for backward."""
+    return SpikeLinear.apply(x, layer.weight, layer.bias, value)
 
 
 def spike_attention(q, k, v, n_heads: int, scale: float, p: float, training: bool):

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from c5snn.data import N_PARTS
-from c5snn.lif import dropout_spikes, lif, spike_attention
+from c5snn.lif import dropout_spikes, lif, spike_attention, spike_linear
 
 
 def _linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -47,9 +47,11 @@ class SpikingBlock(nn.Module):
         )  # (T, B, W, d)
         o = lif(self.o_proj(mixed), self.beta)
         r1 = lif(x + o, self.beta)  # (T, B, W, d)
-        hidden = lif(self.ffn1(r1), self.beta)  # (T, B, W, d_ffn)
-        hidden = dropout_spikes(hidden, self.dropout, self.training)
-        f = lif(self.ffn2(hidden), self.beta)
+        hidden = lif(spike_linear(self.ffn1, r1), self.beta)  # (T, B, W, d_ffn)
+        dropping = self.training and self.dropout > 0
+        hidden = dropout_spikes(hidden, self.dropout, self.training)  # 0 or 1/(1-p)
+        f = lif(spike_linear(self.ffn2, hidden, 1 / (1 - self.dropout) if dropping else 1.0),
+                self.beta)
         return lif(r1 + f, self.beta)  # (T, B, W, d) spikes
 
 

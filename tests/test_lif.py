@@ -1,6 +1,6 @@
 import torch
 
-from c5snn.lif import drop_mask, dropout_spikes, lif, spike_attention
+from c5snn.lif import drop_mask, dropout_spikes, lif, spike_attention, spike_linear
 
 
 def test_drop_mask_rate():
@@ -36,3 +36,37 @@ def test_spike_attention_matches_reference_with_dropout_off():
     (ref.transpose(1, 2).reshape(3, 10, 8) * w).sum().backward()
     for fast, slow in zip((q, k, v), heads, strict=True):
         assert torch.allclose(fast.grad, slow.grad.transpose(1, 2).reshape(3, 10, 8), atol=1e-5)
+
+
+def test_spike_attention_dropout_matches_reference_with_the_same_mask():
+    torch.manual_seed(0)
+    q, k, v = ((torch.rand(3, 10, 8) < 0.4).float().requires_grad_() for _ in range(3))
+    torch.manual_seed(5)
+    out = spike_attention(q, k, v, 2, 0.5, 0.3, training=True)
+    torch.manual_seed(5)
+    drop = drop_mask((2, 3, 10, 10), 0.3, torch.device("cpu")).transpose(0, 1)  # (N, h, W, W)
+    heads = [t.detach().view(3, 10, 2, 4).transpose(1, 2).requires_grad_() for t in (q, k, v)]
+    scores = ((heads[0] @ heads[1].transpose(-2, -1)) * 0.5).masked_fill(drop, 0.0) / 0.7
+    ref = (scores @ heads[2]).transpose(1, 2).reshape(3, 10, 8)
+    assert torch.allclose(out, ref, atol=1e-6)
+    w = torch.randn_like(out)
+    (out * w).sum().backward()
+    (ref * w).sum().backward()
+    for fast, slow in zip((q, k, v), heads, strict=True):
+        assert torch.allclose(fast.grad, slow.grad.transpose(1, 2).reshape(3, 10, 8), atol=1e-5)
+
+
+def test_spike_linear_matches_linear_on_scaled_spikes():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(6, 4)
+    x = (torch.rand(2, 5, 6) < 0.5).float() / 0.9
+    out = spike_linear(layer, x, 1 / 0.9)
+    w = torch.randn_like(out)
+    (out * w).sum().backward()
+    grads = [p.grad.clone() for p in layer.parameters()]
+    layer.zero_grad()
+    ref = layer(x)
+    (ref * w).sum().backward()
+    assert torch.allclose(out, ref)
+    for got, p in zip(grads, layer.parameters(), strict=True):
+        assert torch.allclose(got, p.grad, atol=1e-6)

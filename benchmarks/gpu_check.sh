@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# One short GPU session (<= 8 minutes): device, correctness vs the oracle on the GPU, seconds
+# per epoch of the benchmark configurations (eager and compiled), `c5snn workers` scaling at
+# 1/2/4/8 workers per GPU, and an estimate of the whole phase-C sweep. Writes $OUT/gpu_check.md
+# (or ./gpu_check.md). CPU dry run: DEVICE=cpu QUICK=1 benchmarks/gpu_check.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DEVICE=${DEVICE:-cuda}
+PY=${PY:-.venv/bin/python}
+[ -x "$PY" ] || PY=python3
+if [ "$DEVICE" != "cpu" ]; then
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
+fi
+args=(--device "$DEVICE" --out "${OUT:-.}")
+[ "${QUICK:-0}" = "1" ] && args+=(--quick)
+timeout 480 "$PY" benchmarks/gpu_check.py "${args[@]}"
