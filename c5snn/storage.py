@@ -12,6 +12,7 @@ again as the next attempt. Study names and other user text only ever travel as b
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -47,6 +48,14 @@ claims = sa.Table(
     sa.Column("finished", sa.Float),
     sa.Column("error", sa.Text),
     sa.UniqueConstraint("study", "point", "attempt", name="uq_c5snn_claim_attempt"),
+)
+
+
+# Optuna's own table of trial user attributes (schema stable since Optuna 1.x). Writing a trial's
+# attributes in one INSERT instead of one transaction per key is most of what keeps the
+# coordination cost per trial low (benchmarks/bench_coordination.py).
+_trial_user_attributes = sa.table(
+    "trial_user_attributes", sa.column("trial_id"), sa.column("key"), sa.column("value_json")
 )
 
 
@@ -253,6 +262,11 @@ class Store:
             if result.rowcount == 1:
                 won.append(row)
         return won
+
+    def set_trial_user_attrs(self, trial_id: int, attrs: dict) -> None:
+        """Add user attributes to a running trial in one transaction (keys must be new)."""
+        rows = [{"trial_id": trial_id, "key": k, "value_json": json.dumps(v)} for k, v in attrs.items()]
+        self._run(lambda conn: conn.execute(sa.insert(_trial_user_attributes), rows))
 
     def delete_study_claims(self, study: str) -> None:
         self._run(lambda conn: conn.execute(sa.delete(claims).where(claims.c.study == study)))

@@ -415,20 +415,18 @@ class Worker:
                             "search_space": {k: list(self.config.grid[k]) for k in GRID_KEYS}}
         template = optuna.trial.create_trial(
             state=TrialState.RUNNING, params=point.params, distributions=distributions(self.config),
-            user_attrs=user_attrs, system_attrs=system_attrs,
+            system_attrs=system_attrs,
         )
         trial_id = study._storage.create_new_trial(study._study_id, template_trial=template)
+        self.store.set_trial_user_attrs(trial_id, user_attrs)
         trial = optuna.Trial(study, trial_id)
         self.store.attach_trial(claim, trial_id, trial.number)
         label = f"spiking_transformer {params.describe()}"
         if phase.kind == "promote":
             label += f" seed={point.seed}"
+            write_note(trial, f"config_id {point.config_id}: `{label}`, promoted from screening "
+                              f"trial {point.screening_trial}, seed {point.seed}, scored on **test**")
         self.echo(f"start trial {trial.number} point {point.index}: {label}")
-        origin = (f"promoted from screening trial {point.screening_trial}, seed {point.seed}, "
-                  "scored on **test**" if phase.kind == "promote" else
-                  f"screening, seed {point.seed}, scored on val")
-        write_note(trial, f"config_id {point.config_id}: `{label}`; {origin}; attempt "
-                          f"{claim.attempt} on {self.name}@{self.host} [{self.device}]")
 
         pdir = point_dir(self.artifacts, phase.study, point.index)
         with Heartbeat(self.store, claim, self.timing.heartbeat_s) as beat:
@@ -496,8 +494,7 @@ class Worker:
                                              point.seed))
             torch.save(result.test_logits, run_dir / "test_logits.pt")
             attrs["run_dir"] = str(run_dir)
-        for key, value in attrs.items():
-            study._storage.set_trial_user_attr(trial._trial_id, key, value)
+        self.store.set_trial_user_attrs(trial._trial_id, attrs)
         value = result.test["recall_at_20"] if phase.kind == "promote" else result.val["recall_at_20"]
         if not self._tell(study, trial, values=value):
             return Outcome("lost")

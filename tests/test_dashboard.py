@@ -58,7 +58,6 @@ def test_dashboard_serves_both_studies_with_trials_attrs_and_curves(swept):
             attrs = {a["key"] for a in t["user_attrs"]}
             assert {"config_id", "val_hit_at_20", "val_mrr", "spike_rate", "host"} <= attrs
             assert [v["step"] for v in t["intermediate_values"]] == [1, 2]
-            assert "config_id" in t["note"]["body"]
         study_attrs = {a["key"] for a in screening["user_attrs"]}
         assert {"grid", "window_size", "data_sha256"} <= study_attrs
         assert "data" in screening["note"]["body"]
