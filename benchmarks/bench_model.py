@@ -1,5 +1,6 @@
 """Training-step speed and memory: the package model against the tests' snntorch oracle.
 
+Both processes get the same glibc allocator tuning that c5snn's workers use.
 One training step = forward, BCEWithLogits loss, backward, Adam step at B=64, W=90,
 dropout 0.1, fp32. Each (model, configuration) runs in its own subprocess so that its peak RSS
 is its own. Also times `compute_metrics` on 1,741 x 39 logits (the size of the real val split).
@@ -35,7 +36,9 @@ def one(kind: str, name: str, repeats: int, threads: int) -> dict:
     from oracle import OracleSpikingTransformer
 
     from c5snn.model import SpikingTransformer
+    from c5snn.runtime import tune_cpu_allocator
 
+    tune_cpu_allocator()  # what c5snn's workers do; applied to the oracle's process too
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     cfg = CONFIGS[name]

@@ -52,6 +52,7 @@ def run(kind: str, name: str, data_path: str, limit: int | None, threads: int) -
     from c5snn.data import load_events, make_splits
     from c5snn.runtime import set_seed, tune_cpu_allocator
 
+    tune_cpu_allocator()  # as c5snn's workers do; the baseline's process gets it too
     torch.set_num_threads(threads)
     set_seed(42)
     cfg = CONFIGS[name]
@@ -66,7 +67,6 @@ def run(kind: str, name: str, data_path: str, limit: int | None, threads: int) -
         from c5snn.model import SpikingTransformer
         from c5snn.train import evaluate
 
-        tune_cpu_allocator()
         data = WindowData(events, W, splits, "cpu")
         model = SpikingTransformer(**kw)
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)

@@ -95,18 +95,18 @@ class SpikeAttention(torch.autograd.Function):
     """`dropout(q @ kᵀ * scale) @ v` per head, without softmax, on `(N, W, d)` binary spikes.
 
     `N` is T*B folded; heads are strided column slices of `d`, so no head transpose is copied.
-    Because q and k are 0/1, `q @ kᵀ` is a small integer count: backward keeps the counts as
-    uint8 (255 marking a dropped entry, so no separate mask) and q, k, v as uint8, a quarter of
-    the float tensors autograd would keep, and rebuilds the scaled scores exactly from them.
+    Because q and k are 0/1, `q @ kᵀ` is a small integer count: backward keeps the counts (with
+    dropped entries zeroed) and q, k, v as uint8 and the drop mask as bool, a quarter of the
+    float tensors autograd would keep, and folds the scale into its GEMMs' alpha.
     """
 
-    DROPPED = 255
+    MAX_COUNT = 255
 
     @staticmethod
     def forward(ctx, q, k, v, n_heads: int, scale: float, p: float, training: bool):
         n, w, d = q.shape
         dh = d // n_heads
-        if dh >= SpikeAttention.DROPPED:
+        if dh > SpikeAttention.MAX_COUNT:
             raise ValueError(f"head size {dh} too large for uint8 attention counts")
         dropping = training and p > 0.0
         alpha = scale / (1.0 - p) if dropping else scale
@@ -116,34 +116,42 @@ class SpikeAttention(torch.autograd.Function):
             torch.bmm(q[..., cols], k[..., cols].transpose(1, 2), out=scores[i])  # exact counts
         counts = scores.to(torch.uint8)
         scores.mul_(alpha)  # one rounding of an exact integer, as (q @ kᵀ) * scale has
+        drop = None
         if dropping:
             drop = drop_mask(scores.shape, p, q.device)
             scores.masked_fill_(drop, 0.0)
-            counts.masked_fill_(drop, SpikeAttention.DROPPED)
+            counts.masked_fill_(drop, 0)
         out = torch.empty_like(q)  # (N, W, d)
         for i in range(n_heads):
             cols = slice(i * dh, (i + 1) * dh)
             out[..., cols] = torch.bmm(scores[i], v[..., cols])
-        ctx.save_for_backward(q.to(torch.uint8), k.to(torch.uint8), v.to(torch.uint8), counts)
+        ctx.save_for_backward(q.to(torch.uint8), k.to(torch.uint8), v.to(torch.uint8), counts, drop)
         ctx.n_heads, ctx.alpha = n_heads, alpha
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q8, k8, v8, counts = ctx.saved_tensors
+        q8, k8, v8, counts, drop = ctx.saved_tensors
         dtype = grad_out.dtype
         q, k, v = q8.to(dtype), k8.to(dtype), v8.to(dtype)  # (N, W, d) spikes again
-        dh = q.shape[-1] // ctx.n_heads
+        n, w, d = q.shape
+        dh = d // ctx.n_heads
         gq, gk, gv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        tmp = torch.empty(n, w, dh, dtype=dtype, device=q.device)
         for i in range(ctx.n_heads):
             cols = slice(i * dh, (i + 1) * dh)
-            dropped = counts[i] == SpikeAttention.DROPPED  # (N, W, W)
-            scores = counts[i].to(dtype).masked_fill_(dropped, 0.0).mul_(ctx.alpha)
+            dropped_counts = counts[i].to(dtype)  # (N, W, W); scores = alpha * this
             g = grad_out[..., cols]  # (N, W, dh)
-            gv[..., cols] = torch.bmm(scores.transpose(1, 2), g)
-            g_scores = torch.bmm(g, v[..., cols].transpose(1, 2)).masked_fill_(dropped, 0.0)
-            gq[..., cols] = torch.bmm(g_scores, k[..., cols]).mul_(ctx.alpha)
-            gk[..., cols] = torch.bmm(g_scores.transpose(1, 2), q[..., cols]).mul_(ctx.alpha)
+            torch.baddbmm(tmp, dropped_counts.transpose(1, 2), g, beta=0.0, alpha=ctx.alpha, out=tmp)
+            gv[..., cols] = tmp
+            g_scores = torch.bmm(g, v[..., cols].transpose(1, 2))  # (N, W, W)
+            if drop is not None:
+                g_scores.masked_fill_(drop[i], 0.0)
+            torch.baddbmm(tmp, g_scores, k[..., cols], beta=0.0, alpha=ctx.alpha, out=tmp)
+            gq[..., cols] = tmp
+            torch.baddbmm(tmp, g_scores.transpose(1, 2), q[..., cols], beta=0.0, alpha=ctx.alpha,
+                          out=tmp)
+            gk[..., cols] = tmp
         return gq, gk, gv, None, None, None, None
 
 

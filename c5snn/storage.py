@@ -168,16 +168,15 @@ class Store:
         raise AssertionError("unreachable")
 
     def _run(self, fn):
-        """One transaction with retries on SQLite lock contention; errors become StorageError."""
-        return self._retry_tx(lambda: self._once(fn))
+        """`fn(conn)` in one transaction, retried on SQLite lock contention; SQL errors other
+        than integrity violations (which callers handle) become StorageError."""
 
-    def _once(self, fn):
-        with self.engine.begin() as conn:
-            return fn(conn)
+        def once():
+            with self.engine.begin() as conn:
+                return fn(conn)
 
-    def _retry_tx(self, fn):
         try:
-            return self._retry(fn)
+            return self._retry(once)
         except IntegrityError:
             raise
         except SQLAlchemyError as exc:
@@ -267,9 +266,6 @@ class Store:
         """Add user attributes to a running trial in one transaction (keys must be new)."""
         rows = [{"trial_id": trial_id, "key": k, "value_json": json.dumps(v)} for k, v in attrs.items()]
         self._run(lambda conn: conn.execute(sa.insert(_trial_user_attributes), rows))
-
-    def delete_study_claims(self, study: str) -> None:
-        self._run(lambda conn: conn.execute(sa.delete(claims).where(claims.c.study == study)))
 
 
 def open_store(option: str | None, study_file_value: str | None) -> Store:

@@ -304,13 +304,6 @@ class StopFlag:
         return self.event.is_set()
 
 
-@dataclass
-class Outcome:
-    state: str  # done | failed | released | lost
-    result: RunResult | None = None
-    error: str | None = None
-
-
 class Worker:
     """Pulls points from the phases of one study file until none is left to claim."""
 
@@ -362,8 +355,8 @@ class Worker:
                     break
                 self._sleep(self.timing.poll_s)
                 continue
-            outcome = self._run_point(*claimed)
-            if outcome.state in ("released", "lost"):
+            outcome = self._run_point(*claimed)  # done | failed | released | lost
+            if outcome in ("released", "lost"):
                 if self.stop():
                     break
                 continue
@@ -400,7 +393,7 @@ class Worker:
                 return True
         return False
 
-    def _run_point(self, phase: Phase, claim: Claim, point: Point) -> Outcome:
+    def _run_point(self, phase: Phase, claim: Claim, point: Point) -> str:
         study = self._study(phase.study)
         params = self.config.model_params(point.params)
         user_attrs = {
@@ -452,7 +445,7 @@ class Worker:
                 self._tell(study, trial, state=TrialState.FAIL)
                 self.store.finish(claim, "failed", error)
                 self.echo(f"trial {trial.number} point {point.index} FAILED: {error}")
-                return Outcome("failed", error=error)
+                return "failed"
         return self._complete(phase, study, trial, claim, point, result, pdir)
 
     def _tell(self, study, trial, **kwargs) -> bool:
@@ -462,17 +455,17 @@ class Worker:
         except (RuntimeError, ValueError):  # already finished by a reaper
             return False
 
-    def _interrupted(self, study, trial, claim, lost: bool, why: str) -> Outcome:
+    def _interrupted(self, study, trial, claim, lost: bool, why: str) -> str:
         if lost:
             self.echo(f"trial {trial.number}: lease lost to another worker; abandoning it")
-            return Outcome("lost")
+            return "lost"
         study._storage.set_trial_user_attr(trial._trial_id, "error", f"released: {why}")
         self._tell(study, trial, state=TrialState.FAIL)
         self.store.finish(claim, "released", f"released: {why}")
         self.echo(f"trial {trial.number} released ({why})")
-        return Outcome("released")
+        return "released"
 
-    def _complete(self, phase, study, trial, claim, point, result: RunResult, pdir: Path) -> Outcome:
+    def _complete(self, phase, study, trial, claim, point, result: RunResult, pdir: Path) -> str:
         attrs = {
             "val_recall_at_20": result.val["recall_at_20"],
             "val_hit_at_20": result.val["hit_at_20"],
@@ -497,7 +490,7 @@ class Worker:
         self.store.set_trial_user_attrs(trial._trial_id, attrs)
         value = result.test["recall_at_20"] if phase.kind == "promote" else result.val["recall_at_20"]
         if not self._tell(study, trial, values=value):
-            return Outcome("lost")
+            return "lost"
         self.store.finish(claim, "done")
         n_done = sum(s.done for s in point_states(self.store.attempts(phase.study), len(phase.points)))
         params = self.config.model_params(point.params)
@@ -508,4 +501,4 @@ class Worker:
             f"[{n_done}/{len(phase.points)}] spiking_transformer {params.describe()}{seed} -> "
             f"{metric}={value:.4f} ({result.training_time_s:.1f}s){silent}"
         )
-        return Outcome("done", result=result)
+        return "done"

@@ -15,7 +15,7 @@ import os
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -58,7 +58,6 @@ class RunResult:
     test: dict[str, float] | None = None
     test_logits: torch.Tensor | None = None  # (n_test, 39), when evaluated on test
     resumed_from_epoch: int | None = None
-    extra: dict = field(default_factory=dict)
 
 
 @dataclass
