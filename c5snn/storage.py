@@ -109,6 +109,15 @@ class ClaimRow:
     error: str | None
 
 
+def _create_tables(engine: sa.Engine) -> None:
+    """Create c5snn's table unless it exists; workers starting together may race to create it."""
+    try:
+        metadata.create_all(engine)
+    except SQLAlchemyError:
+        if not sa.inspect(engine).has_table(claims.name):
+            raise
+
+
 class Store:
     """Connections for one process: an engine for the claim table and Optuna's RDBStorage."""
 
@@ -121,25 +130,34 @@ class Store:
             raise StorageError(f"not a valid SQLAlchemy storage URL: {self.masked}") from None
         self.is_sqlite = parsed.get_backend_name() == "sqlite"
         self.backend = parsed.get_backend_name()
-        engine_kwargs: dict = {"pool_pre_ping": True}
+        self._engine_kwargs: dict = {"pool_pre_ping": True}
         if self.is_sqlite:
-            engine_kwargs = {"connect_args": {"timeout": SQLITE_TIMEOUT_S}}
-            if parsed.database and parsed.database != ":memory:":
-                os.makedirs(os.path.dirname(os.path.abspath(parsed.database)), exist_ok=True)
-        self._engine_kwargs = engine_kwargs
-        try:
-            self.engine = sa.create_engine(url, **engine_kwargs)
-            with self.engine.begin() as conn:
-                if self.is_sqlite:
-                    # WAL lets readers (status, dashboard) run beside one writer.
-                    conn.exec_driver_sql("PRAGMA journal_mode=WAL")
-            self._retry(lambda: metadata.create_all(self.engine))
-        except (SQLAlchemyError, ImportError) as exc:
-            raise StorageError(f"cannot open storage {self.masked}: {_reason(exc)}") from None
+            self._engine_kwargs = {"connect_args": {"timeout": SQLITE_TIMEOUT_S}}
+        self._database = parsed.database
+        self._engine: sa.Engine | None = None
         self._optuna: optuna.storages.RDBStorage | None = None
 
+    @property
+    def engine(self) -> sa.Engine:
+        """Connect on first use, so that a command failing earlier (bad data) writes nothing."""
+        if self._engine is None:
+            try:
+                if self.is_sqlite and self._database and self._database != ":memory:":
+                    os.makedirs(os.path.dirname(os.path.abspath(self._database)), exist_ok=True)
+                engine = sa.create_engine(self.url, **self._engine_kwargs)
+                if self.is_sqlite:
+                    with engine.begin() as conn:
+                        # WAL lets readers (status, dashboard) run beside one writer.
+                        conn.exec_driver_sql("PRAGMA journal_mode=WAL")
+                self._retry(lambda: _create_tables(engine))
+            except (SQLAlchemyError, ImportError) as exc:
+                raise StorageError(f"cannot open storage {self.masked}: {_reason(exc)}") from None
+            self._engine = engine
+        return self._engine
+
     def close(self) -> None:
-        self.engine.dispose()
+        if self._engine is not None:
+            self._engine.dispose()
         if self._optuna is not None:
             self._optuna.remove_session()
             self._optuna.engine.dispose()
@@ -148,6 +166,7 @@ class Store:
     def optuna(self) -> optuna.storages.RDBStorage:
         """Optuna's storage on the same database (created on first use)."""
         if self._optuna is None:
+            self.engine  # noqa: B018 - creates the folder, WAL mode and c5snn's table first
             try:
                 self._optuna = self._retry(
                     lambda: optuna.storages.RDBStorage(self.url, engine_kwargs=self._engine_kwargs)

@@ -72,3 +72,9 @@ def test_bad_inputs_fail_cleanly_and_write_nothing(tmp_path, synthetic_csv):
         _one_line_error(proc, *fragments)
         assert not run_dir.exists()
     _one_line_error(run_cli("data", "validate", str(tmp_path / "missing.csv")), "no such file")
+    # a study on bad data: no database file, no study, no results
+    url = f"sqlite:///{tmp_path / 'db' / 'c5snn.db'}"
+    path = write_study(tmp_path / "bad_study.yaml", study_dict(bad))
+    for args in (["study", "create"], ["phase-c-sweep", "--output", str(tmp_path / "r/x.csv")]):
+        _one_line_error(run_cli(*args, "--config", str(path), "--storage", url), "line 5")
+    assert not (tmp_path / "db").exists() and not (tmp_path / "r").exists()

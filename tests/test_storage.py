@@ -19,14 +19,14 @@ def test_url_precedence(monkeypatch):
 def test_passwords_are_masked_in_messages():
     assert "hunter2" not in mask("postgresql+psycopg://me:hunter2@db.example:5432/x")
     with pytest.raises(StorageError) as info:
-        Store("postgresql+psycopg://me:hunter2@127.0.0.1:1/x")
+        Store("postgresql+psycopg://me:hunter2@127.0.0.1:1/x").attempts("s")
     assert "hunter2" not in str(info.value) and "***" in str(info.value)
 
 
 def test_concurrent_claims_grant_each_attempt_once(tmp_path):
-    """Many threads race for the same points on SQLite: each (point, attempt) is granted once."""
+    """Many threads create the table and race for the same points on a fresh SQLite database:
+    each (point, attempt) is granted once and nobody sees "database is locked"."""
     url = f"sqlite:///{tmp_path / 'race.db'}"
-    Store(url).close()
     granted, errors = [], []
 
     def racer(name):
