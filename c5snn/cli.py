@@ -173,12 +173,13 @@ def workers(
     max_attempts: AttemptsOpt = 3,
 ) -> None:
     """Start N local worker processes (several per GPU allowed) and wait for them."""
-    from c5snn.launcher import launch
+    from c5snn.config import load_study
+    from c5snn.launcher import launch, parse_gpus, worker_args
+    from c5snn.sweep import Timing
 
-    args = ["--config", str(config), "--heartbeat", str(heartbeat), "--grace", str(grace),
-            "--max-attempts", str(max_attempts), "--artifacts", str(_artifacts(artifacts))]
-    gpu_list = [g.strip() for g in gpus.split(",") if g.strip()] if gpus else None
-    code = launch(args, n, gpus=gpu_list, threads=threads, echo=_echo, storage_url=storage)
+    timing = Timing(heartbeat_s=heartbeat, grace_s=grace, max_attempts=max_attempts)
+    args = worker_args(load_study(config), timing, _artifacts(artifacts))
+    code = launch(args, n, gpus=parse_gpus(gpus), threads=threads, echo=_echo, storage_url=storage)
     raise typer.Exit(code)
 
 
@@ -288,16 +289,16 @@ def phase_c_sweep(
 ) -> None:
     """Run the spiking transformer sweep end to end: screen, promote top-K, re-run, export."""
     from c5snn.config import load_study, parse_seeds
+    from c5snn.launcher import parse_gpus
     from c5snn.pipeline import phase_c_sweep as run
     from c5snn.storage import open_store
     from c5snn.sweep import Timing
 
     overrides = [f"promote.screening_seed={screening_seed}"] if screening_seed is not None else []
     cfg = load_study(config, overrides)
-    gpu_list = [g.strip() for g in gpus.split(",") if g.strip()] if gpus else None
     run(
         cfg, open_store(storage, cfg.storage), output=output, top_k=top_k or cfg.top_k,
-        seeds=parse_seeds(seeds) if seeds else cfg.seeds, n_workers=workers, gpus=gpu_list,
+        seeds=parse_seeds(seeds) if seeds else cfg.seeds, n_workers=workers, gpus=parse_gpus(gpus),
         threads=threads, artifacts=_artifacts(artifacts),
         timing=Timing(heartbeat_s=heartbeat, grace_s=grace, max_attempts=max_attempts), echo=_echo,
     )

@@ -9,6 +9,26 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable
+from pathlib import Path
+
+from c5snn.config import StudyConfig
+from c5snn.sweep import Timing
+
+
+def worker_args(config: StudyConfig, timing: Timing, artifacts: Path) -> list[str]:
+    """The `c5snn worker` options that make a child process serve this study like its parent."""
+    args = ["--config", str(config.source), "--heartbeat", str(timing.heartbeat_s),
+            "--grace", str(timing.grace_s), "--max-attempts", str(timing.max_attempts),
+            "--artifacts", str(artifacts)]
+    for assignment in config.overrides:
+        args += ["--set", assignment]
+    return args
+
+
+def parse_gpus(text: str | None) -> list[str] | None:
+    """`"0,1"` -> ["0", "1"]; None or empty -> None (CPU)."""
+    gpus = [g.strip() for g in (text or "").split(",") if g.strip()]
+    return gpus or None
 
 
 def default_threads(n_workers: int, gpus: list[str] | None) -> int:

@@ -12,7 +12,7 @@ from pathlib import Path
 from c5snn.config import StudyConfig
 from c5snn.errors import C5Error, NotReadyError
 from c5snn.export import export, leaderboard, top_table
-from c5snn.launcher import launch
+from c5snn.launcher import launch, worker_args
 from c5snn.promote import completed_screening, promote
 from c5snn.storage import Store
 from c5snn.sweep import Timing, create_study
@@ -24,11 +24,7 @@ class WorkersFailed(C5Error):
 
 def run_workers(config: StudyConfig, store: Store, *, n: int, gpus, threads, artifacts: Path,
                 timing: Timing, echo) -> None:
-    args = ["--config", str(config.source), "--heartbeat", str(timing.heartbeat_s),
-            "--grace", str(timing.grace_s), "--max-attempts", str(timing.max_attempts),
-            "--artifacts", str(artifacts)]
-    for assignment in config.overrides:
-        args += ["--set", assignment]
+    args = worker_args(config, timing, artifacts)
     if launch(args, n, gpus=gpus, threads=threads, echo=echo, storage_url=store.url):
         raise WorkersFailed("a worker process failed; see its [wN] lines above")
 
