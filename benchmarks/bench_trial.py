@@ -44,6 +44,21 @@ def _per_sample_metrics(logits, targets) -> dict:
     return {k: sum(v) / len(v) for k, v in out.items()}
 
 
+def train_batches(model, opt, loss_fn, batches, limit: int | None) -> list[float]:
+    """Train on up to `limit` batches; returns each step's milliseconds."""
+    model.train()
+    times = []
+    for i, (x, y) in enumerate(batches):
+        if limit is not None and i >= limit:
+            break
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model(x), y).backward()
+        opt.step()
+        times.append((time.perf_counter() - t0) * 1000)
+    return times
+
+
 def run(kind: str, name: str, data_path: str, limit: int | None, threads: int) -> dict:
     import torch
 
@@ -60,7 +75,6 @@ def run(kind: str, name: str, data_path: str, limit: int | None, threads: int) -
     events = load_events(data_path)
     splits = make_splits(events, W, RATIOS)
     loss_fn = torch.nn.BCEWithLogitsLoss()
-    batch_ms = []
     t_epoch = time.perf_counter()
     if kind == "c5snn":
         from c5snn.data import WindowData
@@ -70,14 +84,9 @@ def run(kind: str, name: str, data_path: str, limit: int | None, threads: int) -
         data = WindowData(events, W, splits, "cpu")
         model = SpikingTransformer(**kw)
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-        model.train()
         gen = torch.Generator().manual_seed(42)
-        for x, y in data.batches("train", BATCH, generator=gen, limit=limit):
-            t0 = time.perf_counter()
-            opt.zero_grad(set_to_none=True)
-            loss_fn(model(x), y).backward()
-            opt.step()
-            batch_ms.append((time.perf_counter() - t0) * 1000)
+        batch_ms = train_batches(model, opt, loss_fn, data.batches("train", BATCH, generator=gen),
+                                 limit)
         t_val = time.perf_counter()
         metrics = evaluate(model, data, "val", BATCH).metrics
     else:
@@ -98,15 +107,7 @@ def run(kind: str, name: str, data_path: str, limit: int | None, threads: int) -
                          batch_size=BATCH)
         model = OracleSpikingTransformer(**kw)
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-        model.train()
-        for i, (x, y) in enumerate(train):
-            if limit is not None and i >= limit:
-                break
-            t0 = time.perf_counter()
-            opt.zero_grad(set_to_none=True)
-            loss_fn(model(x), y).backward()
-            opt.step()
-            batch_ms.append((time.perf_counter() - t0) * 1000)
+        batch_ms = train_batches(model, opt, loss_fn, train, limit)
         t_val = time.perf_counter()
         model.eval()
         with torch.no_grad():

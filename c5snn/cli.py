@@ -46,6 +46,7 @@ ArtifactsOpt = Annotated[
     typer.Option(help="Checkpoint store every worker can reach; default $C5SNN_ARTIFACTS or "
                       "storage/artifacts."),
 ]
+GpusOpt = Annotated[str | None, typer.Option(help="GPU ids, e.g. 0,1 (round-robin).")]
 HeartbeatOpt = Annotated[float, typer.Option(help="Seconds between a worker's heartbeats.")]
 GraceOpt = Annotated[
     float, typer.Option(help="Seconds without a heartbeat before a trial counts as dead.")
@@ -164,7 +165,7 @@ def worker(
 def workers(
     config: ConfigOpt,
     n: Annotated[int, typer.Option("-n", "--n", help="Number of worker processes.")] = 2,
-    gpus: Annotated[str | None, typer.Option(help="GPU ids, e.g. 0,1 (round-robin).")] = None,
+    gpus: GpusOpt = None,
     storage: StorageOpt = None,
     threads: ThreadsOpt = None,
     artifacts: ArtifactsOpt = None,
@@ -279,7 +280,7 @@ def phase_c_sweep(
     seeds: SeedsOpt = None,
     screening_seed: Annotated[int | None, typer.Option(help="Screening seed (default: study file).")] = None,
     workers: Annotated[int, typer.Option(help="Local worker processes.")] = 2,
-    gpus: Annotated[str | None, typer.Option(help="GPU ids, e.g. 0,1 (round-robin).")] = None,
+    gpus: GpusOpt = None,
     storage: StorageOpt = None,
     threads: ThreadsOpt = None,
     artifacts: ArtifactsOpt = None,
