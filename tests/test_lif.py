@@ -1,11 +1,12 @@
 import torch
 
-from c5snn.lif import drop_mask, dropout_spikes, lif, spike_attention, spike_linear
+from c5snn.lif import dropout_spikes, keep_mask, lif, spike_attention, spike_linear
 
 
-def test_drop_mask_rate():
-    mask = drop_mask((400, 1000), 0.1, torch.device("cpu"))
-    assert abs(mask.float().mean().item() - 0.1) < 0.003
+def test_keep_mask_rate():
+    mask = keep_mask((400, 1000), 0.1, torch.device("cpu"))
+    assert mask.dtype == torch.uint8 and set(mask.unique().tolist()) == {0, 1}
+    assert abs(1 - mask.float().mean().item() - 0.1) < 0.003
 
 
 def test_lif_dynamics_by_hand():
@@ -44,7 +45,7 @@ def test_spike_attention_dropout_matches_reference_with_the_same_mask():
     torch.manual_seed(5)
     out = spike_attention(q, k, v, 2, 0.5, 0.3, training=True)
     torch.manual_seed(5)
-    drop = drop_mask((2, 3, 10, 10), 0.3, torch.device("cpu")).transpose(0, 1)  # (N, h, W, W)
+    drop = keep_mask((2, 3, 10, 10), 0.3, torch.device("cpu")).transpose(0, 1) == 0  # (N,h,W,W)
     heads = [t.detach().view(3, 10, 2, 4).transpose(1, 2).requires_grad_() for t in (q, k, v)]
     scores = ((heads[0] @ heads[1].transpose(-2, -1)) * 0.5).masked_fill(drop, 0.0) / 0.7
     ref = (scores @ heads[2]).transpose(1, 2).reshape(3, 10, 8)
