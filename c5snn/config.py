@@ -25,6 +25,10 @@ from c5snn.errors import StudyFileError
 # The five swept hyperparameters, in the order that defines config_id (DESIGN §4).
 GRID_KEYS = ("n_layers", "n_heads", "d_model", "beta", "encoding")
 ENCODINGS = ("direct", "rate_coded")
+# Speed options (all off by default; fp32 eager torch is the reference the tests pin):
+PRECISIONS = ("fp32", "tf32", "bf16")  # tf32: CUDA matmuls only; bf16: autocast, membranes fp32
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # torch.compile modes
+LIF_KERNELS = ("torch", "triton")  # triton: one fused kernel per LIF recurrence, CUDA only
 DEFAULT_STORAGE = "sqlite:///storage/c5snn.db"
 
 # Schema: section -> {key: (type(s), required)}. Types are checked after YAML parsing.
@@ -53,6 +57,9 @@ _SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
         "early_stopping_metric": ((str,), True),
         "limit_train_batches": ((int, type(None)), False),
         "limit_eval_batches": ((int, type(None)), False),
+        "precision": ((str,), False),
+        "compile": ((str, type(None)), False),
+        "lif_kernel": ((str,), False),
     },
     "promote": {
         "top_k": ((int,), True),
@@ -95,6 +102,9 @@ class TrainingParams:
     batch_size: int
     limit_train_batches: int | None = None
     limit_eval_batches: int | None = None
+    precision: str = "fp32"
+    compile: str | None = None  # a torch.compile mode, or None for eager
+    lif_kernel: str = "torch"
 
 
 @dataclass(frozen=True)
@@ -298,6 +308,11 @@ def _build(raw: dict, source: Path) -> StudyConfig:
     for key in ("limit_train_batches", "limit_eval_batches"):
         if training.get(key) is not None:
             _positive(source, f"training.{key}", training[key])
+    for key, allowed in (("precision", PRECISIONS), ("compile", COMPILE_MODES + (None,)),
+                         ("lif_kernel", LIF_KERNELS)):
+        if key in training and training[key] not in allowed:
+            names = ", ".join("null" if a is None else a for a in allowed)
+            raise _fail(source, f"training.{key}", f"must be one of {names}, got {training[key]!r}")
 
     seeds = promote["seeds"]
     if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
@@ -325,6 +340,9 @@ def _build(raw: dict, source: Path) -> StudyConfig:
             batch_size=data["batch_size"],
             limit_train_batches=training.get("limit_train_batches"),
             limit_eval_batches=training.get("limit_eval_batches"),
+            precision=training.get("precision", "fp32"),
+            compile=training.get("compile"),
+            lif_kernel=training.get("lif_kernel", "torch"),
         ),
         top_k=promote["top_k"],
         seeds=tuple(seeds),

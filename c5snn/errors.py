@@ -25,6 +25,10 @@ class StudyMismatchError(StorageError):
     """An existing study was created from a different study file."""
 
 
+class DeviceError(C5Error):
+    """The device cannot run what the study file asks (tf32 or the Triton LIF off CUDA)."""
+
+
 class NotReadyError(C5Error):
     """A step was asked for before the steps it depends on finished (e.g. promote mid-screening)."""
 

@@ -18,6 +18,7 @@ import torch
 
 THRESHOLD = 1.0
 SLOPE = 25.0  # snntorch.surrogate.fast_sigmoid(slope=25)
+MAX_COUNT = 255  # attention counts are kept as uint8
 
 
 class LIFMultiStep(torch.autograd.Function):
@@ -50,8 +51,19 @@ class LIFMultiStep(torch.autograd.Function):
         return grad, None
 
 
-def lif(x: torch.Tensor, beta: float) -> torch.Tensor:
-    """Apply `LIFMultiStep` over the leading (time) dimension of `x`."""
+def lif(x: torch.Tensor, beta: float, kernel: str = "torch") -> torch.Tensor:
+    """Apply a multi-step LIF over the leading (time) dimension of `x`; spikes are fp32.
+
+    Membranes are always fp32: under bf16 autocast the input current is upcast first, since a
+    bf16 membrane (8-bit mantissa) would move spikes across the threshold. `kernel="triton"`
+    runs the recurrence as one fused CUDA kernel (`c5snn.lif_triton`).
+    """
+    if x.dtype != torch.float32:
+        x = x.float()
+    if kernel == "triton":
+        from c5snn.lif_triton import lif_triton
+
+        return lif_triton(x, beta)
     return LIFMultiStep.apply(x, beta)
 
 
@@ -62,13 +74,19 @@ def keep_mask(shape, p: float, device: torch.device) -> torch.Tensor:
     of `torch.rand` (whose per-element cost was a quarter of a CPU training step); the drop
     rate is within 2^-17 of `p`. uint8 rather than bool because same-dtype multiplies are
     vectorized on CPU where masked_fill/where with a bool mask were 10-30x slower (measured).
+    Under torch.compile (which cannot trace in-place `random_`) the 16-bit integers are drawn
+    directly: same distribution, another random stream.
     """
+    threshold = int(round(p * 65536)) - 32768
+    if torch.compiler.is_compiling():
+        bits = torch.randint(-32768, 32768, tuple(shape), dtype=torch.int16, device=device)
+        return (bits >= threshold).view(torch.uint8)
     n = 1
     for s in shape:
         n *= s
     words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), None)
     bits = words.view(torch.int16)[:n].view(shape)
-    return (bits >= int(round(p * 65536)) - 32768).view(torch.uint8)
+    return (bits >= threshold).view(torch.uint8)
 
 
 def dropout_spikes(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -101,13 +119,16 @@ class SpikeAttention(torch.autograd.Function):
     float tensors autograd would keep, and folds the scale into its GEMMs' alpha.
     """
 
-    MAX_COUNT = 255
-
     @staticmethod
     def forward(ctx, q, k, v, n_heads: int, scale: float, p: float, training: bool):
+        # Under autocast the GEMMs run in its dtype: counts <= d/h are exact in bf16 too.
+        kind = q.device.type
+        if torch.is_autocast_enabled(kind):
+            dtype = torch.get_autocast_dtype(kind)
+            q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         n, w, d = q.shape
         dh = d // n_heads
-        if dh > SpikeAttention.MAX_COUNT:
+        if dh > MAX_COUNT:
             raise ValueError(f"head size {dh} too large for uint8 attention counts")
         dropping = training and p > 0.0
         alpha = scale / (1.0 - p) if dropping else scale
@@ -170,10 +191,12 @@ class SpikeLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x8, weight = ctx.saved_tensors
+        dtype = grad_out.dtype  # bf16 under autocast; autograd casts the grads back to fp32
         flat = grad_out.reshape(-1, grad_out.shape[-1])  # (rows, out)
-        x = x8.reshape(-1, x8.shape[-1]).to(grad_out.dtype)  # (rows, in)
+        x = x8.reshape(-1, x8.shape[-1]).to(dtype)  # (rows, in)
         grad_w = (flat.t() @ x).mul_(ctx.value) if ctx.value != 1.0 else flat.t() @ x
-        return grad_out @ weight, grad_w, flat.sum(dim=0), None
+        grad_b = flat.sum(dim=0, dtype=torch.float32)
+        return grad_out @ weight.to(dtype), grad_w, grad_b, None
 
 
 def spike_linear(layer: torch.nn.Linear, x: torch.Tensor, value: float = 1.0) -> torch.Tensor:

@@ -24,8 +24,10 @@ def _linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 class SpikingBlock(nn.Module):
     """Spike-form self-attention (no softmax) and a spiking FFN, each LIF with its own membrane."""
 
-    def __init__(self, d_model: int, n_heads: int, d_ffn: int, beta: float, dropout: float):
+    def __init__(self, d_model: int, n_heads: int, d_ffn: int, beta: float, dropout: float,
+                 lif_kernel: str = "torch"):
         super().__init__()
+        self.lif_kernel = lif_kernel
         self.n_heads = n_heads
         self.beta = beta
         self.dropout = dropout
@@ -37,22 +39,25 @@ class SpikingBlock(nn.Module):
         self.ffn1 = nn.Linear(d_model, d_ffn)
         self.ffn2 = nn.Linear(d_ffn, d_model)
 
+    def _lif(self, x: torch.Tensor, beta: float) -> torch.Tensor:
+        return lif(x, beta, self.lif_kernel)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # (T, B, W, d); the first block's input may be constant over T (stride 0)
-        q = lif(_linear(self.q_proj, x), self.beta)  # (T, B, W, d) spikes
-        k = lif(_linear(self.k_proj, x), self.beta)
-        v = lif(_linear(self.v_proj, x), self.beta)
+        q = self._lif(_linear(self.q_proj, x), self.beta)  # (T, B, W, d) spikes
+        k = self._lif(_linear(self.k_proj, x), self.beta)
+        v = self._lif(_linear(self.v_proj, x), self.beta)
         mixed = spike_attention(  # heads (B, h, W, d/h) are column slices of d
             q, k, v, self.n_heads, self.scale, self.dropout, self.training
         )  # (T, B, W, d)
-        o = lif(self.o_proj(mixed), self.beta)
-        r1 = lif(x + o, self.beta)  # (T, B, W, d)
-        hidden = lif(spike_linear(self.ffn1, r1), self.beta)  # (T, B, W, d_ffn)
+        o = self._lif(self.o_proj(mixed), self.beta)
+        r1 = self._lif(x + o, self.beta)  # (T, B, W, d)
+        hidden = self._lif(spike_linear(self.ffn1, r1), self.beta)  # (T, B, W, d_ffn)
         dropping = self.training and self.dropout > 0
         hidden = dropout_spikes(hidden, self.dropout, self.training)  # 0 or 1/(1-p)
-        f = lif(spike_linear(self.ffn2, hidden, 1 / (1 - self.dropout) if dropping else 1.0),
+        f = self._lif(spike_linear(self.ffn2, hidden, 1 / (1 - self.dropout) if dropping else 1.0),
                 self.beta)
-        return lif(r1 + f, self.beta)  # (T, B, W, d) spikes
+        return self._lif(r1 + f, self.beta)  # (T, B, W, d) spikes
 
 
 class SpikingTransformer(nn.Module):
@@ -78,6 +83,7 @@ class SpikingTransformer(nn.Module):
         dropout: float = 0.1,
         max_window_size: int = 100,
         binary_input: bool = True,
+        lif_kernel: str = "torch",
     ):
         super().__init__()
         if d_model % n_heads:
@@ -92,7 +98,7 @@ class SpikingTransformer(nn.Module):
         self.pos_embedding = nn.Parameter(torch.zeros(1, max_window_size, d_model))
         nn.init.trunc_normal_(self.pos_embedding, std=0.02)
         self.blocks = nn.ModuleList(
-            SpikingBlock(d_model, n_heads, d_ffn, beta, dropout) for _ in range(n_layers)
+            SpikingBlock(d_model, n_heads, d_ffn, beta, dropout, lif_kernel) for _ in range(n_layers)
         )
         self.readout = nn.Linear(d_model, N_PARTS)
 
@@ -124,8 +130,8 @@ class SpikingTransformer(nn.Module):
         return logits
 
 
-def build_model(params, binary_input: bool = True) -> SpikingTransformer:
-    """A model from `c5snn.config.ModelParams`."""
+def build_model(params, binary_input: bool = True, lif_kernel: str = "torch") -> SpikingTransformer:
+    """A model from `c5snn.config.ModelParams`; `lif_kernel` is the study's training.lif_kernel."""
     return SpikingTransformer(
         d_model=params.d_model,
         n_heads=params.n_heads,
@@ -137,6 +143,7 @@ def build_model(params, binary_input: bool = True) -> SpikingTransformer:
         dropout=params.dropout,
         max_window_size=params.max_window_size,
         binary_input=binary_input,
+        lif_kernel=lif_kernel,
     )
 
 

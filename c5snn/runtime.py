@@ -1,14 +1,23 @@
-"""Process-level runtime settings for training: seeding, threads and the CPU allocator."""
+"""Process-level runtime settings for training: seeding, the CPU allocator, precision, device.
+
+The speed options of a study file (`training.precision`, `training.compile`,
+`training.lif_kernel`) are checked against the device here, once, before a worker claims work.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
+import importlib.util
 import random
 import sys
+from collections.abc import Iterator
 
 import numpy as np
 import torch
+
+from c5snn.errors import DeviceError
 
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
 _allocator_tuned = False
@@ -46,3 +55,43 @@ def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def check_device(training, device: str | torch.device) -> None:
+    """Raise `DeviceError` when `device` cannot run the study's speed options.
+
+    `training` is a `c5snn.config.TrainingParams`. tf32 is a CUDA matmul mode and the Triton
+    LIF a CUDA kernel: on the CPU they would silently mean nothing, so they are refused.
+    """
+    kind = torch.device(device).type
+    if training.precision == "tf32" and kind != "cuda":
+        raise DeviceError(f"training.precision: tf32 needs a CUDA device, got {device}")
+    if training.lif_kernel == "triton":
+        if kind != "cuda":
+            raise DeviceError(f"training.lif_kernel: triton needs a CUDA device, got {device}")
+        if importlib.util.find_spec("triton") is None:
+            raise DeviceError("training.lif_kernel: triton needs the 'triton' package installed")
+
+
+@contextlib.contextmanager
+def precision(mode: str, device: torch.device) -> Iterator[None]:
+    """Run forward passes (and the loss) at `mode`: fp32, tf32 or bf16.
+
+    fp32 is exact IEEE single precision everywhere (tf32 matmuls explicitly off on CUDA). tf32
+    lets CUDA matmuls round their inputs to 10-bit mantissas. bf16 is autocast: matmuls and
+    attention in bfloat16, while LIF membranes, the loss and the optimizer stay fp32 (see
+    `c5snn.lif`). The deviations from fp32 are measured in docs/benchmarks.md.
+    """
+    if mode == "bf16":
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            yield
+        return
+    if device.type != "cuda":
+        yield
+        return
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = mode == "tf32"
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous

@@ -33,7 +33,7 @@ from c5snn.dashboard import write_note
 from c5snn.data import WindowData, prepare
 from c5snn.errors import NotReadyError, StorageError, StudyMismatchError, TrainingInterrupted
 from c5snn.runs import epoch_line
-from c5snn.runtime import tune_cpu_allocator
+from c5snn.runtime import check_device, tune_cpu_allocator
 from c5snn.storage import Claim, ClaimRow, Store
 from c5snn.train import EpochRecord, RunResult, train_run
 
@@ -344,6 +344,7 @@ class Worker:
 
     def run(self, max_trials: int | None = None) -> int:
         """Train points until none is left (or `max_trials`, or a stop); returns trials run."""
+        check_device(self.config.training, self.device)  # before claiming anything
         open_screening(self.config, self.store)
         if self.device == "cpu":
             tune_cpu_allocator()

@@ -26,7 +26,7 @@ from c5snn.data import WindowData
 from c5snn.errors import TrainingInterrupted
 from c5snn.metrics import compute_metrics
 from c5snn.model import build_model
-from c5snn.runtime import set_seed
+from c5snn.runtime import check_device, precision, set_seed
 
 CHECKPOINT_VERSION = 1
 
@@ -74,13 +74,15 @@ def evaluate(
     split: str,
     batch_size: int,
     limit_batches: int | None = None,
+    precision_mode: str = "fp32",
 ) -> Evaluation:
     """Metrics and per-block spike rates of `model` on a split, in date order."""
     model.eval()
     logits, rates, targets = [], [], []
     for x, y in data.batches(split, batch_size, limit=limit_batches):
-        out, rate = model(x, return_spike_rates=True)
-        logits.append(out)
+        with precision(precision_mode, x.device):
+            out, rate = model(x, return_spike_rates=True)
+        logits.append(out.float())  # bf16 logits would tie where fp32 ranks
         rates.append(rate * x.shape[0])
         targets.append(y)
     all_logits = torch.cat(logits)
@@ -120,6 +122,21 @@ def save_atomic(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def compiled(model: torch.nn.Module, mode: str | None) -> torch.nn.Module:
+    """`model` under `torch.compile(mode=mode)` with static shapes, or `model` itself for None.
+
+    Shapes are static (`dynamic=False`): every full batch has one shape, and the short last batch
+    of the train and eval splits (the same size every epoch) gets its own graph once, reused in
+    later epochs instead of recompiled. The compile cache is cleared first because each trial
+    builds a new model: without that a long-running worker would hit dynamo's recompile limit
+    and silently fall back to eager.
+    """
+    if mode is None:
+        return model
+    torch._dynamo.reset()
+    return torch.compile(model, mode=mode, dynamic=False)
+
+
 def train_run(
     params: ModelParams,
     training: TrainingParams,
@@ -138,8 +155,10 @@ def train_run(
     only when `evaluate_test` (promote); screening never touches it.
     """
     device = data.device
+    check_device(training, device)
     set_seed(seed)
-    model = build_model(params).to(device)
+    model = build_model(params, lif_kernel=training.lif_kernel).to(device)
+    net = compiled(model, training.compile)  # what runs batches; `model` owns the state dict
     optimizer = torch.optim.Adam(model.parameters(), lr=training.learning_rate)
     loss_fn = torch.nn.BCEWithLogitsLoss()
     shuffle = torch.Generator()
@@ -170,13 +189,14 @@ def train_run(
     while not finished:
         epoch += 1
         t0 = time.perf_counter()
-        model.train()
+        net.train()
         total, count = torch.zeros((), device=device), 0
         for x, y in data.batches(
             "train", training.batch_size, generator=shuffle, limit=training.limit_train_batches
         ):
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model(x), y)
+            with precision(training.precision, device):
+                loss = loss_fn(net(x), y)
             loss.backward()
             optimizer.step()
             total += loss.detach() * x.shape[0]
@@ -185,7 +205,8 @@ def train_run(
                 raise TrainingInterrupted(
                     f"stopped during epoch {epoch}; resumable from epoch {epoch - 1}"
                 )
-        ev = evaluate(model, data, "val", training.batch_size, training.limit_eval_batches)
+        ev = evaluate(net, data, "val", training.batch_size, training.limit_eval_batches,
+                      training.precision)
         metric = ev.metrics["recall_at_20"]
         improved = metric > best_metric
         if improved:
@@ -233,6 +254,7 @@ def train_run(
         resumed_from_epoch=resumed_from,
     )
     if evaluate_test:
-        ev = evaluate(model, data, "test", training.batch_size, training.limit_eval_batches)
+        ev = evaluate(net, data, "test", training.batch_size, training.limit_eval_batches,
+                      training.precision)
         result.test, result.test_logits = ev.metrics, ev.logits
     return result

@@ -32,6 +32,9 @@ BAD = [
     (lambda s: s["training"].update(epochs="ten"), "training.epochs", "must be int"),
     (lambda s: s["promote"].update(seeds=[1, 1]), "promote.seeds", "duplicates"),
     (lambda s: s["study"].pop("name"), "study.name", "missing"),
+    (lambda s: s["training"].update(precision="fp16"), "training.precision", "must be one of"),
+    (lambda s: s["training"].update(compile="fast"), "training.compile", "must be one of"),
+    (lambda s: s["training"].update(lif_kernel="cuda"), "training.lif_kernel", "must be one of"),
 ]
 
 
@@ -55,3 +58,12 @@ def test_overrides_and_content_hash(tmp_path):
     assert load_study(path).content_hash == base.content_hash
     with pytest.raises(StudyFileError, match="'training.nope'"):
         load_study(path, ["training.nope=1"])
+
+
+def test_speed_options_default_off_and_parse(tmp_path):
+    path = write_study(tmp_path / "s.yaml", study_dict(tmp_path / "x.csv"))
+    plain = load_study(path).training
+    assert (plain.precision, plain.compile, plain.lif_kernel) == ("fp32", None, "torch")
+    fast = load_study(path, ["training.precision=bf16", "training.compile=reduce-overhead",
+                             "training.lif_kernel=triton"]).training
+    assert (fast.precision, fast.compile, fast.lif_kernel) == ("bf16", "reduce-overhead", "triton")

@@ -63,3 +63,39 @@ def test_test_split_only_when_asked(study_file):
     assert train_run(params, config.training, data, seed=1).test is None
     result = train_run(params, config.training, data, seed=1, evaluate_test=True)
     assert set(result.test) == set(result.val)
+
+
+def test_bf16_training_runs_and_reports_fp32_metrics(study_file):
+    config, params, data = _setup(study_file, epochs=2, precision="bf16")
+    result = train_run(params, config.training, data, seed=5)
+    assert result.epochs_run == 2
+    assert all(v == v for r in result.history for v in [r.train_loss, *r.val.values()])  # no NaN
+    assert all(p.dtype == torch.float32 for p in result.model_state.values() if p.is_floating_point())
+
+
+def test_compiled_training_keeps_one_graph_per_shape_across_epochs(study_file, monkeypatch):
+    """torch.compile with static shapes: the short last batch costs one graph, once.
+
+    The backend is aot_eager (dynamo + AOT autograd tracing, eager kernels) so the test checks
+    capture and recompilation, not inductor's code generation, in seconds; benchmarks/ and
+    gpu_check.sh time the real inductor path.
+    """
+    from torch._dynamo.utils import counters
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, mode, dynamic: real_compile(
+        model, backend="aot_eager", dynamic=dynamic))
+    config, params, data = _setup(study_file, epochs=3, compile="default",
+                                  limit_train_batches="null", limit_eval_batches="null")
+    n_train = data.splits["train"].size
+    assert n_train % config.training.batch_size, "the test data must end in a short batch"
+    graphs = []
+    counters.clear()
+    compiled = train_run(params, config.training, data, seed=9,
+                         on_epoch=lambda r: graphs.append(counters["stats"]["unique_graphs"]))
+    assert graphs[0] >= 2 and graphs[1:] == [graphs[0]] * 2, graphs  # no recompile after epoch 1
+    assert not counters["graph_break"], dict(counters["graph_break"])  # one graph per shape
+    eager = build_model(params)
+    eager.load_state_dict(compiled.model_state)
+    again = evaluate(eager, data, "val", config.training.batch_size)
+    assert again.metrics == compiled.val  # same weights, same eval numbers as the compiled net

@@ -1,0 +1,51 @@
+import dataclasses
+
+import pytest
+import torch
+
+from c5snn.config import TrainingParams
+from c5snn.errors import DeviceError
+from c5snn.model import SpikingTransformer
+from c5snn.runtime import check_device, precision
+
+BASE = TrainingParams(epochs=1, learning_rate=1e-3, optimizer="adam", early_stopping_patience=1,
+                      early_stopping_metric="val_recall_at_20", batch_size=8)
+
+
+@pytest.mark.parametrize("option,value,needs", [("precision", "tf32", "tf32 needs a CUDA device"),
+                                                ("lif_kernel", "triton", "triton needs a CUDA")])
+def test_cuda_only_options_are_refused_on_cpu(option, value, needs):
+    with pytest.raises(DeviceError, match=needs):
+        check_device(dataclasses.replace(BASE, **{option: value}), "cpu")
+    check_device(BASE, "cpu")  # the defaults run anywhere
+    check_device(dataclasses.replace(BASE, precision="bf16", compile="default"), "cpu")
+
+
+def _firing_model():
+    torch.manual_seed(0)
+    model = SpikingTransformer(d_model=32, n_heads=2, n_layers=2, d_ffn=64, beta=0.8,
+                               encoding="rate_coded", timesteps=3, dropout=0.0)
+    with torch.no_grad():  # larger weights so every block spikes
+        for name, p in model.named_parameters():
+            p.mul_(2.0)
+            if name.endswith("bias"):
+                p.add_(1.0)
+    return model
+
+
+def test_bf16_runs_matmuls_in_bf16_and_stays_close_to_fp32():
+    model = _firing_model()
+    x = (torch.rand(6, 20, 39, generator=torch.Generator().manual_seed(1)) < 5 / 39).float()
+    cpu = torch.device("cpu")
+    with precision("fp32", cpu):
+        ref, ref_rates = model(x, return_spike_rates=True)
+    with precision("bf16", cpu):
+        low, rates = model(x, return_spike_rates=True)
+    assert ref.dtype == torch.float32 and low.dtype == torch.bfloat16  # autocast was on
+    assert (ref_rates > 0).all() and not torch.equal(low.float(), ref)
+    # bf16 keeps 8 mantissa bits: the logits move by ~1e-2, spike rates by much less.
+    assert ((low.float() - ref).norm() / ref.norm()).item() < 0.1
+    assert (rates - ref_rates).abs().max().item() < 0.02
+    low.float().square().sum().backward()  # backward through every custom Function in bf16
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
+               for p in model.parameters())
