@@ -78,3 +78,15 @@ def test_bad_inputs_fail_cleanly_and_write_nothing(tmp_path, synthetic_csv):
     for args in (["study", "create"], ["phase-c-sweep", "--output", str(tmp_path / "r/x.csv")]):
         _one_line_error(run_cli(*args, "--config", str(path), "--storage", url), "line 5")
     assert not (tmp_path / "db").exists() and not (tmp_path / "r").exists()
+
+
+def test_cuda_only_speed_options_fail_before_any_work(tmp_path, synthetic_csv):
+    path = write_study(tmp_path / "s.yaml", study_dict(synthetic_csv, training={"precision": "tf32"}))
+    url = f"sqlite:///{tmp_path / 'db' / 'c5snn.db'}"
+    proc = run_cli("worker", "--config", str(path), "--storage", url, "--device", "cpu")
+    _one_line_error(proc, "training.precision", "tf32 needs a CUDA device")
+    assert not (tmp_path / "db").exists()  # nothing opened, nothing claimed
+    proc = run_cli("train", "--config", str(path), *PIN, "--set", "training.precision=fp32",
+                   "--set", "training.lif_kernel=triton", "--run-dir", str(tmp_path / "run"))
+    _one_line_error(proc, "training.lif_kernel", "triton needs a CUDA device")
+    assert not (tmp_path / "run").exists()
