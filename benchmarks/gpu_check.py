@@ -2,11 +2,14 @@
 
 1. Correctness on the device: fast model vs the snntorch oracle (outputs and gradients).
 2. Seconds per epoch (train at W=90, batch 64, plus full validation with metrics) of the three
-   benchmark configurations, eager; and `torch.compile` of the model for one of them, timed
-   separately (compile time reported apart), with the failure reason if it fails.
-3. `c5snn workers -n K --gpus 0` for K in 1, 2, 4, 8 on a 16-point grid with a short budget:
+   benchmark configurations, eager fp32.
+3. The speed options of the study file on the story's best configuration (d64_h2_l6_rate): tf32,
+   bf16, the Triton LIF (after checking it against the torch LIF on the GPU), torch.compile
+   in reduce-overhead mode (CUDA graphs), with and without the Triton LIF: each in its own subprocess
+   with a time limit, compile time reported apart, failures reported with their reason.
+4. `c5snn workers -n K --gpus 0` for K in 1, 2, 4, 8 on a 16-point grid with a short budget:
    trials per hour.
-4. An estimate of the whole phase-C sweep (72 screening + 15 promote trials at ~20 epochs) from
+5. An estimate of the whole phase-C sweep (72 screening + 15 promote trials at ~20 epochs) from
    those numbers.
 
 Data: ../shared/data/CA5_matrix_binary.csv when present, else synthetic events of the same size
@@ -16,6 +19,7 @@ Data: ../shared/data/CA5_matrix_binary.csv when present, else synthetic events o
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -31,6 +35,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from c5snn.data import WindowData, load_events, make_splits, write_synthetic  # noqa: E402
 from c5snn.model import SpikingTransformer  # noqa: E402
+from c5snn.runtime import precision  # noqa: E402
 from c5snn.train import evaluate  # noqa: E402
 
 CONFIGS = {
@@ -43,6 +48,16 @@ CONFIGS = {
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
+
+
+def check_triton(device: str) -> str:
+    try:
+        from test_lif_triton import check
+
+        check(device)
+        return "OK"
+    except Exception as exc:  # report it; the eager numbers still stand
+        return f"FAILED ({type(exc).__name__}: {str(exc)[:120]})"
 
 
 def check_correctness(device: str) -> str:
@@ -71,31 +86,93 @@ def check_correctness(device: str) -> str:
     return f"{'OK' if ok else 'MISMATCH'} (output rel err {out_err:.1e}, worst grad {grad_err:.1e})"
 
 
-def epoch_seconds(model, data, train_batches: int, device: str) -> tuple[float, float]:
-    """(seconds for a full epoch extrapolated from `train_batches`, measured ms per batch)."""
+def epoch_seconds(model, data, train_batches: int, device: str,
+                  precision_mode: str = "fp32") -> tuple[float, float, float]:
+    """(seconds for a full epoch extrapolated from `train_batches`, ms per batch, warm-up s).
+
+    The warm-up (two batches and one validation pass) is where torch.compile compiles.
+    """
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     loss_fn = torch.nn.BCEWithLogitsLoss()
     gen = torch.Generator().manual_seed(0)
-    model.train()
     batches = list(data.batches("train", 64, generator=gen, limit=train_batches + 2))
-    for x, y in batches[:2]:  # warm-up
-        opt.zero_grad(set_to_none=True)
-        loss_fn(model(x), y).backward()
-        opt.step()
+
+    def train(some):
+        model.train()
+        for x, y in some:
+            opt.zero_grad(set_to_none=True)
+            with precision(precision_mode, x.device):
+                loss = loss_fn(model(x), y)
+            loss.backward()
+            opt.step()
+
+    t_warm = time.perf_counter()
+    train(batches[:2])
+    evaluate(model, data, "val", 64, precision_mode=precision_mode)
     sync(device)
+    warm = time.perf_counter() - t_warm
     t0 = time.perf_counter()
-    for x, y in batches[2:]:
-        opt.zero_grad(set_to_none=True)
-        loss_fn(model(x), y).backward()
-        opt.step()
+    train(batches[2:])
     sync(device)
     per_batch = (time.perf_counter() - t0) / max(len(batches) - 2, 1)
     t1 = time.perf_counter()
-    evaluate(model, data, "val", 64)
+    evaluate(model, data, "val", 64, precision_mode=precision_mode)
     sync(device)
     val = time.perf_counter() - t1
     n_train = -(-data.splits["train"].size // 64)
-    return per_batch * n_train + val, per_batch * 1000
+    return per_batch * n_train + val, per_batch * 1000, warm
+
+
+VARIANTS = {  # name -> (precision, lif_kernel, torch.compile mode)
+    "fp32 eager": ("fp32", "torch", None),
+    "tf32": ("tf32", "torch", None),
+    "bf16": ("bf16", "torch", None),
+    "triton LIF": ("fp32", "triton", None),
+    "compile reduce-overhead": ("fp32", "torch", "reduce-overhead"),
+    "compile reduce-overhead + triton LIF": ("fp32", "triton", "reduce-overhead"),
+}
+
+
+def load_data(device: str, quick: bool):
+    real = ROOT.parent / "shared/data/CA5_matrix_binary.csv"
+    data_path = real if real.exists() else write_synthetic(
+        Path(tempfile.mkdtemp()) / "synthetic.csv", rows=11692, seed=0)
+    events = load_events(data_path)
+    return data_path, events, WindowData(events, 90, make_splits(events, 90, (0.7, 0.15, 0.15)),
+                                         device)
+
+
+def one_variant(name: str, device: str, quick: bool) -> dict:
+    """Epoch time of d64_h2_l6_rate under one speed option (run in a subprocess)."""
+    mode, kernel, compile_mode = VARIANTS[name]
+    _, _, data = load_data(device, quick)
+    cfg = CONFIGS["d64_h2_l2_direct" if quick else "d64_h2_l6_rate"]  # quick: a CPU dry run
+    torch.manual_seed(0)
+    model = SpikingTransformer(**cfg, d_ffn=128, beta=0.8, dropout=0.1, lif_kernel=kernel).to(device)
+    net = torch.compile(model, mode=compile_mode, dynamic=False) if compile_mode else model
+    secs, ms, warm = epoch_seconds(net, data, 3 if quick else 20, device, mode)
+    return {"secs": secs, "ms": ms, "warm": warm}
+
+
+def options_table(device: str, quick: bool, say, limit_s: int) -> None:
+    say(f"| {'d64_h2_l2_direct' if quick else 'd64_h2_l6_rate'} option | ms/batch | s/epoch | "
+        "warm-up s (incl. compile) |")
+    say("|---|---|---|---|")
+    names = ["fp32 eager", "bf16"] if not device.startswith("cuda") else list(VARIANTS)
+    for name in names:
+        cmd = [sys.executable, __file__, "--device", device, "--variant", name]
+        if quick:
+            cmd.append("--quick")
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=limit_s)
+            if done.returncode != 0:
+                why = (done.stderr.strip().splitlines() or ["?"])[-1][:100]
+                say(f"| {name} | failed: {why} | | |")
+                continue
+            r = json.loads(done.stdout.strip().splitlines()[-1])
+            say(f"| {name} | {r['ms']:.1f} | {r['secs']:.1f} | {r['warm']:.0f} |")
+        except subprocess.TimeoutExpired:
+            say(f"| {name} | over {limit_s} s, not measured | | |")
 
 
 def scaling(device: str, data_path: Path, quick: bool, counts: list[int]) -> dict[int, float]:
@@ -130,8 +207,12 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--quick", action="store_true", help="tiny budgets (CPU dry run)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."), help="folder for the table")
+    ap.add_argument("--variant", choices=sorted(VARIANTS), help=argparse.SUPPRESS)
     args = ap.parse_args()
     device = args.device
+    if args.variant:
+        print(json.dumps(one_variant(args.variant, device, args.quick)))
+        return
     lines = []
 
     def say(text: str = "") -> None:
@@ -142,33 +223,24 @@ def main() -> None:
     say(f"# gpu_check on {name}, torch {torch.__version__}, device {device}")
     say(f"correctness vs oracle on {device}: {check_correctness(device)}")
 
-    real = ROOT.parent / "shared/data/CA5_matrix_binary.csv"
-    data_path = real if real.exists() else write_synthetic(
-        Path(tempfile.mkdtemp()) / "synthetic.csv", rows=11692, seed=0)
-    events = load_events(data_path)
-    data = WindowData(events, 90, make_splits(events, 90, (0.7, 0.15, 0.15)), device)
+    if device.startswith("cuda"):
+        say(f"Triton LIF vs torch LIF on {device}: {check_triton(device)}")
+    data_path, events, data = load_data(device, args.quick)
     say(f"data: {data_path} ({events.rows} rows), W=90, batch 64")
     say("")
-    say("| configuration | eager ms/batch | eager s/epoch | compiled s/epoch (compile s) |")
-    say("|---|---|---|---|")
+    say("| configuration | eager fp32 ms/batch | eager fp32 s/epoch |")
+    say("|---|---|---|")
     n_batches = 3 if args.quick else 30
     epoch = {}
     for cname, cfg in CONFIGS.items():
         kw = dict(cfg, d_ffn=2 * cfg["d_model"], beta=0.8, dropout=0.1)
         torch.manual_seed(0)
         model = SpikingTransformer(**kw).to(device)
-        secs, ms = epoch_seconds(model, data, n_batches, device)
+        secs, ms, _ = epoch_seconds(model, data, n_batches, device)
         epoch[cname] = secs
-        compiled = "-"
-        if cname == "d64_h2_l6_rate" and not args.quick:
-            try:
-                t0 = time.perf_counter()
-                cmodel = torch.compile(SpikingTransformer(**kw).to(device))
-                csecs, _ = epoch_seconds(cmodel, data, n_batches, device)
-                compiled = f"{csecs:.1f} ({time.perf_counter() - t0 - csecs:.0f})"
-            except Exception as exc:  # report, don't hide: the eager numbers still stand
-                compiled = f"failed: {type(exc).__name__}"
-        say(f"| {cname} | {ms:.1f} | {secs:.1f} | {compiled} |")
+        say(f"| {cname} | {ms:.1f} | {secs:.1f} |")
+    say("")
+    options_table(device, args.quick, say, limit_s=60 if args.quick else 75)
     say("")
     counts = [1, 2] if args.quick else [1, 2, 4, 8]
     rates = scaling(device, data_path, args.quick, counts)
