@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
-# One short GPU session (<= 8 minutes): device, correctness vs the oracle (and of the Triton LIF)
-# on the GPU, seconds
-# per epoch of the benchmark configurations, the speed options (tf32, bf16, Triton LIF,
-# torch.compile with CUDA graphs), `c5snn workers` scaling at
-# 1/2/4/8 workers per GPU, and an estimate of the whole phase-C sweep. Writes $OUT/gpu_check.md
+# One short GPU session (<= 8 minutes): the device; correctness against the oracle and of the
+# Triton LIF on the GPU; seconds per epoch of the benchmark configurations; the study-file speed
+# options (tf32, bf16, Triton LIF, torch.compile with CUDA graphs); `c5snn workers` scaling at
+# 1/2/4/8 workers per GPU; an estimate of the whole phase-C sweep. Writes $OUT/gpu_check.md
 # (or ./gpu_check.md). CPU dry run: DEVICE=cpu QUICK=1 benchmarks/gpu_check.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
