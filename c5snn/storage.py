@@ -12,13 +12,18 @@ again as the next attempt. Study names and other user text only ever travel as b
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import optuna
 import sqlalchemy as sa
+from optuna.distributions import BaseDistribution, distribution_to_json
+from optuna.storages._rdb import models as optuna_models
+from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError, SQLAlchemyError
 
@@ -51,12 +56,24 @@ claims = sa.Table(
 )
 
 
-# Optuna's own table of trial user attributes (schema stable since Optuna 1.x). Writing a trial's
-# attributes in one INSERT instead of one transaction per key is most of what keeps the
-# coordination cost per trial low (benchmarks/bench_coordination.py).
-_trial_user_attributes = sa.table(
-    "trial_user_attributes", sa.column("trial_id"), sa.column("key"), sa.column("value_json")
-)
+# Optuna's own tables (its RDB schema, stable across Optuna 3-5), written directly for the trial
+# lifecycle of a worker: creating a trial with its params and attributes, and finishing it with
+# its value, each in one transaction, where Optuna's API takes a transaction per param and per
+# attribute and re-reads the whole trial on tell. That is most of what keeps the coordination
+# cost per trial low (benchmarks/bench_coordination.py). Readers (status, export, promote,
+# optuna-dashboard) go through Optuna as usual.
+_studies = optuna_models.StudyModel.__table__
+_trials = optuna_models.TrialModel.__table__
+_trial_params = optuna_models.TrialParamModel.__table__
+_trial_values = optuna_models.TrialValueModel.__table__
+_trial_intermediate_values = optuna_models.TrialIntermediateValueModel.__table__
+_trial_user_attributes = optuna_models.TrialUserAttributeModel.__table__
+_trial_system_attributes = optuna_models.TrialSystemAttributeModel.__table__
+
+
+def _utcnow() -> datetime.datetime:
+    """Optuna's RDB schema stores naive UTC datetimes."""
+    return datetime.datetime.now(datetime.UTC).replace(tzinfo=None)
 
 
 def resolve_url(option: str | None, study_file_value: str | None) -> str:
@@ -261,11 +278,16 @@ class Store:
         )
         return result.rowcount == 1
 
-    def mark_stale(self, study: str, grace_s: float) -> list[ClaimRow]:
-        """Mark running claims whose heartbeat is older than `grace_s` stale; returns those won."""
+    def mark_stale(
+        self, study: str, grace_s: float, rows: list[ClaimRow] | None = None
+    ) -> list[ClaimRow]:
+        """Mark running claims whose heartbeat is older than `grace_s` stale; returns those won.
+
+        `rows` is the study's attempts when the caller has just read them.
+        """
         cutoff = time.time() - grace_s
         won = []
-        for row in self.attempts(study):
+        for row in self.attempts(study) if rows is None else rows:
             if row.state != "running" or row.heartbeat >= cutoff:
                 continue
             result = self._run(
@@ -281,10 +303,86 @@ class Store:
                 won.append(row)
         return won
 
-    def set_trial_user_attrs(self, trial_id: int, attrs: dict) -> None:
-        """Add user attributes to a running trial in one transaction (keys must be new)."""
-        rows = [{"trial_id": trial_id, "key": k, "value_json": json.dumps(v)} for k, v in attrs.items()]
-        self._run(lambda conn: conn.execute(sa.insert(_trial_user_attributes), rows))
+    # ---- Optuna trials (see the note on Optuna's tables above) --------------------------------
+
+    def create_trial(
+        self,
+        study_id: int,
+        params: dict[str, Any],
+        distributions: dict[str, BaseDistribution],
+        *,
+        user_attrs: dict[str, Any],
+        system_attrs: dict[str, Any] | None = None,
+    ) -> tuple[int, int]:
+        """A RUNNING trial with its params and attributes, in one transaction: (trial_id, number).
+
+        Numbers are assigned as Optuna does: with the study row locked (FOR UPDATE where the
+        database has it; SQLite serializes writers), number = trials of the study created before.
+        """
+
+        def create(conn) -> tuple[int, int]:
+            conn.execute(sa.select(_studies.c.study_id).where(_studies.c.study_id == study_id)
+                         .with_for_update())
+            trial_id = conn.execute(sa.insert(_trials).values(
+                number=None, study_id=study_id, state=TrialState.RUNNING,
+                datetime_start=_utcnow(),
+            )).inserted_primary_key[0]
+            number = conn.execute(sa.select(sa.func.count()).select_from(_trials).where(
+                _trials.c.study_id == study_id, _trials.c.trial_id < trial_id)).scalar_one()
+            conn.execute(sa.update(_trials).where(_trials.c.trial_id == trial_id)
+                         .values(number=number))
+            conn.execute(sa.insert(_trial_params), [
+                {"trial_id": trial_id, "param_name": name,
+                 "param_value": distributions[name].to_internal_repr(value),
+                 "distribution_json": distribution_to_json(distributions[name])}
+                for name, value in params.items()
+            ])
+            _insert_attrs(conn, _trial_user_attributes, trial_id, user_attrs)
+            _insert_attrs(conn, _trial_system_attributes, trial_id, system_attrs or {})
+            return int(trial_id), int(number)
+
+        return self._run(create)
+
+    def finish_trial(
+        self, trial_id: int, state: TrialState, value: float | None = None,
+        user_attrs: dict[str, Any] | None = None,
+    ) -> bool:
+        """Compare-and-set a RUNNING trial to `state` with its value and new user attributes.
+
+        False (and nothing written) when the trial had already finished, e.g. failed by a
+        worker that found its lease stale.
+        """
+
+        def finish(conn) -> bool:
+            moved = conn.execute(
+                sa.update(_trials)
+                .where(_trials.c.trial_id == trial_id, _trials.c.state == TrialState.RUNNING)
+                .values(state=state, datetime_complete=_utcnow())
+            ).rowcount
+            if moved != 1:
+                return False
+            if value is not None:
+                stored, kind = optuna_models.TrialValueModel.value_to_stored_repr(value)
+                conn.execute(sa.insert(_trial_values).values(
+                    trial_id=trial_id, objective=0, value=stored, value_type=kind))
+            _insert_attrs(conn, _trial_user_attributes, trial_id, user_attrs or {})
+            return True
+
+        return self._run(finish)
+
+    def report(self, trial_id: int, step: int, value: float) -> None:
+        """A trial's intermediate value at `step` (an epoch's val recall@20), one INSERT."""
+        stored, kind = optuna_models.TrialIntermediateValueModel.intermediate_value_to_stored_repr(
+            value)
+        self._run(lambda conn: conn.execute(sa.insert(_trial_intermediate_values).values(
+            trial_id=trial_id, step=step, intermediate_value=stored, intermediate_value_type=kind)))
+
+
+def _insert_attrs(conn, table: sa.Table, trial_id: int, attrs: dict[str, Any]) -> None:
+    if attrs:
+        conn.execute(sa.insert(table), [
+            {"trial_id": trial_id, "key": k, "value_json": json.dumps(v)} for k, v in attrs.items()
+        ])
 
 
 def open_store(option: str | None, study_file_value: str | None) -> Store:

@@ -239,26 +239,35 @@ def point_states(rows: list[ClaimRow], n_points: int) -> list[PointState]:
     return states
 
 
-def reap(store: Store, study_name: str, grace_s: float) -> list[ClaimRow]:
-    """Fail the Optuna trials of claims whose worker stopped beating; returns those reaped."""
-    reaped = store.mark_stale(study_name, grace_s)
+def reap(
+    store: Store, study_name: str, grace_s: float, rows: list[ClaimRow] | None = None
+) -> list[ClaimRow]:
+    """Fail the Optuna trials of claims whose worker stopped beating; returns those reaped.
+
+    `rows` is the study's attempts when the caller has just read them.
+    """
+    reaped = store.mark_stale(study_name, grace_s, rows)
     if not reaped:
         return []
     study = load_study(store, study_name)
     for row in reaped:
         if row.trial_id is None:
             continue
-        trial = study._storage.get_trial(row.trial_id)
-        if trial.state == TrialState.COMPLETE:  # it finished just as the lease ran out
+        if store.finish_trial(row.trial_id, TrialState.FAIL, user_attrs={"error": "heartbeat lost"}):
+            continue
+        if study._storage.get_trial(row.trial_id).state == TrialState.COMPLETE:
+            # it finished just as the lease ran out
             store.finish(Claim(row.id, study_name, row.point, row.attempt), "done",
                          from_state="stale")
-        elif trial.state == TrialState.RUNNING:
-            try:
-                study._storage.set_trial_user_attr(row.trial_id, "error", "heartbeat lost")
-                study.tell(row.trial_number, state=TrialState.FAIL)
-            except (RuntimeError, ValueError):  # finished concurrently; nothing to fail
-                pass
     return reaped
+
+
+@dataclass(frozen=True)
+class RunningTrial:
+    """The Optuna trial a worker is training (written through `Store`, not `optuna.Trial`)."""
+
+    trial_id: int
+    number: int
 
 
 class Heartbeat:
@@ -371,8 +380,10 @@ class Worker:
 
     def _claim(self) -> tuple[Phase, Claim, Point] | None:
         for phase in phases(self.config, self.store):
-            reap(self.store, phase.study, self.timing.grace_s)
-            states = point_states(self.store.attempts(phase.study), len(phase.points))
+            rows = self.store.attempts(phase.study)
+            if reap(self.store, phase.study, self.timing.grace_s, rows):
+                rows = self.store.attempts(phase.study)
+            states = point_states(rows, len(phase.points))
             # points with an earlier attempt first: they resume from a checkpoint
             order = sorted(range(len(states)), key=lambda i: (states[i].last_attempt == 0, i))
             for i in order:
@@ -407,26 +418,25 @@ class Worker:
         if phase.kind == "screening":
             system_attrs = {"grid_id": grid_id(self.config, point.params),
                             "search_space": {k: list(self.config.grid[k]) for k in GRID_KEYS}}
-        template = optuna.trial.create_trial(
-            state=TrialState.RUNNING, params=point.params, distributions=distributions(self.config),
-            system_attrs=system_attrs,
+        trial_id, number = self.store.create_trial(
+            study._study_id, point.params, distributions(self.config),
+            user_attrs=user_attrs, system_attrs=system_attrs,
         )
-        trial_id = study._storage.create_new_trial(study._study_id, template_trial=template)
-        self.store.set_trial_user_attrs(trial_id, user_attrs)
-        trial = optuna.Trial(study, trial_id)
-        self.store.attach_trial(claim, trial_id, trial.number)
+        trial = RunningTrial(trial_id, number)
+        self.store.attach_trial(claim, trial_id, number)
         label = f"spiking_transformer {params.describe()}"
         if phase.kind == "promote":
             label += f" seed={point.seed}"
-            write_note(trial, f"config_id {point.config_id}: `{label}`, promoted from screening "
-                              f"trial {point.screening_trial}, seed {point.seed}, scored on **test**")
-        self.echo(f"start trial {trial.number} point {point.index}: {label}")
+            write_note(optuna.Trial(study, trial_id),
+                       f"config_id {point.config_id}: `{label}`, promoted from screening "
+                       f"trial {point.screening_trial}, seed {point.seed}, scored on **test**")
+        self.echo(f"start trial {number} point {point.index}: {label}")
 
         pdir = point_dir(self.artifacts, phase.study, point.index)
         with Heartbeat(self.store, claim, self.timing.heartbeat_s) as beat:
 
             def on_epoch(record: EpochRecord) -> None:
-                trial.report(record.val["recall_at_20"], record.epoch)
+                self.store.report(trial_id, record.epoch, record.val["recall_at_20"])
                 beat.epoch = record.epoch
                 if not record.replayed:
                     self.echo(epoch_line(record, self.config.training.epochs))
@@ -439,34 +449,26 @@ class Worker:
                     should_stop=lambda: self.stop() or beat.lost,
                 )
             except TrainingInterrupted as exc:
-                return self._interrupted(study, trial, claim, beat.lost, str(exc))
+                return self._interrupted(trial, claim, beat.lost, str(exc))
             except Exception as exc:  # a bug or CUDA OOM: FAIL this trial, keep the worker
                 error = f"{type(exc).__name__}: {first_line(exc)}"
-                study._storage.set_trial_user_attr(trial_id, "error", error)
-                self._tell(study, trial, state=TrialState.FAIL)
+                self.store.finish_trial(trial_id, TrialState.FAIL, user_attrs={"error": error})
                 self.store.finish(claim, "failed", error)
                 self.echo(f"trial {trial.number} point {point.index} FAILED: {error}")
                 return "failed"
-        return self._complete(phase, study, trial, claim, point, result, pdir)
+        return self._complete(phase, trial, claim, point, result, pdir)
 
-    def _tell(self, study, trial, **kwargs) -> bool:
-        try:
-            study.tell(trial, **kwargs)
-            return True
-        except (RuntimeError, ValueError):  # already finished by a reaper
-            return False
-
-    def _interrupted(self, study, trial, claim, lost: bool, why: str) -> str:
+    def _interrupted(self, trial: RunningTrial, claim, lost: bool, why: str) -> str:
         if lost:
             self.echo(f"trial {trial.number}: lease lost to another worker; abandoning it")
             return "lost"
-        study._storage.set_trial_user_attr(trial._trial_id, "error", f"released: {why}")
-        self._tell(study, trial, state=TrialState.FAIL)
+        self.store.finish_trial(trial.trial_id, TrialState.FAIL,
+                                user_attrs={"error": f"released: {why}"})
         self.store.finish(claim, "released", f"released: {why}")
         self.echo(f"trial {trial.number} released ({why})")
         return "released"
 
-    def _complete(self, phase, study, trial, claim, point, result: RunResult, pdir: Path) -> str:
+    def _complete(self, phase, trial: RunningTrial, claim, point, result: RunResult, pdir: Path) -> str:
         attrs = {
             "val_recall_at_20": result.val["recall_at_20"],
             "val_hit_at_20": result.val["hit_at_20"],
@@ -488,10 +490,9 @@ class Worker:
                                              point.seed))
             torch.save(result.test_logits, run_dir / "test_logits.pt")
             attrs["run_dir"] = str(run_dir)
-        self.store.set_trial_user_attrs(trial._trial_id, attrs)
         value = result.test["recall_at_20"] if phase.kind == "promote" else result.val["recall_at_20"]
-        if not self._tell(study, trial, values=value):
-            return "lost"
+        if not self.store.finish_trial(trial.trial_id, TrialState.COMPLETE, value, attrs):
+            return "lost"  # a reaper failed it meanwhile; its point runs again elsewhere
         self.store.finish(claim, "done")
         n_done = sum(s.done for s in point_states(self.store.attempts(phase.study), len(phase.points)))
         params = self.config.model_params(point.params)
