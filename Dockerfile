@@ -7,6 +7,9 @@ ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
 WORKDIR /app
 
+# jemalloc: CPU workers restart themselves on it (c5snn/runtime.py; a third less peak memory)
+RUN apt-get update && apt-get install -y --no-install-recommends libjemalloc2 && \
+    rm -rf /var/lib/apt/lists/*
 RUN pip install torch --index-url "${TORCH_INDEX}"
 COPY pyproject.toml README.md ./
 COPY c5snn ./c5snn

@@ -3,12 +3,14 @@
 One configuration (default d64_h2_l6_rate, B=64, W=90, dropout 0.1, fp32), 1 warm-up + N
 training steps, each variant in its own process:
 
-- `c5snn` - the workers' setting (`c5snn.runtime.tune_cpu_allocator`: glibc keeps freed memory);
+- `jemalloc` - how c5snn's CPU workers run where libjemalloc is installed
+  (`c5snn.runtime.cpu_allocator_env`: preloaded, freed pages kept);
+- `glibc tuned` - the fallback (`c5snn.runtime.tune_cpu_allocator`: glibc keeps freed memory);
 - `glibc defaults` - no tuning;
 - `mmap every tensor` - `GLIBC_TUNABLES=glibc.malloc.mmap_threshold=4194304`: every tensor of
   4 MB or more is its own mapping, returned to the OS when freed, so peak RSS is the peak of
   live memory (at the price of page faults on every fresh tensor);
-- the snntorch oracle with the workers' setting, for the ratio.
+- the snntorch oracle under jemalloc and under tuned glibc, for the ratios.
 
 Also reports the bytes autograd saves for backward in one forward (saved_tensors_hooks).
 
@@ -33,11 +35,15 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_model import CONFIGS  # noqa: E402
 
-VARIANTS = {  # name -> (model kind, tune_cpu_allocator, GLIBC_TUNABLES)
-    "c5snn (tuned allocator, as workers run)": ("fast", True, None),
+from c5snn.runtime import cpu_allocator_env  # noqa: E402
+
+VARIANTS = {  # name -> (model kind, tune_cpu_allocator, allocator environment)
+    "c5snn, jemalloc (as CPU workers run)": ("fast", False, "jemalloc"),
+    "c5snn, glibc tuned": ("fast", True, None),
     "c5snn, glibc defaults": ("fast", False, None),
-    "c5snn, mmap every tensor >= 4 MB": ("fast", False, "glibc.malloc.mmap_threshold=4194304"),
-    "oracle (tuned allocator)": ("oracle", True, None),
+    "c5snn, glibc mmap every tensor >= 4 MB": ("fast", False, "glibc.malloc.mmap_threshold=4194304"),
+    "oracle, jemalloc": ("oracle", False, "jemalloc"),
+    "oracle, glibc tuned": ("oracle", True, None),
 }
 
 
@@ -101,10 +107,15 @@ def main() -> None:
           f"{args.threads} threads")
     print("| variant | ms/step | saved for backward MB | RSS before the model MB | peak RSS MB |")
     print("|---|---|---|---|---|")
-    for name, (_, _, tunables) in VARIANTS.items():
-        env = dict(os.environ)
-        if tunables:
-            env["GLIBC_TUNABLES"] = tunables
+    for name, (_, _, allocator) in VARIANTS.items():
+        env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MALLOC_CONF")}
+        if allocator == "jemalloc":
+            env = cpu_allocator_env(env)
+            if env is None:
+                print(f"| {name} | no libjemalloc on this machine | | | |")
+                continue
+        elif allocator:
+            env["GLIBC_TUNABLES"] = allocator
         out = subprocess.run([sys.executable, __file__, "--one", name, "--config", args.config,
                               "--steps", str(args.steps), "--threads", str(args.threads)],
                              env=env, check=True, capture_output=True, text=True)

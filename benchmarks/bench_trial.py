@@ -7,6 +7,11 @@ straightforward pipeline does, the original's way: the tests' step-by-step snnto
 Python loop, validation every epoch. Each pipeline runs in its own subprocess of this command
 (so each peak RSS is its own) on the same machine, data, batch size and thread count.
 
+Allocators: c5snn runs as its CPU workers do (on jemalloc where libjemalloc is installed, else
+glibc tuned by `tune_cpu_allocator`). The baseline runs under both tuned glibc and jemalloc, and
+c5snn is compared with the baseline's better run in each column: its faster epoch, its smaller
+peak RSS.
+
     .venv/bin/python benchmarks/bench_trial.py [--data ../shared/data/CA5_matrix_binary.csv]
         [--limit-train-batches 20] [--threads 2]
 """
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import statistics
@@ -24,6 +30,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from c5snn.runtime import cpu_allocator_env  # noqa: E402
+
 CONFIGS = {
     "d64_h2_l2_direct": dict(d_model=64, n_heads=2, n_layers=2, encoding="direct"),
     "d64_h2_l6_rate": dict(d_model=64, n_heads=2, n_layers=6, encoding="rate_coded"),
@@ -67,7 +77,7 @@ def run(kind: str, name: str, data_path: str, limit: int | None, threads: int) -
     from c5snn.data import load_events, make_splits
     from c5snn.runtime import set_seed, tune_cpu_allocator
 
-    tune_cpu_allocator()  # as c5snn's workers do; the baseline's process gets it too
+    tune_cpu_allocator()  # glibc's setting (a no-op for allocation under jemalloc)
     torch.set_num_threads(threads)
     set_seed(42)
     cfg = CONFIGS[name]
@@ -139,24 +149,39 @@ def main() -> None:
         return
     print(f"machine: {platform.machine()}, {args.threads} torch threads, "
           f"python {platform.python_version()}; data {args.data}, W={W}, batch {BATCH}")
+    plain = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MALLOC_CONF")}
+    jemalloc = cpu_allocator_env(plain)
+    allocators = {"glibc": plain, **({"jemalloc": jemalloc} if jemalloc else {})}
+    c5snn_allocator = "jemalloc" if jemalloc else "glibc"
+    print(f"c5snn on {c5snn_allocator}; baseline on {' and '.join(allocators)} (its better run "
+          "per column)")
     print("| configuration | train batches | baseline s/epoch | c5snn s/epoch | speed-up | "
           "baseline ms/batch | c5snn ms/batch | baseline val+metrics s | c5snn val+metrics s | "
           "baseline peak RSS MB | c5snn peak RSS MB | memory ratio |")
     print("|---" * 12 + "|")
     for name in CONFIGS:
         limit = "all" if "l2" in name else str(args.limit_train_batches)
-        res = {}
-        for kind in ("baseline", "c5snn"):
+
+        def one(kind: str, allocator: str, name=name, limit=limit) -> dict:
             out = subprocess.run(
                 [sys.executable, __file__, "--one", kind, name, limit, "--data", args.data,
-                 "--threads", str(args.threads)], check=True, capture_output=True, text=True)
-            res[kind] = json.loads(out.stdout.strip().splitlines()[-1])
-        b, c = res["baseline"], res["c5snn"]
-        print(f"| {name} | {c['batches']} | {b['epoch_s']:.1f} | {c['epoch_s']:.1f} | "
+                 "--threads", str(args.threads)], check=True, capture_output=True, text=True,
+                env=allocators[allocator])
+            return json.loads(out.stdout.strip().splitlines()[-1])
+
+        base = {a: one("baseline", a) for a in allocators}
+        c = one("c5snn", c5snn_allocator)
+        fast = min(base, key=lambda a: base[a]["epoch_s"])
+        small = min(base, key=lambda a: base[a]["peak_rss_mb"])
+        b = base[fast]
+        print(f"| {name} | {c['batches']} | {b['epoch_s']:.1f} ({fast}) | {c['epoch_s']:.1f} | "
               f"{b['epoch_s'] / c['epoch_s']:.2f}x | {b['train_batch_ms_median']:.0f} | "
               f"{c['train_batch_ms_median']:.0f} | {b['val_s']:.1f} | {c['val_s']:.1f} | "
-              f"{b['peak_rss_mb']:.0f} | {c['peak_rss_mb']:.0f} | "
-              f"{c['peak_rss_mb'] / b['peak_rss_mb']:.2f} |", flush=True)
+              f"{base[small]['peak_rss_mb']:.0f} ({small}) | {c['peak_rss_mb']:.0f} | "
+              f"{c['peak_rss_mb'] / base[small]['peak_rss_mb']:.2f} |", flush=True)
+        for a, r in base.items():
+            print(f"<!-- baseline on {a}: {r['epoch_s']:.1f} s/epoch, "
+                  f"{r['train_batch_ms_median']:.0f} ms/batch, {r['peak_rss_mb']:.0f} MB -->")
 
 
 if __name__ == "__main__":

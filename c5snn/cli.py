@@ -97,6 +97,11 @@ def train(
     threads: ThreadsOpt = None,
 ) -> None:
     """Train one grid point (pin each grid key with --set) and write its run directory."""
+    from c5snn.runtime import reexec_with_jemalloc
+
+    if device == "cpu":
+        reexec_with_jemalloc()  # before anything is allocated; returns when not possible
+
     from c5snn.runs import train_one
 
     result = train_one(
@@ -145,6 +150,11 @@ def worker(
     """Pull and train points until none is left; SIGTERM/Ctrl-C releases the current one."""
     import socket
 
+    from c5snn.runtime import allocator, reexec_with_jemalloc
+
+    if device == "cpu":
+        reexec_with_jemalloc()  # before anything is allocated; returns when not possible
+
     from c5snn.config import load_study
     from c5snn.runs import configure_threads
     from c5snn.storage import open_store
@@ -154,6 +164,7 @@ def worker(
     configure_threads(threads)
     store = open_store(storage, cfg.storage)
     name = name or f"{socket.gethostname()}-{os.getpid()}"
+    _echo(f"worker {name} on {device} ({allocator()} allocator), storage {store.masked}")
     stop = StopFlag().install()
     timing = Timing(heartbeat_s=heartbeat, grace_s=grace, max_attempts=max_attempts)
     ran = Worker(cfg, store, name=name, device=device, artifacts=_artifacts(artifacts),

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from c5snn.config import StudyConfig
+from c5snn.runtime import cpu_allocator_env
 from c5snn.sweep import Timing
 
 
@@ -67,6 +68,8 @@ def launch(
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = gpus[i % len(gpus)]
             device = "cuda"
+        else:  # started on jemalloc directly rather than restarting itself (runtime.py)
+            env = cpu_allocator_env(env) or env
         cmd = [sys.executable, "-m", "c5snn", "worker", *worker_args, "--name", f"{name}@{tag}",
                "--device", device, "--threads", str(threads)]
         proc = subprocess.Popen(

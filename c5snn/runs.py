@@ -11,7 +11,7 @@ from c5snn.artifacts import write_run_dir
 from c5snn.config import GRID_KEYS, load_study, snapshot
 from c5snn.data import prepare
 from c5snn.errors import StudyFileError
-from c5snn.runtime import tune_cpu_allocator
+from c5snn.runtime import allocator, tune_cpu_allocator
 from c5snn.train import EpochRecord, RunResult, train_run
 
 
@@ -54,7 +54,7 @@ def train_one(
     if device == "cpu":
         tune_cpu_allocator()
     data = prepare(config.data_path, config.window_size, config.split_ratios, device)
-    echo(f"spiking_transformer {params.describe()} seed={seed} on {device}")
+    echo(f"spiking_transformer {params.describe()} seed={seed} on {device} ({allocator()} allocator)")
     result = train_run(
         params, config.training, data, seed=seed,
         on_epoch=lambda r: echo(epoch_line(r, config.training.epochs)),

@@ -1,5 +1,7 @@
 """The CLI as a user runs it: real subprocesses, exit codes, one-line errors, nothing written."""
 
+import ctypes.util
+
 import pandas as pd
 import torch
 import yaml
@@ -41,6 +43,9 @@ def test_train_writes_run_directory(study_file, tmp_path):
                    "--run-dir", str(run_dir))
     assert proc.returncode == 0, proc.stderr
     assert "epoch 2/2" in proc.stdout and "best epoch" in proc.stdout
+    # CPU training restarts itself on jemalloc where the machine has it (runtime.py)
+    expected = "jemalloc" if ctypes.util.find_library("jemalloc") else "glibc"
+    assert f"on cpu ({expected} allocator)" in proc.stdout
     assert sorted(p.name for p in run_dir.iterdir()) == [
         "best_model.pt", "config_snapshot.yaml", "metrics.csv", "pip_freeze.txt"]
     ckpt = torch.load(run_dir / "best_model.pt", weights_only=False)

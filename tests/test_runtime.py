@@ -1,4 +1,7 @@
+import ctypes.util
 import dataclasses
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -6,7 +9,7 @@ import torch
 from c5snn.config import TrainingParams
 from c5snn.errors import DeviceError
 from c5snn.model import SpikingTransformer
-from c5snn.runtime import check_device, precision
+from c5snn.runtime import JEMALLOC_CONF, check_device, cpu_allocator_env, precision
 
 BASE = TrainingParams(epochs=1, learning_rate=1e-3, optimizer="adam", early_stopping_patience=1,
                       early_stopping_metric="val_recall_at_20", batch_size=8)
@@ -49,3 +52,18 @@ def test_bf16_runs_matmuls_in_bf16_and_stays_close_to_fp32():
     low.float().square().sum().backward()  # backward through every custom Function in bf16
     assert all(p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
                for p in model.parameters())
+
+
+def test_cpu_allocator_env_preloads_jemalloc_once_and_can_be_declined():
+    lib = ctypes.util.find_library("jemalloc")
+    env = cpu_allocator_env({"PATH": "/bin", "LD_PRELOAD": "libfoo.so"})
+    if lib is None:
+        assert env is None  # nothing to preload: glibc with tune_cpu_allocator
+        return
+    assert env["LD_PRELOAD"] == f"{lib} libfoo.so" and env["MALLOC_CONF"] == JEMALLOC_CONF
+    assert cpu_allocator_env(env) is None  # already preloaded: no second restart
+    assert cpu_allocator_env({"C5SNN_MALLOC": "glibc"}) is None
+    probe = "import c5snn.runtime as r; print(r.allocator())"
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "jemalloc"
