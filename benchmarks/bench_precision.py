@@ -10,7 +10,7 @@ For one configuration and seed, on the real data at W=90, batch 64:
 Modes: fp32 and bf16 everywhere; tf32 only on CUDA (it is a CUDA matmul mode).
 
     .venv/bin/python benchmarks/bench_precision.py [--device cpu] [--epochs 3]
-        [--limit-train-batches 40] [--config d64_h2_l2_direct]
+        [--limit-train-batches 40] [--config d64_h2_l2_rate] [--beta 0.95]
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from c5snn.train import evaluate, train_run  # noqa: E402
 
 CONFIGS = {
     "d64_h2_l2_direct": dict(d_model=64, n_heads=2, n_layers=2, encoding="direct", timesteps=1),
+    "d64_h2_l2_rate": dict(d_model=64, n_heads=2, n_layers=2, encoding="rate_coded", timesteps=10),
     "d64_h2_l6_rate": dict(d_model=64, n_heads=2, n_layers=6, encoding="rate_coded", timesteps=10),
 }
 
@@ -41,7 +42,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=str(ROOT.parent / "shared/data/CA5_matrix_binary.csv"))
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--config", default="d64_h2_l2_direct", choices=sorted(CONFIGS))
+    ap.add_argument("--config", default="d64_h2_l2_rate", choices=sorted(CONFIGS))
+    ap.add_argument("--beta", type=float, default=0.95,
+                    help="0.95 makes the net fire from the start; a silent net would hide deviations")
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--limit-train-batches", type=int, default=40)
     ap.add_argument("--threads", type=int, default=2)
@@ -51,12 +54,14 @@ def main() -> None:
         tune_cpu_allocator()
     modes = ["fp32", "bf16"] + (["tf32"] if args.device.startswith("cuda") else [])
     cfg = CONFIGS[args.config]
-    params = ModelParams(d_ffn=2 * cfg["d_model"], beta=0.8, dropout=0.1, max_window_size=100, **cfg)
+    params = ModelParams(d_ffn=2 * cfg["d_model"], beta=args.beta, dropout=0.1,
+                         max_window_size=100, **cfg)
     base = TrainingParams(epochs=args.epochs, learning_rate=1e-3, optimizer="adam",
                           early_stopping_patience=10, early_stopping_metric="val_recall_at_20",
                           batch_size=64, limit_train_batches=args.limit_train_batches)
     data = prepare(Path(args.data), 90, (0.70, 0.15, 0.15), args.device)
-    print(f"# {args.config}, seed 42, {args.epochs} epochs x {args.limit_train_batches} batches, "
+    print(f"# {args.config}, beta {args.beta}, seed 42, {args.epochs} epochs x "
+          f"{args.limit_train_batches} batches, "
           f"device {args.device} ({platform.processor() or platform.machine()}), "
           f"torch {torch.__version__}, {args.threads} threads")
 
@@ -72,8 +77,9 @@ def main() -> None:
     ref_top = ref.logits.topk(20, dim=1).indices.sort(dim=1).values
     print()
     print("| mode | s/epoch | best val recall@20 (own run) | same weights: logits rel. dev. "
-          "| same weights: val recall@20 | same weights: top-20 sets unchanged |")
-    print("|---|---|---|---|---|---|")
+          "| same weights: val recall@20 | same weights: top-20 sets unchanged "
+          "| same weights: spike rate per block |")
+    print("|---|---|---|---|---|---|---|")
     for mode in modes:
         ev = evaluate(model, data, "val", 64, precision_mode=mode)
         dev = ((ev.logits - ref.logits).norm() / ref.logits.norm()).item()
@@ -82,7 +88,8 @@ def main() -> None:
         run = runs[mode]
         epoch_s = sum(r.seconds for r in run.history) / run.epochs_run
         print(f"| {mode} | {epoch_s:.1f} | {run.val['recall_at_20']:.4f} | "
-              f"{dev:.2e} | {ev.metrics['recall_at_20']:.4f} | {same:.1%} |")
+              f"{dev:.2e} | {ev.metrics['recall_at_20']:.4f} | {same:.1%} | "
+              f"{', '.join(f'{r:.4f}' for r in ev.spike_rate)} |")
 
 
 if __name__ == "__main__":
