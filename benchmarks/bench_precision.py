@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from c5snn.config import ModelParams, TrainingParams  # noqa: E402
-from c5snn.data import prepare  # noqa: E402
+from c5snn.data import WindowData, prepare  # noqa: E402
 from c5snn.runtime import tune_cpu_allocator  # noqa: E402
 from c5snn.train import evaluate, train_run  # noqa: E402
 
@@ -38,28 +38,39 @@ CONFIGS = {
 }
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def run_parser(doc: str, config: str, beta: float) -> argparse.ArgumentParser:
+    """Arguments of the benchmarks that train one configuration with `train_run`."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--data", default=str(ROOT.parent / "shared/data/CA5_matrix_binary.csv"))
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--config", default="d64_h2_l2_rate", choices=sorted(CONFIGS))
-    ap.add_argument("--beta", type=float, default=0.95,
-                    help="0.95 makes the net fire from the start; a silent net would hide deviations")
-    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--config", default=config, choices=sorted(CONFIGS))
+    ap.add_argument("--beta", type=float, default=beta)
     ap.add_argument("--limit-train-batches", type=int, default=40)
     ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args()
+    return ap
+
+
+def setup(args, epochs: int) -> tuple[ModelParams, TrainingParams, WindowData]:
+    """Threads, allocator, the model params, fp32 eager training params and the real data."""
     torch.set_num_threads(args.threads)
     if args.device == "cpu":
         tune_cpu_allocator()
-    modes = ["fp32", "bf16"] + (["tf32"] if args.device.startswith("cuda") else [])
     cfg = CONFIGS[args.config]
     params = ModelParams(d_ffn=2 * cfg["d_model"], beta=args.beta, dropout=0.1,
                          max_window_size=100, **cfg)
-    base = TrainingParams(epochs=args.epochs, learning_rate=1e-3, optimizer="adam",
+    base = TrainingParams(epochs=epochs, learning_rate=1e-3, optimizer="adam",
                           early_stopping_patience=10, early_stopping_metric="val_recall_at_20",
                           batch_size=64, limit_train_batches=args.limit_train_batches)
-    data = prepare(Path(args.data), 90, (0.70, 0.15, 0.15), args.device)
+    return params, base, prepare(Path(args.data), 90, (0.70, 0.15, 0.15), args.device)
+
+
+def main() -> None:
+    # beta 0.95 makes the net fire from the start; a silent net would hide any deviation
+    ap = run_parser(__doc__, "d64_h2_l2_rate", 0.95)
+    ap.add_argument("--epochs", type=int, default=3)
+    args = ap.parse_args()
+    modes = ["fp32", "bf16"] + (["tf32"] if args.device.startswith("cuda") else [])
+    params, base, data = setup(args, args.epochs)
     print(f"# {args.config}, beta {args.beta}, seed 42, {args.epochs} epochs x "
           f"{args.limit_train_batches} batches, "
           f"device {args.device} ({platform.processor() or platform.machine()}), "

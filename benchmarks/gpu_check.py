@@ -61,17 +61,12 @@ def check_triton(device: str) -> str:
 
 
 def check_correctness(device: str) -> str:
-    from oracle import OracleSpikingTransformer
+    from oracle import OracleSpikingTransformer, make_it_fire
 
     kw = dict(d_model=64, n_heads=2, n_layers=6, d_ffn=128, beta=0.8, encoding="rate_coded",
               timesteps=4, dropout=0.0)
     torch.manual_seed(0)
-    fast = SpikingTransformer(**kw).to(device)
-    with torch.no_grad():
-        for name, p in fast.named_parameters():
-            p.mul_(2.0)
-            if name.endswith("bias"):
-                p.add_(1.0)
+    fast = make_it_fire(SpikingTransformer(**kw).to(device))
     oracle = OracleSpikingTransformer(**kw).to(device)
     oracle.load_state_dict(fast.state_dict(), strict=False)
     x = (torch.rand(8, 30, 39, device=device) < 5 / 39).float()

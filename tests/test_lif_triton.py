@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from oracle import make_it_fire
 
 from c5snn.lif import lif
 from c5snn.model import SpikingTransformer
@@ -39,12 +40,7 @@ def check(device: str) -> None:
     torch.manual_seed(0)
     kw = dict(d_model=32, n_heads=2, n_layers=2, d_ffn=64, beta=0.8, encoding="rate_coded",
               timesteps=3, dropout=0.0)
-    model = SpikingTransformer(**kw).to(device)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.mul_(2.0)
-            if name.endswith("bias"):
-                p.add_(1.0)
+    model = make_it_fire(SpikingTransformer(**kw).to(device))
     inp = (torch.rand(4, 20, 39, generator=gen) < 5 / 39).float().to(device)
     out = model(inp)
     model.apply(lambda m: setattr(m, "lif_kernel", "triton") if hasattr(m, "lif_kernel") else None)

@@ -5,6 +5,7 @@ import sys
 
 import pytest
 import torch
+from oracle import make_it_fire
 
 from c5snn.config import TrainingParams
 from c5snn.errors import DeviceError
@@ -26,14 +27,8 @@ def test_cuda_only_options_are_refused_on_cpu(option, value, needs):
 
 def _firing_model():
     torch.manual_seed(0)
-    model = SpikingTransformer(d_model=32, n_heads=2, n_layers=2, d_ffn=64, beta=0.8,
-                               encoding="rate_coded", timesteps=3, dropout=0.0)
-    with torch.no_grad():  # larger weights so every block spikes
-        for name, p in model.named_parameters():
-            p.mul_(2.0)
-            if name.endswith("bias"):
-                p.add_(1.0)
-    return model
+    return make_it_fire(SpikingTransformer(d_model=32, n_heads=2, n_layers=2, d_ffn=64, beta=0.8,
+                                           encoding="rate_coded", timesteps=3, dropout=0.0))
 
 
 def test_bf16_runs_matmuls_in_bf16_and_stays_close_to_fp32():
