@@ -1,6 +1,8 @@
 """The one place that talks to the database: Optuna's storage and c5snn's claim table.
 
-Optuna keeps studies, trials, params, intermediate values and attributes. Beside its tables,
+Optuna keeps studies, trials, params, intermediate values and attributes; readers use its API,
+while a worker writes its trial's lifecycle straight into Optuna's tables, one transaction per
+step (`Store.create_trial`, `report`, `finish_trial`; see the note on those tables). Beside them,
 c5snn keeps `c5snn_claims`: one row per attempt at one point of one study, with a unique key
 (study, point, attempt). A worker claims a point by INSERTing the next attempt's row; when two
 workers race for the same attempt the database's unique constraint lets exactly one insert
