@@ -60,7 +60,7 @@ def cpu_allocator_env(environ: Mapping[str, str]) -> dict[str, str] | None:
     """`environ` plus what runs a CPU training process on jemalloc, or None when it cannot or
     need not: no libjemalloc on this machine, already preloaded, or `C5SNN_MALLOC=glibc`.
 
-    Measured on a d64 6-layer rate_coded step (docs/benchmarks.md): peak RSS 3.0 GB on glibc with
+    Measured on a d64 6-layer rate_coded step (docs/benchmarks.md): peak RSS 3.1 GB on glibc with
     `tune_cpu_allocator` against 2.1 GB on jemalloc, at the same speed.
     """
     if environ.get("C5SNN_MALLOC", "jemalloc") == "glibc" or "jemalloc" in environ.get("LD_PRELOAD", ""):
