@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_model import CONFIGS  # noqa: E402
 
-from c5snn.runtime import cpu_allocator_env  # noqa: E402
+from c5snn.runtime import allocator_environments  # noqa: E402
 
 VARIANTS = {  # name -> (model kind, tune_cpu_allocator, allocator environment)
     "c5snn, jemalloc (as CPU workers run)": ("fast", False, "jemalloc"),
@@ -107,14 +107,13 @@ def main() -> None:
           f"{args.threads} threads")
     print("| variant | ms/step | saved for backward MB | RSS before the model MB | peak RSS MB |")
     print("|---|---|---|---|---|")
+    envs = allocator_environments(os.environ)
     for name, (_, _, allocator) in VARIANTS.items():
-        env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MALLOC_CONF")}
-        if allocator == "jemalloc":
-            env = cpu_allocator_env(env)
-            if env is None:
-                print(f"| {name} | no libjemalloc on this machine | | | |")
-                continue
-        elif allocator:
+        if allocator == "jemalloc" and allocator not in envs:
+            print(f"| {name} | no libjemalloc on this machine | | | |")
+            continue
+        env = dict(envs["jemalloc" if allocator == "jemalloc" else "glibc"])
+        if allocator not in (None, "jemalloc"):
             env["GLIBC_TUNABLES"] = allocator
         out = subprocess.run([sys.executable, __file__, "--one", name, "--config", args.config,
                               "--steps", str(args.steps), "--threads", str(args.threads)],

@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from c5snn.runtime import cpu_allocator_env  # noqa: E402
+from c5snn.runtime import allocator_environments  # noqa: E402
 
 CONFIGS = {
     "d64_h2_l2_direct": dict(d_model=64, n_heads=2, n_layers=2, encoding="direct"),
@@ -103,10 +103,8 @@ def main() -> None:
         return
     print(f"machine: {platform.processor() or platform.machine()}, {args.threads} threads, "
           f"python {platform.python_version()}")
-    plain = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MALLOC_CONF")}
-    jemalloc = cpu_allocator_env(plain)
-    allocators = {"glibc": plain, **({"jemalloc": jemalloc} if jemalloc else {})}
-    mine = "jemalloc" if jemalloc else "glibc"
+    allocators = allocator_environments(os.environ)
+    mine = "jemalloc" if "jemalloc" in allocators else "glibc"
     print(f"c5snn on {mine}; oracle on {' and '.join(allocators)} (its better run per column)")
     print("| configuration | oracle ms/step | c5snn ms/step | speed-up | oracle peak RSS MB "
           "| c5snn peak RSS MB | memory ratio |")

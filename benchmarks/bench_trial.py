@@ -32,7 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from c5snn.runtime import cpu_allocator_env  # noqa: E402
+from c5snn.runtime import allocator_environments  # noqa: E402
 
 CONFIGS = {
     "d64_h2_l2_direct": dict(d_model=64, n_heads=2, n_layers=2, encoding="direct"),
@@ -149,10 +149,8 @@ def main() -> None:
         return
     print(f"machine: {platform.machine()}, {args.threads} torch threads, "
           f"python {platform.python_version()}; data {args.data}, W={W}, batch {BATCH}")
-    plain = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MALLOC_CONF")}
-    jemalloc = cpu_allocator_env(plain)
-    allocators = {"glibc": plain, **({"jemalloc": jemalloc} if jemalloc else {})}
-    c5snn_allocator = "jemalloc" if jemalloc else "glibc"
+    allocators = allocator_environments(os.environ)
+    c5snn_allocator = "jemalloc" if "jemalloc" in allocators else "glibc"
     print(f"c5snn on {c5snn_allocator}; baseline on {' and '.join(allocators)} (its better run "
           "per column)")
     print("| configuration | train batches | baseline s/epoch | c5snn s/epoch | speed-up | "

@@ -74,6 +74,14 @@ def cpu_allocator_env(environ: Mapping[str, str]) -> dict[str, str] | None:
     return env
 
 
+def allocator_environments(environ: Mapping[str, str]) -> dict[str, dict[str, str]]:
+    """Environments that start a process on each allocator this machine has: 'glibc' always,
+    'jemalloc' where installed (the benchmarks run the baseline on both)."""
+    plain = {k: v for k, v in environ.items() if k not in ("LD_PRELOAD", "MALLOC_CONF")}
+    jemalloc = cpu_allocator_env(plain)
+    return {"glibc": plain, **({"jemalloc": jemalloc} if jemalloc else {})}
+
+
 def reexec_with_jemalloc() -> None:
     """Restart this `c5snn` command under jemalloc (same PID and arguments) when possible.
 

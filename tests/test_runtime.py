@@ -10,7 +10,13 @@ from oracle import make_it_fire
 from c5snn.config import TrainingParams
 from c5snn.errors import DeviceError
 from c5snn.model import SpikingTransformer
-from c5snn.runtime import JEMALLOC_CONF, check_device, cpu_allocator_env, precision
+from c5snn.runtime import (
+    JEMALLOC_CONF,
+    allocator_environments,
+    check_device,
+    cpu_allocator_env,
+    precision,
+)
 
 BASE = TrainingParams(epochs=1, learning_rate=1e-3, optimizer="adam", early_stopping_patience=1,
                       early_stopping_metric="val_recall_at_20", batch_size=8)
@@ -51,6 +57,8 @@ def test_bf16_runs_matmuls_in_bf16_and_stays_close_to_fp32():
 
 def test_cpu_allocator_env_preloads_jemalloc_once_and_can_be_declined():
     lib = ctypes.util.find_library("jemalloc")
+    envs = allocator_environments({"LD_PRELOAD": "x.so", "MALLOC_CONF": "y", "PATH": "/bin"})
+    assert envs["glibc"] == {"PATH": "/bin"} and ("jemalloc" in envs) == (lib is not None)
     env = cpu_allocator_env({"PATH": "/bin", "LD_PRELOAD": "libfoo.so"})
     if lib is None:
         assert env is None  # nothing to preload: glibc with tune_cpu_allocator
