@@ -1,6 +1,9 @@
+import hashlib
+
 import pandas as pd
 import pytest
 import torch
+from conftest import ROOT
 
 from c5snn.data import load_events, make_splits, prepare, synthesize, write_synthetic
 from c5snn.errors import DataError
@@ -105,3 +108,15 @@ def test_too_short_for_window_and_splits(tmp_path):
     events = load_events(write_synthetic(tmp_path / "e.csv", rows=95, seed=0))
     with pytest.raises(DataError, match="at least one window each"):
         make_splits(events, 90, (0.7, 0.15, 0.15))
+
+
+def test_the_shipped_ca5_file_is_the_real_data():
+    """The one test that reads data/: the file `make demo` and studies/phase_c.yaml use."""
+    path = ROOT / "data" / "CA5_matrix_binary.csv"
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == (
+        "43c61caf7d47a2ba25c0cdfc015c74d20e7ffe05c162cd05b96405fa81d6b7ab")
+    events = load_events(path)
+    assert events.rows == 11_692
+    assert (str(events.dates[0]), str(events.dates[-1])) == ("1992-02-04", "2026-01-28")
+    assert {k: s.size for k, s in make_splits(events, 90, (0.7, 0.15, 0.15)).items()} == {
+        "train": 8121, "val": 1740, "test": 1741}
