@@ -14,6 +14,7 @@ RUN pip install torch --index-url "${TORCH_INDEX}"
 COPY pyproject.toml README.md ./
 COPY c5snn ./c5snn
 COPY studies ./studies
+COPY data ./data
 RUN pip install ".[dashboard]"
 
 RUN useradd --create-home c5snn && mkdir -p /artifacts /app/results && \

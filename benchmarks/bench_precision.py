@@ -41,7 +41,7 @@ CONFIGS = {
 def run_parser(doc: str, config: str, beta: float) -> argparse.ArgumentParser:
     """Arguments of the benchmarks that train one configuration with `train_run`."""
     ap = argparse.ArgumentParser(description=doc.splitlines()[0])
-    ap.add_argument("--data", default=str(ROOT.parent / "shared/data/CA5_matrix_binary.csv"))
+    ap.add_argument("--data", default=str(ROOT / "data" / "CA5_matrix_binary.csv"))
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--config", default=config, choices=sorted(CONFIGS))
     ap.add_argument("--beta", type=float, default=beta)

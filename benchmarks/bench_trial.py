@@ -12,7 +12,7 @@ glibc tuned by `tune_cpu_allocator`). The baseline runs under both tuned glibc a
 c5snn is compared with the baseline's better run in each column: its faster epoch, its smaller
 peak RSS.
 
-    .venv/bin/python benchmarks/bench_trial.py [--data ../shared/data/CA5_matrix_binary.csv]
+    .venv/bin/python benchmarks/bench_trial.py [--data data/CA5_matrix_binary.csv]
         [--limit-train-batches 20] [--threads 2]
 """
 
@@ -136,7 +136,7 @@ def run(kind: str, name: str, data_path: str, limit: int | None, threads: int) -
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", default=str(ROOT.parent / "shared/data/CA5_matrix_binary.csv"))
+    ap.add_argument("--data", default=str(ROOT / "data" / "CA5_matrix_binary.csv"))
     ap.add_argument("--limit-train-batches", type=int, default=20,
                     help="train batches per epoch for the 6-layer rate_coded configuration")
     ap.add_argument("--threads", type=int, default=2)

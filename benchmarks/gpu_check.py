@@ -12,7 +12,7 @@
 5. An estimate of the whole phase-C sweep (72 screening + 15 promote trials at ~20 epochs) from
    those numbers.
 
-Data: ../shared/data/CA5_matrix_binary.csv when present, else synthetic events of the same size
+Data: data/CA5_matrix_binary.csv (shipped with the project), else synthetic events of the same size
 (timing does not depend on the values). `--quick` shrinks every budget for a CPU dry run.
 """
 
@@ -129,7 +129,7 @@ VARIANTS = {  # name -> (precision, lif_kernel, torch.compile mode)
 
 
 def load_data(device: str, quick: bool):
-    real = ROOT.parent / "shared/data/CA5_matrix_binary.csv"
+    real = ROOT / "data" / "CA5_matrix_binary.csv"
     data_path = real if real.exists() else write_synthetic(
         Path(tempfile.mkdtemp()) / "synthetic.csv", rows=11692, seed=0)
     events = load_events(data_path)
@@ -178,7 +178,7 @@ def scaling(device: str, data_path: Path, quick: bool, counts: list[int]) -> dic
     grid = {"n_layers": [2, 6], "n_heads": [2, 4], "d_model": [64, 128], "beta": [0.8],
             "encoding": ["direct", "rate_coded"]}
     training = {"epochs": 1, "limit_train_batches": 2 if quick else 10,
-                "limit_eval_batches": 1 if quick else 5}
+                "limit_val_batches": 1 if quick else 5}
     rates = {}
     for k in counts:
         study = write_study(tmp / f"s{k}.yaml", study_dict(

@@ -223,7 +223,11 @@ def status(
 
 TopKOpt = Annotated[int | None, typer.Option(help="Configurations to promote (default: study file).")]
 SeedsOpt = Annotated[str | None, typer.Option(help="Promote seeds, e.g. 42,123,7 (default: study file).")]
-OutputOpt = Annotated[Path, typer.Option(help="Sweep CSV; the JSON, best/ and meta go next to it.")]
+OutputOpt = Annotated[
+    Path | None,
+    typer.Option(help="Sweep CSV; the JSON, best/ and meta go next to it (default: the study "
+                      "file's output.dir/phase_c_sweep.csv, else results/phase_c_sweep.csv)."),
+]
 
 
 @app.command()
@@ -266,7 +270,7 @@ def promote(
 def export(
     config: ConfigOpt,
     storage: StorageOpt = None,
-    output: OutputOpt = Path("results/phase_c_sweep.csv"),
+    output: OutputOpt = None,
     plots: Annotated[bool, typer.Option(help="Also write HTML figures (needs plotly).")] = False,
 ) -> None:
     """Write the sweep CSV and, once promote is done, the top-K JSON, best checkpoint and meta."""
@@ -276,7 +280,7 @@ def export(
     from c5snn.storage import open_store
 
     cfg = load_study(config)
-    written = do_export(cfg, open_store(storage, cfg.storage), output, plots=plots)
+    written = do_export(cfg, open_store(storage, cfg.storage), cfg.sweep_csv(output), plots=plots)
     _echo(written["leaderboard"])
     if "report" in written:
         _echo(top_table(written["report"]))
@@ -286,7 +290,7 @@ def export(
 @app.command("phase-c-sweep")
 def phase_c_sweep(
     config: ConfigOpt,
-    output: OutputOpt = Path("results/phase_c_sweep.csv"),
+    output: OutputOpt = None,
     top_k: TopKOpt = None,
     seeds: SeedsOpt = None,
     screening_seed: Annotated[int | None, typer.Option(help="Screening seed (default: study file).")] = None,
@@ -309,7 +313,7 @@ def phase_c_sweep(
     overrides = [f"promote.screening_seed={screening_seed}"] if screening_seed is not None else []
     cfg = load_study(config, overrides)
     run(
-        cfg, open_store(storage, cfg.storage), output=output, top_k=top_k or cfg.top_k,
+        cfg, open_store(storage, cfg.storage), output=cfg.sweep_csv(output), top_k=top_k or cfg.top_k,
         seeds=parse_seeds(seeds) if seeds else cfg.seeds, n_workers=workers, gpus=parse_gpus(gpus),
         threads=threads, artifacts=_artifacts(artifacts),
         timing=Timing(heartbeat_s=heartbeat, grace_s=grace, max_attempts=max_attempts), echo=_echo,

@@ -56,7 +56,8 @@ _SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
         "early_stopping_patience": ((int,), True),
         "early_stopping_metric": ((str,), True),
         "limit_train_batches": ((int, type(None)), False),
-        "limit_eval_batches": ((int, type(None)), False),
+        "limit_val_batches": ((int, type(None)), False),
+        "limit_test_batches": ((int, type(None)), False),
         "precision": ((str,), False),
         "compile": ((str, type(None)), False),
         "lif_kernel": ((str,), False),
@@ -66,7 +67,7 @@ _SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
         "seeds": ((list,), True),
         "screening_seed": ((int,), True),
     },
-    "output": {"dir": ((str,), True)},
+    "output": {"dir": ((str,), False)},
 }
 
 
@@ -100,11 +101,33 @@ class TrainingParams:
     early_stopping_patience: int
     early_stopping_metric: str
     batch_size: int
-    limit_train_batches: int | None = None
-    limit_eval_batches: int | None = None
+    limit_train_batches: int | None = None  # None: the whole split, every epoch
+    limit_val_batches: int | None = None  # val windows scored each epoch (first batches)
+    limit_test_batches: int | None = None  # promote's test windows (first batches)
     precision: str = "fp32"
     compile: str | None = None  # a torch.compile mode, or None for eager
     lif_kernel: str = "torch"
+
+    @property
+    def is_full(self) -> bool:
+        """Whether runs see whole splits (the story's budget), not a smoke-scale slice."""
+        return (self.limit_train_batches, self.limit_val_batches, self.limit_test_batches) == (
+            None, None, None)
+
+    def describe_budget(self) -> str:
+        """How much each run sees, in one line: '2 epochs x 2 batches of 32; val: first 64 windows
+        per epoch; test: all windows' (closing tables and the top-K JSON print it)."""
+        def windows(limit: int | None) -> str:
+            return "all windows" if limit is None else f"first {limit * self.batch_size} windows"
+
+        epochs = (f"up to {self.epochs} epochs (early stopping, patience "
+                  f"{self.early_stopping_patience})" if self.epochs > self.early_stopping_patience
+                  else f"{self.epochs} epoch{'s' if self.epochs > 1 else ''}")
+        train = ("all train windows" if self.limit_train_batches is None else
+                 f"{self.limit_train_batches} batch{'es' if self.limit_train_batches > 1 else ''} "
+                 f"of {self.batch_size}")
+        return (f"{epochs} x {train}; val: {windows(self.limit_val_batches)} per epoch; "
+                f"test: {windows(self.limit_test_batches)}")
 
 
 @dataclass(frozen=True)
@@ -124,7 +147,7 @@ class StudyConfig:
     top_k: int
     seeds: tuple[int, ...]
     screening_seed: int
-    output_dir: Path
+    output_dir: Path | None  # where export writes unless --output says otherwise
     overrides: tuple[str, ...] = ()  # the --set assignments applied on load, for child processes
 
     @property
@@ -138,6 +161,12 @@ class StudyConfig:
         defining["promote"] = {"screening_seed": self.screening_seed}
         canonical = json.dumps(defining, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+    def sweep_csv(self, option: Path | None) -> Path:
+        """Where export writes the sweep CSV: --output, else the study's output.dir, else results/."""
+        if option is not None:
+            return option
+        return (self.output_dir or Path("results")) / "phase_c_sweep.csv"
 
     @property
     def n_points(self) -> int:
@@ -168,6 +197,23 @@ class StudyConfig:
             dropout=float(self.model["dropout"]),
             max_window_size=self.model["max_window_size"],
         )
+
+
+def resolve_path(source: Path, value: str) -> Path:
+    """A path written in a study file: relative paths are relative to the study file's folder
+    (as docker compose resolves paths in its file), so a study runs from any working directory."""
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else Path(os.path.normpath(source.parent.absolute() / path))
+
+
+def _resolve_sqlite(source: Path, url: str | None) -> str | None:
+    """`study.storage`: a relative SQLite file path resolves like any other path in the file."""
+    if url is None or not url.startswith("sqlite:///"):
+        return url
+    database, sep, query = url[len("sqlite:///"):].partition("?")
+    if not database or database == ":memory:" or Path(database).is_absolute():
+        return url
+    return f"sqlite:///{resolve_path(source, database)}{sep}{query}"
 
 
 def _fail(source: Path, key: str, rule: str) -> StudyFileError:
@@ -222,6 +268,8 @@ def _check_schema(raw: dict, source: Path) -> None:
             raise _fail(source, section, f"unknown section (expected one of {sorted(_SCHEMA)})")
     for section, fields in _SCHEMA.items():
         body = raw.get(section)
+        if body is None and not any(required for _, required in fields.values()):
+            body = raw[section] = {}  # a section of optional keys may be left out
         if body is None:
             raise _fail(source, section, "missing section")
         if not isinstance(body, dict):
@@ -305,7 +353,7 @@ def _build(raw: dict, source: Path) -> StudyConfig:
         raise _fail(source, "training.optimizer", "only 'adam' is supported")
     if training["early_stopping_metric"] != "val_recall_at_20":
         raise _fail(source, "training.early_stopping_metric", "only 'val_recall_at_20' is supported")
-    for key in ("limit_train_batches", "limit_eval_batches"):
+    for key in ("limit_train_batches", "limit_val_batches", "limit_test_batches"):
         if training.get(key) is not None:
             _positive(source, f"training.{key}", training[key])
     for key, allowed in (("precision", PRECISIONS), ("compile", COMPILE_MODES + (None,)),
@@ -325,8 +373,8 @@ def _build(raw: dict, source: Path) -> StudyConfig:
         source=source,
         raw=raw,
         name=study["name"],
-        storage=study.get("storage"),
-        data_path=Path(data["path"]),
+        storage=_resolve_sqlite(source, study.get("storage")),
+        data_path=resolve_path(source, data["path"]),
         window_size=data["window_size"],
         split_ratios=tuple(float(r) for r in ratios),
         model=dict(model),
@@ -339,7 +387,8 @@ def _build(raw: dict, source: Path) -> StudyConfig:
             early_stopping_metric=training["early_stopping_metric"],
             batch_size=data["batch_size"],
             limit_train_batches=training.get("limit_train_batches"),
-            limit_eval_batches=training.get("limit_eval_batches"),
+            limit_val_batches=training.get("limit_val_batches"),
+            limit_test_batches=training.get("limit_test_batches"),
             precision=training.get("precision", "fp32"),
             compile=training.get("compile"),
             lif_kernel=training.get("lif_kernel", "torch"),
@@ -347,7 +396,7 @@ def _build(raw: dict, source: Path) -> StudyConfig:
         top_k=promote["top_k"],
         seeds=tuple(seeds),
         screening_seed=promote["screening_seed"],
-        output_dir=Path(raw["output"]["dir"]),
+        output_dir=resolve_path(source, raw["output"]["dir"]) if "dir" in raw["output"] else None,
     )
 
 

@@ -59,3 +59,12 @@ def test_every_service_command_is_a_real_c5snn_command():
         assert proc.returncode == 0, (name, proc.stderr)
         for option in (a for a in args if a.startswith("--")):
             assert option in proc.stdout, (name, option)
+
+
+def test_services_read_the_projects_own_data():
+    text = (ROOT / "docker-compose.yml").read_text()
+    assert "../shared" not in text  # a user's clone has no ../shared
+    for name in ("worker", "dashboard", "create", "promote", "export"):
+        mounts = [_defaults(v) for v in SERVICES[name]["volumes"]]
+        assert "./data:/app/data:ro" in mounts, name  # studies/*.yaml read ../data from /app/studies
+    assert "COPY data ./data" in (ROOT / "Dockerfile").read_text()

@@ -1,4 +1,5 @@
 import itertools
+from pathlib import Path
 
 import pytest
 from conftest import ROOT, study_dict, write_study
@@ -67,3 +68,37 @@ def test_speed_options_default_off_and_parse(tmp_path):
     fast = load_study(path, ["training.precision=bf16", "training.compile=reduce-overhead",
                              "training.lif_kernel=triton"]).training
     assert (fast.precision, fast.compile, fast.lif_kernel) == ("bf16", "reduce-overhead", "triton")
+
+
+def test_paths_in_a_study_file_are_relative_to_its_folder(tmp_path, monkeypatch, synthetic_csv):
+    folder = tmp_path / "project" / "studies"
+    folder.mkdir(parents=True)
+    study = study_dict("../events.csv", study={"name": "rel", "storage": "sqlite:///../db/x.db"},
+                       output={"dir": "../results"})
+    path = write_study(folder / "s.yaml", study)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # the working directory plays no part
+    config = load_study(path)
+    assert config.data_path == tmp_path / "project" / "events.csv"
+    assert config.storage == f"sqlite:///{tmp_path / 'project' / 'db' / 'x.db'}"
+    assert config.sweep_csv(None) == tmp_path / "project" / "results" / "phase_c_sweep.csv"
+    assert config.sweep_csv(tmp_path / "o.csv") == tmp_path / "o.csv"
+    absolute = write_study(folder / "a.yaml", study_dict(synthetic_csv))
+    assert load_study(absolute).data_path == synthetic_csv  # absolute paths are unchanged
+    study.pop("output")  # output.dir is optional: export then writes to ./results
+    assert load_study(write_study(folder / "b.yaml", study)).sweep_csv(None) == (
+        Path("results") / "phase_c_sweep.csv")
+
+
+def test_missing_data_file_error_names_the_resolved_path(tmp_path):
+    from conftest import run_cli
+
+    folder = tmp_path / "studies"
+    folder.mkdir()
+    path = write_study(folder / "s.yaml", study_dict("../nowhere.csv"))
+    proc = run_cli("study", "create", "--config", str(path),
+                   "--storage", f"sqlite:///{tmp_path / 'x.db'}", cwd=tmp_path.parent)
+    assert proc.returncode == 1
+    assert f"{tmp_path / 'nowhere.csv'}: no such file" in proc.stderr
+    assert not (tmp_path / "x.db").exists()
