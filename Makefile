@@ -26,14 +26,12 @@ test: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/pytest -q
 
+# The 72-point grid at W=90 on the shipped CA5 data (data/), smoke-scale training budget.
 demo: install
-	@test -f storage/demo/synthetic.csv || { \
-	  echo "studies/quickstart.yaml reads storage/demo/synthetic.csv: generating SYNTHETIC data"; \
-	  $(VENV)/bin/c5snn data synth --out storage/demo/synthetic.csv --rows 1200; }
 	$(VENV)/bin/c5snn phase-c-sweep --config studies/quickstart.yaml --workers 2
 
 bench: install
 	$(PY) benchmarks/bench_model.py
 
 clean:
-	rm -rf storage/c5snn.db* storage/artifacts storage/demo results
+	rm -rf storage/c5snn.db* storage/artifacts results

@@ -130,7 +130,7 @@ def promote_models(config: StudyConfig, store: Store, data: WindowData) -> tuple
             "trials complete; run the workers until it finishes (c5snn status)"
         )
     # Test logits of every run cover the same windows: all of test, or the first ones when
-    # training.limit_eval_batches caps evaluation. Baseline and intervals use exactly those.
+    # training.limit_test_batches caps evaluation. Baseline and intervals use exactly those.
     logits = {key: torch.load(Path(t.user_attrs["run_dir"]) / "test_logits.pt")
               for key, t in done.items() if key in {(p["config_id"], p["seed"]) for p in points}}
     n_windows = next(iter(logits.values())).shape[0]
@@ -167,7 +167,8 @@ def promote_models(config: StudyConfig, store: Store, data: WindowData) -> tuple
                             for k in METRIC_KEYS},
             "n_seeds": len(per_seed),
             "training_time_s": statistics.fmean(s["training_time_s"] for s in per_seed),
-            "environment": {
+            "environment": environment_summary(trials),
+            "runtime": {
                 "python": platform.python_version(), "torch": torch.__version__,
                 "devices": sorted({t.user_attrs["device"] for t in trials}),
                 "hosts": sorted({t.user_attrs["host"] for t in trials}),
@@ -189,6 +190,14 @@ def promote_models(config: StudyConfig, store: Store, data: WindowData) -> tuple
                     "run_dir": Path(trial.user_attrs["run_dir"]),
                     "test_recall_at_20": best_seed["metrics"]["recall_at_20"]}
     return models, {"baseline": baseline, "chance": chance, "best": best, "n_windows": n_windows}
+
+
+def environment_summary(trials: list[FrozenTrial]) -> str:
+    """Where a model's runs ran, as the one string the original comparison format holds
+    (it wrote "local" or "runpod"): hosts and devices, e.g. "gpubox: cuda, cuda:1"."""
+    hosts = ", ".join(sorted({t.user_attrs["host"] for t in trials}))
+    devices = ", ".join(sorted({t.user_attrs["device"] for t in trials}))
+    return f"{hosts}: {devices}"
 
 
 def _wall(trials: list[FrozenTrial]) -> dict:
@@ -231,6 +240,10 @@ def export(config: StudyConfig, store: Store, csv_path: Path, *, plots: bool = F
                 "window_size": config.window_size,
                 "test_split_size": extra["n_windows"],
                 "test_split_dates": [data.splits["test"].first_target, data.splits["test"].last_target],
+                "test_windows": {"scored": extra["n_windows"], "split": data.splits["test"].size,
+                                 "complete": extra["n_windows"] == data.splits["test"].size},
+                "budget": config.training.describe_budget(),
+                "smoke_scale": not config.training.is_full,
                 "chance": extra["chance"],
                 "frequency_baseline": {"name": "frequency_baseline", "type": "baseline",
                                        "description": "parts ranked by train-split frequency",
@@ -244,8 +257,11 @@ def export(config: StudyConfig, store: Store, csv_path: Path, *, plots: bool = F
             for name in BEST_FILES:
                 shutil.copy2(extra["best"]["run_dir"] / name, best_dir / name)
             promote_study = load_study(store, promote_study_name(config))
+            screening_attrs = load_study(store, config.name).user_attrs
             meta = {
                 "study": config.name, "study_hash": config.content_hash,
+                "data": {"path": screening_attrs["data_path"],
+                         "sha256": screening_attrs["data_sha256"]},
                 "storage": store.masked, "backend": store.backend,
                 "grid": {k: list(v) for k, v in config.grid.items()},
                 "window_size": config.window_size, "screening_seed": config.screening_seed,
@@ -287,8 +303,10 @@ def top_table(report: dict) -> str:
     for m in report["models"]:
         mean, std = m["metrics_mean"], m["metrics_std"]
         lo, hi = m["test_recall_at_20_ci95"]
+        silent = any(s["spike_rate"] and s["spike_rate"][-1] == 0.0 for s in m["per_seed"])
+        name = m["name"] + (" (silent)" if silent else "")
         lines.append(
-            f"{m['name']:<28} {mean['recall_at_20']:.4f}±{std['recall_at_20']:.4f}   "
+            f"{name:<28} {mean['recall_at_20']:.4f}±{std['recall_at_20']:.4f}   "
             f"{mean['hit_at_20']:.4f}±{std['hit_at_20']:.4f}   {mean['mrr']:.4f}±{std['mrr']:.4f}   "
             f"[{lo:.4f}, {hi:.4f}]  {'yes' if m['above_chance'] else 'no':<8}  "
             f"{'yes' if m['above_frequency_baseline'] else 'no'}"
@@ -297,4 +315,15 @@ def top_table(report: dict) -> str:
                  f"{base['hit_at_20']:.4f}            {base['mrr']:.4f}")
     lines.append(f"{'chance (uniform ranking)':<28} {chance['recall_at_20']:.4f}            "
                  f"{chance['hit_at_20']:.4f}            {chance['mrr']:.4f}")
+    scored = report["test_windows"]
+    coverage = ("the whole test split" if scored["complete"] else
+                f"the FIRST {scored['scored']} of {scored['split']} test windows only")
+    lines.append(f"test: {coverage} (split {report['test_split_dates'][0]} .. "
+                 f"{report['test_split_dates'][1]}), window {report['window_size']}")
+    if any("(silent)" in line for line in lines):
+        lines.append("(silent): the last block never fired in some seed's run, so it ranks by its "
+                     "readout bias -- a frequency baseline in disguise")
+    smoke = (" -- a smoke-scale run; the full study is studies/phase_c.yaml"
+             if report["smoke_scale"] else "")
+    lines.append(f"budget: {report['budget']}{smoke}")
     return "\n".join(lines)

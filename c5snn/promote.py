@@ -16,7 +16,7 @@ from c5snn.config import StudyConfig
 from c5snn.dashboard import write_note
 from c5snn.errors import NotReadyError, StudyMismatchError
 from c5snn.storage import Store
-from c5snn.sweep import open_screening, promote_study_name
+from c5snn.sweep import PROMOTE_METRIC, open_screening, promote_study_name, set_metric_name
 
 
 def completed_screening(config: StudyConfig, store: Store) -> list[FrozenTrial]:
@@ -68,6 +68,7 @@ def promote(
                                 load_if_exists=True)
     if "points" in study.user_attrs and study.user_attrs["points"] != points:
         raise StudyMismatchError(f"promote study '{name}' was just created with other points")
+    set_metric_name(study, PROMOTE_METRIC)
     attrs = {
         "kind": "promote", "screening_study": config.name, "c5snn_hash": config.content_hash,
         "top_k": top_k, "seeds": list(seeds), "points": points,

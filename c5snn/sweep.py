@@ -18,6 +18,7 @@ import signal
 import socket
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,8 @@ from c5snn.train import EpochRecord, RunResult, train_run
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 PROMOTE_SUFFIX = "-promote"
+SCREENING_METRIC = "val_recall_at_20"  # the objective's name in Optuna and optuna-dashboard
+PROMOTE_METRIC = "test_recall_at_20"
 DEFAULT_ARTIFACTS = Path("storage/artifacts")
 
 
@@ -91,6 +94,14 @@ def screening_phase(config: StudyConfig) -> Phase:
     return Phase(config.name, "screening", points)
 
 
+def set_metric_name(study: optuna.Study, name: str) -> None:
+    """Name the objective, so optuna-dashboard's charts say what they plot ("Objective 0" else).
+    `Study.set_metric_names` is public but flagged experimental; its warning says nothing here."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names([name])
+
+
 def promote_study_name(config: StudyConfig) -> str:
     return config.name + PROMOTE_SUFFIX
 
@@ -134,6 +145,7 @@ def create_study(config: StudyConfig, store: Store) -> tuple[optuna.Study, bool]
         load_if_exists=True,
     )
     if "c5snn_hash" not in study.user_attrs:
+        set_metric_name(study, SCREENING_METRIC)  # optuna-dashboard labels its charts with it
         attrs = {
             "c5snn_hash": config.content_hash,
             "kind": "screening",

@@ -205,7 +205,7 @@ def train_run(
                 raise TrainingInterrupted(
                     f"stopped during epoch {epoch}; resumable from epoch {epoch - 1}"
                 )
-        ev = evaluate(net, data, "val", training.batch_size, training.limit_eval_batches,
+        ev = evaluate(net, data, "val", training.batch_size, training.limit_val_batches,
                       training.precision)
         metric = ev.metrics["recall_at_20"]
         improved = metric > best_metric
@@ -254,7 +254,7 @@ def train_run(
         resumed_from_epoch=resumed_from,
     )
     if evaluate_test:
-        ev = evaluate(net, data, "test", training.batch_size, training.limit_eval_batches,
+        ev = evaluate(net, data, "test", training.batch_size, training.limit_test_batches,
                       training.precision)
         result.test, result.test_logits = ev.metrics, ev.logits
     return result

@@ -46,7 +46,7 @@ def study_dict(data_path: Path, name: str = "t", **sections) -> dict:
                  "beta": [0.5, 0.8, 0.95], "encoding": ["direct", "rate_coded"]},
         "training": {"epochs": 2, "learning_rate": 0.001, "optimizer": "adam",
                      "early_stopping_patience": 10, "early_stopping_metric": "val_recall_at_20",
-                     "limit_train_batches": 2, "limit_eval_batches": 2},
+                     "limit_train_batches": 2, "limit_val_batches": 2},
         "promote": {"top_k": 5, "seeds": [42, 123, 7], "screening_seed": 42},
         "output": {"dir": "results"},
     }
@@ -80,7 +80,7 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
     )
 
 
-TRAINING = {"epochs": 2, "limit_train_batches": 1, "limit_eval_batches": 2}
+TRAINING = {"epochs": 2, "limit_train_batches": 1, "limit_val_batches": 2}
 
 
 def run_sweep(tmp: Path, csv_path: Path, url: str, workers: int):

@@ -58,11 +58,13 @@ def test_dashboard_serves_both_studies_with_trials_attrs_and_curves(swept):
             attrs = {a["key"] for a in t["user_attrs"]}
             assert {"config_id", "val_hit_at_20", "val_mrr", "spike_rate", "host"} <= attrs
             assert [v["step"] for v in t["intermediate_values"]] == [1, 2]
+        assert screening["objective_names"] == ["val_recall_at_20"]  # not "Objective 0"
         study_attrs = {a["key"] for a in screening["user_attrs"]}
         assert {"grid", "window_size", "data_sha256"} <= study_attrs
         assert "data" in screening["note"]["body"]
 
         promote = _get(f"{base}/api/studies/{by_name[name + '-promote']['study_id']}")
+        assert promote["objective_names"] == ["test_recall_at_20"]
         assert len(promote["trials"]) == 15
         for t in promote["trials"]:
             attrs = {a["key"]: a["value"] for a in t["user_attrs"]}

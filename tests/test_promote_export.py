@@ -44,6 +44,35 @@ def test_sweep_csv_has_exact_columns_and_72_rows(swept):
         assert len(r["val_recall_at_20"].split(".")[-1]) <= 4
 
 
+# The original project's comparison format (its training/compare.py build_comparison), which
+# its final-report reads: these keys with these types on every model.
+ORIGINAL_MODEL_KEYS = {"name": str, "type": str, "phase": str, "metrics_mean": dict,
+                       "metrics_std": dict, "n_seeds": int, "training_time_s": float,
+                       "environment": str}
+
+
+def test_top5_json_keeps_the_original_comparison_format(swept):
+    report = json.loads((swept["results"] / "phase_c_top5.json").read_text())
+    assert isinstance(report["generated_at"], str) and isinstance(report["window_size"], int)
+    assert isinstance(report["test_split_size"], int)
+    for model in report["models"]:
+        for key, kind in ORIGINAL_MODEL_KEYS.items():
+            assert isinstance(model[key], kind), (key, model[key])
+        assert set(model["metrics_mean"]) == set(model["metrics_std"]) == set(METRIC_KEYS)
+        hosts = model["runtime"]["hosts"]  # c5snn's own facts sit under a key of their own
+        assert model["environment"] == f"{', '.join(hosts)}: cpu"
+        assert model["runtime"]["devices"] == ["cpu"] and model["runtime"]["torch"]
+    # the tiny fixture scores every test window: the JSON says so, and states its budget
+    config = swept["config"]
+    assert report["test_windows"]["complete"] and report["test_windows"]["scored"] == (
+        report["test_split_size"])
+    assert report["smoke_scale"] is True
+    assert report["budget"] == config.training.describe_budget()
+    assert report["budget"] == "2 epochs x 1 batch of 16; val: first 32 windows per epoch; test: all windows"
+    assert f"budget: {report['budget']} -- a smoke-scale run" in swept["out"]
+    assert "test: the whole test split" in swept["out"]
+
+
 def test_top5_json_format_and_statistics(swept):
     report = json.loads((swept["results"] / "phase_c_top5.json").read_text())
     assert {"models", "generated_at", "window_size", "test_split_size"} <= set(report)
@@ -86,7 +115,7 @@ def test_best_checkpoint_reloads_and_reproduces_test_recall(swept):
     logits, targets = [], []
     with torch.no_grad():
         for x, y in data.batches("test", config.training.batch_size,
-                                 limit=config.training.limit_eval_batches):
+                                 limit=config.training.limit_test_batches):
             logits.append(model(x))
             targets.append(y)
     got = compute_metrics(torch.cat(logits), torch.cat(targets))["recall_at_20"]
@@ -188,3 +217,12 @@ def test_postgres_4_workers_and_sqlite_1_worker_agree(swept, tmp_path):
     assert [m["config"]["config_id"] for m in pg["models"]] == [
         m["config"]["config_id"] for m in lite["models"]]
     assert [m["metrics_mean"] for m in pg["models"]] == [m["metrics_mean"] for m in lite["models"]]
+
+
+def test_meta_names_the_data_by_content(swept):
+    import hashlib
+
+    meta = json.loads((swept["results"] / "phase_c_sweep_meta.json").read_text())
+    events = swept["tmp"] / "events.csv"
+    assert meta["data"]["sha256"] == hashlib.sha256(events.read_bytes()).hexdigest()
+    assert meta["study"] == swept["config"].name and "password" not in json.dumps(meta)

@@ -26,7 +26,7 @@ def test_best_epoch_weights_are_restored(study_file):
     assert result.val["recall_at_20"] == later_best
     model = build_model(params)
     model.load_state_dict(result.model_state)
-    again = evaluate(model, data, "val", 16, config.training.limit_eval_batches)
+    again = evaluate(model, data, "val", 16, config.training.limit_val_batches)
     assert again.metrics == result.val
 
 
@@ -86,7 +86,7 @@ def test_compiled_training_keeps_one_graph_per_shape_across_epochs(study_file, m
     monkeypatch.setattr(torch, "compile", lambda model, mode, dynamic: real_compile(
         model, backend="aot_eager", dynamic=dynamic))
     config, params, data = _setup(study_file, epochs=3, compile="default",
-                                  limit_train_batches="null", limit_eval_batches="null")
+                                  limit_train_batches="null", limit_val_batches="null")
     n_train = data.splits["train"].size
     assert n_train % config.training.batch_size, "the test data must end in a short batch"
     graphs = []
