@@ -24,16 +24,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import FrozenTrial
 
 from c5snn.config import StudyConfig
 from c5snn.data import WindowData, prepare
-from c5snn.errors import NotReadyError
 from c5snn.metrics import METRIC_KEYS, chance_metrics, compute_metrics, per_window_metrics
 from c5snn.plots import write_plots
-from c5snn.promote import completed_screening, rank
+from c5snn.promote import rank
 from c5snn.storage import Store
-from c5snn.sweep import load_study, promote_phase, promote_study_name
+from c5snn.studies import PhaseState, SweepState
 
 CSV_COLUMNS = [
     "config_id", "d_model", "n_heads", "n_layers", "d_ffn", "beta", "encoding", "timesteps",
@@ -117,18 +116,12 @@ def _population_std(values: list[float]) -> float:
     return statistics.pstdev(values) if len(values) > 1 else 0.0
 
 
-def promote_models(config: StudyConfig, store: Store, data: WindowData) -> tuple[list[dict], dict]:
+def promote_models(config: StudyConfig, promote: PhaseState,
+                   data: WindowData) -> tuple[list[dict], dict]:
     """The top-K models (JSON-ready, best first by rank) and the chosen best run."""
-    study = load_study(store, promote_study_name(config))
-    points = study.user_attrs["points"]
+    points = promote.study.user_attrs["points"]
     done = {(t.user_attrs["config_id"], t.user_attrs["seed"]): t
-            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
-    missing = [p for p in points if (p["config_id"], p["seed"]) not in done]
-    if missing:
-        raise NotReadyError(
-            f"promote study '{study.study_name}' has {len(points) - len(missing)}/{len(points)} "
-            "trials complete; run the workers until it finishes (c5snn status)"
-        )
+            for t in promote.require_complete("run the workers until it finishes")}
     # Test logits of every run cover the same windows: all of test, or the first ones when
     # training.limit_test_batches caps evaluation. Baseline and intervals use exactly those.
     logits = {key: torch.load(Path(t.user_attrs["run_dir"]) / "test_logits.pt")
@@ -214,12 +207,8 @@ def _wall(trials: list[FrozenTrial]) -> dict:
 def export(config: StudyConfig, store: Store, csv_path: Path, *, plots: bool = False) -> dict:
     """Write every output that the studies' progress allows; returns what was written."""
     paths = Paths(Path(csv_path))
-    trials = completed_screening(config, store)
-    if len(trials) < config.n_points:
-        raise NotReadyError(
-            f"screening of '{config.name}' has {len(trials)}/{config.n_points} points complete; "
-            "the CSV needs all of them (c5snn status)"
-        )
+    state = SweepState.read(config, store)
+    trials = state.screening.require_complete("the CSV needs all of them")
     paths.folder.mkdir(parents=True, exist_ok=True)
     staging = Path(str(paths.folder / f".export-{paths.stem}.tmp"))
     shutil.rmtree(staging, ignore_errors=True)
@@ -230,10 +219,9 @@ def export(config: StudyConfig, store: Store, csv_path: Path, *, plots: bool = F
             writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
             writer.writeheader()
             writer.writerows(sweep_rows(config, trials))
-        promote_done = _promote_complete(config, store)
-        if promote_done:
+        if state.promote is not None and state.promote.complete:
             data = prepare(config.data_path, config.window_size, config.split_ratios)
-            models, extra = promote_models(config, store, data)
+            models, extra = promote_models(config, state.promote, data)
             report = {
                 "models": models,
                 "generated_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -256,8 +244,8 @@ def export(config: StudyConfig, store: Store, csv_path: Path, *, plots: bool = F
             best_dir.mkdir()
             for name in BEST_FILES:
                 shutil.copy2(extra["best"]["run_dir"] / name, best_dir / name)
-            promote_study = load_study(store, promote_study_name(config))
-            screening_attrs = load_study(store, config.name).user_attrs
+            promote_attrs = state.promote.study.user_attrs
+            screening_attrs = state.screening.study.user_attrs
             meta = {
                 "study": config.name, "study_hash": config.content_hash,
                 "data": {"path": screening_attrs["data_path"],
@@ -265,15 +253,14 @@ def export(config: StudyConfig, store: Store, csv_path: Path, *, plots: bool = F
                 "storage": store.masked, "backend": store.backend,
                 "grid": {k: list(v) for k, v in config.grid.items()},
                 "window_size": config.window_size, "screening_seed": config.screening_seed,
-                "seeds": promote_study.user_attrs["seeds"], "top_k": promote_study.user_attrs["top_k"],
+                "seeds": promote_attrs["seeds"], "top_k": promote_attrs["top_k"],
                 "screening": _wall(trials),
-                "promote": _wall(promote_study.get_trials(deepcopy=False,
-                                                          states=(TrialState.COMPLETE,))),
+                "promote": _wall(state.promote.complete_trials()),
             }
             (staging / paths.meta.name).write_text(json.dumps(meta, indent=2))
             written.update(top=paths.top, best=paths.best, meta=paths.meta, report=report)
         if plots:
-            written["plots"] = write_plots(config, store, staging, paths.stem,
+            written["plots"] = write_plots(state.screening.study, staging, paths.stem,
                                            written.get("report"))
         for item in sorted(staging.iterdir()):
             target = paths.folder / item.name
@@ -285,20 +272,10 @@ def export(config: StudyConfig, store: Store, csv_path: Path, *, plots: bool = F
     return written
 
 
-def _promote_complete(config: StudyConfig, store: Store) -> bool:
-    phase = promote_phase(config, store)
-    if phase is None:
-        return False
-    study = load_study(store, phase.study)
-    done = {(t.user_attrs["config_id"], t.user_attrs["seed"])
-            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
-    return all((p.config_id, p.seed) in done for p in phase.points)
-
-
 def top_table(report: dict) -> str:
     """The top-K table: mean ± std on test beside chance and the frequency baseline."""
     chance, base = report["chance"], report["frequency_baseline"]["metrics"]
-    lines = ["model                        test_r@20         test_hit@20       test_mrr          "
+    lines = [f"{'model':<37} test_r@20         test_hit@20       test_mrr          "
              "95% CI r@20       > chance  > baseline"]
     for m in report["models"]:
         mean, std = m["metrics_mean"], m["metrics_std"]
@@ -306,14 +283,14 @@ def top_table(report: dict) -> str:
         silent = any(s["spike_rate"] and s["spike_rate"][-1] == 0.0 for s in m["per_seed"])
         name = m["name"] + (" (silent)" if silent else "")
         lines.append(
-            f"{name:<28} {mean['recall_at_20']:.4f}±{std['recall_at_20']:.4f}   "
+            f"{name:<37} {mean['recall_at_20']:.4f}±{std['recall_at_20']:.4f}   "
             f"{mean['hit_at_20']:.4f}±{std['hit_at_20']:.4f}   {mean['mrr']:.4f}±{std['mrr']:.4f}   "
             f"[{lo:.4f}, {hi:.4f}]  {'yes' if m['above_chance'] else 'no':<8}  "
             f"{'yes' if m['above_frequency_baseline'] else 'no'}"
         )
-    lines.append(f"{'frequency_baseline':<28} {base['recall_at_20']:.4f}            "
+    lines.append(f"{'frequency_baseline':<37} {base['recall_at_20']:.4f}            "
                  f"{base['hit_at_20']:.4f}            {base['mrr']:.4f}")
-    lines.append(f"{'chance (uniform ranking)':<28} {chance['recall_at_20']:.4f}            "
+    lines.append(f"{'chance (uniform ranking)':<37} {chance['recall_at_20']:.4f}            "
                  f"{chance['hit_at_20']:.4f}            {chance['mrr']:.4f}")
     scored = report["test_windows"]
     coverage = ("the whole test split" if scored["complete"] else
