@@ -37,11 +37,11 @@ def stub_train(params, training, data, *, seed, evaluate_test, on_epoch, checkpo
 
 
 def work(study_path: str, url: str, name: str, artifacts: str, out) -> None:
-    from c5snn.config import load_study
+    from c5snn.config import load_config
     from c5snn.storage import Store
-    from c5snn.sweep import Worker
+    from c5snn.worker import Worker
 
-    config = load_study(study_path)
+    config = load_config(study_path)
     worker = Worker(config, Store(url), name=name, artifacts=Path(artifacts), echo=lambda _: None,
                     train_fn=stub_train)
     worker._data = object()  # the stub never touches data
@@ -71,15 +71,15 @@ def main() -> None:
     sys.path.insert(0, str(ROOT / "tests"))
     from conftest import study_dict, write_study
 
-    from c5snn.config import load_study
+    from c5snn.config import load_config
     from c5snn.data import write_synthetic
     from c5snn.storage import Store
-    from c5snn.sweep import create_study
+    from c5snn.studies import create_screening
 
     tmp = Path(tempfile.mkdtemp())
     data = write_synthetic(tmp / "e.csv", rows=300, seed=0)
     study = write_study(tmp / "s.yaml", study_dict(data, name=f"coord-{uuid.uuid4().hex[:8]}"))
-    create_study(load_study(study), Store(args.storage))
+    create_screening(load_config(study), Store(args.storage))
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     t0 = time.perf_counter()

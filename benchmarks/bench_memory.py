@@ -50,10 +50,8 @@ VARIANTS = {  # name -> (model kind, tune_cpu_allocator, allocator environment)
 def one(kind: str, tune: bool, config: str, steps: int, threads: int) -> dict:
     import torch
 
-    sys.path.insert(0, str(ROOT / "tests"))
-    from oracle import OracleSpikingTransformer
-
     from c5snn.model import SpikingTransformer
+    from c5snn.reference import ReferenceSpikingTransformer
     from c5snn.runtime import tune_cpu_allocator
 
     if tune:
@@ -62,7 +60,7 @@ def one(kind: str, tune: bool, config: str, steps: int, threads: int) -> dict:
     torch.manual_seed(0)
     cfg = CONFIGS[config]
     kw = dict(cfg, d_ffn=2 * cfg["d_model"], beta=0.8, dropout=0.1)
-    model = (SpikingTransformer if kind == "fast" else OracleSpikingTransformer)(**kw).train()
+    model = (SpikingTransformer if kind == "fast" else ReferenceSpikingTransformer)(**kw).train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     x = (torch.rand(64, 90, 39) < 5 / 39).float()
     y = (torch.rand(64, 39) < 5 / 39).float()

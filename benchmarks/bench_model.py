@@ -40,9 +40,8 @@ def one(kind: str, name: str, repeats: int, threads: int) -> dict:
 
     sys.path.insert(0, str(ROOT / "tests"))
     sys.path.insert(0, str(ROOT))
-    from oracle import OracleSpikingTransformer
-
     from c5snn.model import SpikingTransformer
+    from c5snn.reference import ReferenceSpikingTransformer
     from c5snn.runtime import tune_cpu_allocator
 
     tune_cpu_allocator()  # glibc's setting (a no-op for allocation under jemalloc)
@@ -50,7 +49,7 @@ def one(kind: str, name: str, repeats: int, threads: int) -> dict:
     torch.manual_seed(0)
     cfg = CONFIGS[name]
     kw = dict(cfg, d_ffn=2 * cfg["d_model"], beta=0.8, dropout=0.1)
-    model = (SpikingTransformer if kind == "fast" else OracleSpikingTransformer)(**kw)
+    model = (SpikingTransformer if kind == "fast" else ReferenceSpikingTransformer)(**kw)
     model.train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     loss_fn = torch.nn.BCEWithLogitsLoss()

@@ -101,8 +101,9 @@ def run(kind: str, name: str, data_path: str, limit: int | None, threads: int) -
         metrics = evaluate(model, data, "val", BATCH).metrics
     else:
         import numpy as np
-        from oracle import OracleSpikingTransformer
         from torch.utils.data import DataLoader, TensorDataset
+
+        from c5snn.reference import ReferenceSpikingTransformer
 
         p = events.matrix.astype(np.float32)
         n = events.rows - W
@@ -115,7 +116,7 @@ def run(kind: str, name: str, data_path: str, limit: int | None, threads: int) -
         val = DataLoader(TensorDataset(torch.from_numpy(windows[va.start:va.stop]),
                                        torch.from_numpy(targets[va.start:va.stop])),
                          batch_size=BATCH)
-        model = OracleSpikingTransformer(**kw)
+        model = ReferenceSpikingTransformer(**kw)
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
         batch_ms = train_batches(model, opt, loss_fn, train, limit)
         t_val = time.perf_counter()

@@ -61,14 +61,16 @@ def check_triton(device: str) -> str:
 
 
 def check_correctness(device: str) -> str:
-    from oracle import OracleSpikingTransformer, make_it_fire
+    from helpers import make_it_fire
+
+    from c5snn.reference import ReferenceSpikingTransformer
 
     kw = dict(d_model=64, n_heads=2, n_layers=6, d_ffn=128, beta=0.8, encoding="rate_coded",
               timesteps=4, dropout=0.0)
     torch.manual_seed(0)
     fast = make_it_fire(SpikingTransformer(**kw).to(device))
-    oracle = OracleSpikingTransformer(**kw).to(device)
-    oracle.load_state_dict(fast.state_dict(), strict=False)
+    oracle = ReferenceSpikingTransformer(**kw).to(device)
+    oracle.load_state_dict(fast.state_dict())  # the same keys, strictly
     x = (torch.rand(8, 30, 39, device=device) < 5 / 39).float()
     a, b = fast(x), oracle(x)
     a.square().sum().backward()

@@ -1,4 +1,7 @@
-"""Run directories: what a finished run leaves on disk, and loading it back.
+"""What runs leave on disk: the artifact store's layout, run directories, loading them back.
+
+    <artifacts>/<study>/point-NNN/checkpoint.pt   per-epoch checkpoint of a point (resume)
+    <artifacts>/<study>/point-NNN/run/            a promote point's run directory:
 
     best_model.pt        model_state_dict, optimizer_state_dict, epoch, best_val_recall_at_20,
                          config, seed (the best epoch's weights)
@@ -10,14 +13,16 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import importlib.metadata
-import os
+import re
 from pathlib import Path
 
 import torch
 import yaml
 
 from c5snn.config import ModelParams
+from c5snn.files import atomic_path
 from c5snn.metrics import METRIC_KEYS
 from c5snn.model import SpikingTransformer, build_model
 from c5snn.train import RunResult
@@ -33,37 +38,46 @@ def pip_freeze() -> str:
     return "\n".join(sorted(lines, key=str.lower)) + "\n"
 
 
+DEFAULT_ARTIFACTS = Path("storage/artifacts")
+
+
+def safe_name(study: str) -> str:
+    """A filesystem-safe folder name for a study name (hostile names included)."""
+    slug = re.sub(r"[^A-Za-z0-9_.-]", "_", study)[:60].strip(".") or "study"
+    return f"{slug}-{hashlib.sha256(study.encode()).hexdigest()[:8]}"
+
+
+def point_dir(artifacts: Path, study: str, point: int) -> Path:
+    """Where one point of one study keeps its checkpoint and (promote) run directory."""
+    return artifacts / safe_name(study) / f"point-{point:03d}"
+
+
 def write_run_dir(run_dir: Path, result: RunResult, config: dict) -> Path:
     """Write a run's outputs into a fresh directory, renamed into place when complete."""
     run_dir = Path(run_dir)
-    tmp = run_dir.with_name(f".{run_dir.name}.{os.getpid()}.tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    torch.save(
-        {
-            "model_state_dict": result.model_state,
-            "optimizer_state_dict": result.optimizer_state,
-            "epoch": result.best_epoch,
-            "best_val_recall_at_20": result.val["recall_at_20"],
-            "config": config,
-            "seed": result.seed,
-        },
-        tmp / "best_model.pt",
-    )
-    (tmp / "config_snapshot.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    (tmp / "pip_freeze.txt").write_text(pip_freeze())
-    with open(tmp / "metrics.csv", "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["epoch", "train_loss", *(f"val_{k}" for k in METRIC_KEYS), "seconds"])
-        for r in result.history:
-            writer.writerow(
-                [r.epoch, f"{r.train_loss:.6f}", *(f"{r.val[k]:.6f}" for k in METRIC_KEYS),
-                 f"{r.seconds:.3f}"]
-            )
-    if run_dir.exists():
-        for child in run_dir.iterdir():
-            child.unlink()
-        run_dir.rmdir()
-    tmp.rename(run_dir)
+    with atomic_path(run_dir) as tmp:
+        tmp.mkdir()
+        torch.save(
+            {
+                "model_state_dict": result.model_state,
+                "optimizer_state_dict": result.optimizer_state,
+                "epoch": result.best_epoch,
+                "best_val_recall_at_20": result.val["recall_at_20"],
+                "config": config,
+                "seed": result.seed,
+            },
+            tmp / "best_model.pt",
+        )
+        (tmp / "config_snapshot.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        (tmp / "pip_freeze.txt").write_text(pip_freeze())
+        with open(tmp / "metrics.csv", "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["epoch", "train_loss", *(f"val_{k}" for k in METRIC_KEYS), "seconds"])
+            for r in result.history:
+                writer.writerow(
+                    [r.epoch, f"{r.train_loss:.6f}", *(f"{r.val[k]:.6f}" for k in METRIC_KEYS),
+                     f"{r.seconds:.3f}"]
+                )
     return run_dir
 
 

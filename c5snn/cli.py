@@ -113,7 +113,7 @@ def train(
 
 
 def _artifacts(option: Path | None) -> Path:
-    from c5snn.sweep import DEFAULT_ARTIFACTS
+    from c5snn.artifacts import DEFAULT_ARTIFACTS
 
     return option or Path(os.environ.get("C5SNN_ARTIFACTS") or DEFAULT_ARTIFACTS)
 
@@ -121,13 +121,13 @@ def _artifacts(option: Path | None) -> Path:
 @study_app.command("create")
 def study_create(config: ConfigOpt, storage: StorageOpt = None) -> None:
     """Create the screening study (GridSampler over the grid), or open it if it exists."""
-    from c5snn.config import load_study
+    from c5snn.config import load_config
     from c5snn.storage import open_store
-    from c5snn.sweep import create_study
+    from c5snn.studies import create_screening
 
-    cfg = load_study(config)
+    cfg = load_config(config)
     store = open_store(storage, cfg.storage)
-    _, created = create_study(cfg, store)
+    _, created = create_screening(cfg, store)
     verb = "created" if created else "exists:"
     _echo(f"{verb} study '{cfg.name}' ({cfg.n_points} points, hash {cfg.content_hash}) "
           f"in {store.masked}")
@@ -155,12 +155,12 @@ def worker(
     if device == "cpu":
         reexec_with_jemalloc()  # before anything is allocated; returns when not possible
 
-    from c5snn.config import load_study
+    from c5snn.config import load_config
     from c5snn.runs import configure_threads
     from c5snn.storage import open_store
-    from c5snn.sweep import StopFlag, Timing, Worker
+    from c5snn.worker import StopFlag, Timing, Worker
 
-    cfg = load_study(config, set_ or [])
+    cfg = load_config(config, set_ or [])
     configure_threads(threads)
     store = open_store(storage, cfg.storage)
     name = name or f"{socket.gethostname()}-{os.getpid()}"
@@ -185,12 +185,12 @@ def workers(
     max_attempts: AttemptsOpt = 3,
 ) -> None:
     """Start N local worker processes (several per GPU allowed) and wait for them."""
-    from c5snn.config import load_study
+    from c5snn.config import load_config
     from c5snn.launcher import launch, parse_gpus, worker_args
-    from c5snn.sweep import Timing
+    from c5snn.worker import Timing
 
     timing = Timing(heartbeat_s=heartbeat, grace_s=grace, max_attempts=max_attempts)
-    args = worker_args(load_study(config), timing, _artifacts(artifacts))
+    args = worker_args(load_config(config), timing, _artifacts(artifacts))
     code = launch(args, n, gpus=parse_gpus(gpus), threads=threads, echo=_echo, storage_url=storage)
     raise typer.Exit(code)
 
@@ -205,14 +205,15 @@ def status(
     """Trials per state, running trials with their workers, failed points, ETA."""
     import time
 
-    from c5snn.config import load_study
-    from c5snn.status import format_status, study_status
+    from c5snn.config import load_config
+    from c5snn.status import format_status
     from c5snn.storage import open_store
+    from c5snn.studies import SweepState
 
-    cfg = load_study(config)
+    cfg = load_config(config)
     store = open_store(storage, cfg.storage)
     while True:
-        text = format_status(study_status(cfg, store, max_attempts), store.masked)
+        text = format_status(SweepState.read(cfg, store, max_attempts), store.masked)
         if watch:
             typer.clear()
         _echo(text)
@@ -237,17 +238,17 @@ def promote(
     top_k: TopKOpt = None,
     seeds: SeedsOpt = None,
     allow_partial: Annotated[bool, typer.Option(help="Promote before screening ends.")] = False,
-    wait: Annotated[bool, typer.Option(help="Wait until workers finish the promote trials.")] = False,
+    wait: Annotated[bool, typer.Option(help="Wait until workers finish the promote trials; "
+                                            "exit 1 naming any point given up.")] = False,
+    max_attempts: AttemptsOpt = 3,
 ) -> None:
     """Create the promote study: the top-K screening configs x seeds, run by the workers on test."""
-    import time
-
-    from c5snn.config import load_study, parse_seeds
+    from c5snn.config import load_config, parse_seeds
     from c5snn.promote import promote as create_promote
+    from c5snn.promote import wait_for_promote
     from c5snn.storage import open_store
-    from c5snn.sweep import promote_phase
 
-    cfg = load_study(config)
+    cfg = load_config(config)
     store = open_store(storage, cfg.storage)
     k = top_k or cfg.top_k
     seed_list = parse_seeds(seeds) if seeds else cfg.seeds
@@ -255,15 +256,9 @@ def promote(
     n = len(study.user_attrs["points"])
     _echo(f"{'created' if created else 'exists:'} promote study '{study.study_name}' "
           f"({n} trials: top {k} x seeds {','.join(map(str, seed_list))})")
-    while wait:
-        from c5snn.sweep import point_states
-
-        phase = promote_phase(cfg, store)
-        done = sum(s.done for s in point_states(store.attempts(phase.study), n))
-        if done == n:
-            _echo(f"promote complete: {done}/{n}")
-            return
-        time.sleep(5)
+    if wait:
+        done = wait_for_promote(cfg, store, max_attempts=max_attempts, echo=_echo)
+        _echo(f"promote complete: {done}/{n}")
 
 
 @app.command()
@@ -274,12 +269,12 @@ def export(
     plots: Annotated[bool, typer.Option(help="Also write HTML figures (needs plotly).")] = False,
 ) -> None:
     """Write the sweep CSV and, once promote is done, the top-K JSON, best checkpoint and meta."""
-    from c5snn.config import load_study
+    from c5snn.config import load_config
     from c5snn.export import export as do_export
     from c5snn.export import top_table
     from c5snn.storage import open_store
 
-    cfg = load_study(config)
+    cfg = load_config(config)
     written = do_export(cfg, open_store(storage, cfg.storage), cfg.sweep_csv(output), plots=plots)
     _echo(written["leaderboard"])
     if "report" in written:
@@ -304,14 +299,14 @@ def phase_c_sweep(
     max_attempts: AttemptsOpt = 3,
 ) -> None:
     """Run the spiking transformer sweep end to end: screen, promote top-K, re-run, export."""
-    from c5snn.config import load_study, parse_seeds
+    from c5snn.config import load_config, parse_seeds
     from c5snn.launcher import parse_gpus
     from c5snn.pipeline import phase_c_sweep as run
     from c5snn.storage import open_store
-    from c5snn.sweep import Timing
+    from c5snn.worker import Timing
 
     overrides = [f"promote.screening_seed={screening_seed}"] if screening_seed is not None else []
-    cfg = load_study(config, overrides)
+    cfg = load_config(config, overrides)
     run(
         cfg, open_store(storage, cfg.storage), output=cfg.sweep_csv(output), top_k=top_k or cfg.top_k,
         seeds=parse_seeds(seeds) if seeds else cfg.seeds, n_workers=workers, gpus=parse_gpus(gpus),
@@ -328,11 +323,11 @@ def dashboard(
     port: Annotated[int, typer.Option(help="Port.")] = 8080,
 ) -> None:
     """Serve optuna-dashboard on the study's storage (learning curves, params, attrs, notes)."""
-    from c5snn.config import load_study
+    from c5snn.config import load_config
     from c5snn.dashboard import serve
     from c5snn.storage import open_store
 
-    cfg = load_study(config)
+    cfg = load_config(config)
     serve(open_store(storage, cfg.storage), host, port, _echo)
 
 

@@ -1,7 +1,7 @@
 """Study files: the one place that loads, validates and derives configuration.
 
 A study file (YAML) describes a whole sweep: data, fixed model settings, the grid, training
-budget, promote settings and outputs. `load_study` turns it into a frozen `StudyConfig` or raises
+budget, promote settings and outputs. `load_config` turns it into a frozen `StudyConfig` or raises
 `StudyFileError` naming the file, the key and the rule. Everything downstream (trainer, workers,
 promote, export) reads the validated object, never the raw YAML.
 """
@@ -28,8 +28,8 @@ ENCODINGS = ("direct", "rate_coded")
 # Speed options (all off by default; fp32 eager torch is the reference the tests pin):
 PRECISIONS = ("fp32", "tf32", "bf16")  # tf32: CUDA matmuls only; bf16: autocast, membranes fp32
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # torch.compile modes
-LIF_KERNELS = ("torch", "triton")  # triton: one fused kernel per LIF recurrence, CUDA only
-DEFAULT_STORAGE = "sqlite:///storage/c5snn.db"
+# triton: one fused kernel per LIF recurrence, CUDA only; snntorch: the step-by-step reference
+LIF_KERNELS = ("torch", "triton", "snntorch")
 
 # Schema: section -> {key: (type(s), required)}. Types are checked after YAML parsing.
 _SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
@@ -240,7 +240,7 @@ def _apply_override(raw: dict, source: Path, assignment: str) -> None:
     raw[section][field] = value
 
 
-def load_study(path: str | os.PathLike, overrides: list[str] | None = None) -> StudyConfig:
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> StudyConfig:
     """Load and validate a study file; `overrides` are `key=value` strings applied first."""
     source = Path(path)
     try:

@@ -7,6 +7,7 @@ index gather `P[idx[:, None] + arange(W)]` straight from the device-resident mat
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import date
@@ -16,7 +17,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from c5snn.errors import DataError
+from c5snn.errors import DataError, first_line
+from c5snn.files import atomic_path
 
 N_PARTS = 39
 N_PICKS = 5
@@ -93,8 +95,7 @@ def load_events(path: str | Path) -> Events:
     except FileNotFoundError:
         raise DataError(f"{path}: no such file") from None
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DataError(f"{path}: not a readable CSV ({first})") from None
+        raise DataError(f"{path}: not a readable CSV ({first_line(exc)})") from None
     header = [c.strip() for c in frame.columns]
     frame.columns = header
     if header not in (MATRIX_HEADER, DATE_HEADER):
@@ -277,8 +278,15 @@ def synthesize(rows: int, seed: int) -> pd.DataFrame:
 def write_synthetic(out: Path, rows: int, seed: int) -> Path:
     """Write `synthesize(rows, seed)` to `out` atomically (no half-written file on failure)."""
     frame = synthesize(rows, seed)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    frame.to_csv(tmp, index=False)
-    tmp.replace(out)
+    with atomic_path(out) as tmp:
+        frame.to_csv(tmp, index=False)
     return out
+
+
+def file_sha256(path: Path) -> str:
+    """The file's content hash: what names a data file, wherever it lies."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

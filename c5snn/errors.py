@@ -1,4 +1,4 @@
-"""The one exception hierarchy of c5snn.
+"""The one exception hierarchy of c5snn, and how an exception becomes one line.
 
 Library code raises these; the CLI boundary (`c5snn.cli`) turns any `C5Error` into a one-line
 message and exit code 1. Anything else escaping to the boundary is a bug and keeps its traceback.
@@ -33,5 +33,17 @@ class NotReadyError(C5Error):
     """A step was asked for before the steps it depends on finished (e.g. promote mid-screening)."""
 
 
+class WorkersFailed(C5Error):
+    """A local worker process exited non-zero."""
+
+
 class TrainingInterrupted(C5Error):
     """Training stopped on request (SIGTERM/Ctrl-C); the last finished epoch is checkpointed."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (a database driver's own error when it wraps
+    one), or its class name when the message is empty: what a one-line report shows."""
+    cause = getattr(exc, "orig", None) or exc
+    text = str(cause).strip()
+    return text.splitlines()[0] if text else type(cause).__name__

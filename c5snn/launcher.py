@@ -13,7 +13,7 @@ from pathlib import Path
 
 from c5snn.config import StudyConfig
 from c5snn.runtime import cpu_allocator_env
-from c5snn.sweep import Timing
+from c5snn.worker import Timing
 
 
 def worker_args(config: StudyConfig, timing: Timing, artifacts: Path) -> list[str]:

@@ -1,8 +1,9 @@
-"""Multi-step LIF neurons and a mask-regenerating dropout, as small autograd Functions.
+"""The LIF neuron: its constants and the multi-step recurrence in torch (the default kernel).
 
-Both exist for speed (DESIGN §2): autograd through T separate LIF steps records ~6 ops per step
-and keeps every intermediate; one Function per recurrence keeps a single `(T, ...)` tensor for
-backward. The dropout keeps only a seed and regenerates its mask in backward.
+One autograd Function per recurrence exists for speed (DESIGN §2): autograd through T separate
+LIF steps records ~6 ops per step and keeps every intermediate; the Function keeps a single
+`(T, ...)` tensor for backward. `c5snn.lif_triton` is the same recurrence as a fused CUDA kernel;
+`c5snn.model.lif_function` chooses between them.
 
 LIF update (snntorch `Leaky`, reset by subtraction, threshold 1, membrane zero at t=0):
 
@@ -18,7 +19,6 @@ import torch
 
 THRESHOLD = 1.0
 SLOPE = 25.0  # snntorch.surrogate.fast_sigmoid(slope=25)
-MAX_COUNT = 255  # attention counts are kept as uint8
 
 
 class LIFMultiStep(torch.autograd.Function):
@@ -51,165 +51,6 @@ class LIFMultiStep(torch.autograd.Function):
         return grad, None
 
 
-def lif(x: torch.Tensor, beta: float, kernel: str = "torch") -> torch.Tensor:
-    """Apply a multi-step LIF over the leading (time) dimension of `x`; spikes are fp32.
-
-    Membranes are always fp32: under bf16 autocast the input current is upcast first, since a
-    bf16 membrane (8-bit mantissa) would move spikes across the threshold. `kernel="triton"`
-    runs the recurrence as one fused CUDA kernel (`c5snn.lif_triton`).
-    """
-    if x.dtype != torch.float32:
-        x = x.float()
-    if kernel == "triton":
-        from c5snn.lif_triton import lif_triton
-
-        return lif_triton(x, beta)
+def lif_torch(x: torch.Tensor, beta: float) -> torch.Tensor:
+    """Spikes `(T, ...)` of LIF neurons driven by fp32 currents `x` `(T, ...)`."""
     return LIFMultiStep.apply(x, beta)
-
-
-def keep_mask(shape, p: float, device: torch.device) -> torch.Tensor:
-    """uint8 mask, 1 where an element is kept, with P(drop) = round(p * 2^16) / 2^16.
-
-    Drawn as 16-bit integers carved from 64-bit random words: a quarter of the generator calls
-    of `torch.rand` (whose per-element cost was a quarter of a CPU training step); the drop
-    rate is within 2^-17 of `p`. uint8 rather than bool because the uint8 -> fp32 multiply is
-    1.3-2.2x faster on CPU than masked_fill/where with a bool mask or a mixed-dtype multiply
-    (benchmarks/bench_masks.py).
-    Under torch.compile (which cannot trace in-place `random_`) the 16-bit integers are drawn
-    directly: same distribution, another random stream.
-    """
-    threshold = int(round(p * 65536)) - 32768
-    if torch.compiler.is_compiling():
-        bits = torch.randint(-32768, 32768, tuple(shape), dtype=torch.int16, device=device)
-        return (bits >= threshold).view(torch.uint8)
-    n = 1
-    for s in shape:
-        n *= s
-    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), None)
-    bits = words.view(torch.int16)[:n].view(shape)
-    return (bits >= threshold).view(torch.uint8)
-
-
-def dropout_spikes(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """Inverted dropout; the uint8 mask (not a float copy) is what backward keeps."""
-    if not training or p == 0.0:
-        return x
-    return _Dropout.apply(x, p)
-
-
-class _Dropout(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:
-        keep = keep_mask(x.shape, p, x.device)
-        ctx.save_for_backward(keep)
-        ctx.factor = 1.0 / (1.0 - p)
-        return keep.to(x.dtype).mul_(ctx.factor).mul_(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (keep,) = ctx.saved_tensors
-        return keep.to(grad.dtype).mul_(ctx.factor).mul_(grad), None
-
-
-class SpikeAttention(torch.autograd.Function):
-    """`dropout(q @ kᵀ * scale) @ v` per head, without softmax, on `(N, W, d)` binary spikes.
-
-    `N` is T*B folded; heads are strided column slices of `d`, so no head transpose is copied.
-    Because q and k are 0/1, `q @ kᵀ` is a small integer count: backward keeps the counts (with
-    dropped entries zeroed), q, k, v and the keep mask as uint8, a quarter of the
-    float tensors autograd would keep, and folds the scale into its GEMMs' alpha.
-    """
-
-    @staticmethod
-    def forward(ctx, q, k, v, n_heads: int, scale: float, p: float, training: bool):
-        # Under autocast the GEMMs run in its dtype: counts <= d/h are exact in bf16 too.
-        kind = q.device.type
-        if torch.is_autocast_enabled(kind):
-            dtype = torch.get_autocast_dtype(kind)
-            q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-        n, w, d = q.shape
-        dh = d // n_heads
-        if dh > MAX_COUNT:
-            raise ValueError(f"head size {dh} too large for uint8 attention counts")
-        dropping = training and p > 0.0
-        alpha = scale / (1.0 - p) if dropping else scale
-        scores = torch.empty(n_heads, n, w, w, dtype=q.dtype, device=q.device)  # (h, N, W, W)
-        for i in range(n_heads):
-            cols = slice(i * dh, (i + 1) * dh)
-            torch.bmm(q[..., cols], k[..., cols].transpose(1, 2), out=scores[i])  # exact counts
-        counts = scores.to(torch.uint8)
-        keep = None
-        if dropping:  # drop on the 1-byte counts, not the 4-byte scores
-            keep = keep_mask(scores.shape, p, q.device)
-            counts.mul_(keep)
-        scores.copy_(counts).mul_(alpha)  # one rounding of an exact integer, as (q@kᵀ)*scale
-        out = torch.empty_like(q)  # (N, W, d)
-        for i in range(n_heads):
-            cols = slice(i * dh, (i + 1) * dh)
-            out[..., cols] = torch.bmm(scores[i], v[..., cols])
-        ctx.save_for_backward(q.to(torch.uint8), k.to(torch.uint8), v.to(torch.uint8), counts, keep)
-        ctx.n_heads, ctx.alpha = n_heads, alpha
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        q8, k8, v8, counts, keep = ctx.saved_tensors
-        dtype = grad_out.dtype
-        q, k, v = q8.to(dtype), k8.to(dtype), v8.to(dtype)  # (N, W, d) spikes again
-        n, w, d = q.shape
-        dh = d // ctx.n_heads
-        gq, gk, gv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        tmp = torch.empty(n, w, dh, dtype=dtype, device=q.device)
-        for i in range(ctx.n_heads):
-            cols = slice(i * dh, (i + 1) * dh)
-            dropped_counts = counts[i].to(dtype)  # (N, W, W); scores = alpha * this
-            g = grad_out[..., cols]  # (N, W, dh)
-            torch.baddbmm(tmp, dropped_counts.transpose(1, 2), g, beta=0.0, alpha=ctx.alpha, out=tmp)
-            gv[..., cols] = tmp
-            g_scores = torch.bmm(g, v[..., cols].transpose(1, 2))  # (N, W, W)
-            if keep is not None:
-                g_scores.mul_(keep[i].to(dtype))
-            torch.baddbmm(tmp, g_scores, k[..., cols], beta=0.0, alpha=ctx.alpha, out=tmp)
-            gq[..., cols] = tmp
-            torch.baddbmm(tmp, g_scores.transpose(1, 2), q[..., cols], beta=0.0, alpha=ctx.alpha,
-                          out=tmp)
-            gk[..., cols] = tmp
-        return gq, gk, gv, None, None, None, None
-
-
-class SpikeLinear(torch.autograd.Function):
-    """`x @ Wᵀ + b` for `x` whose entries are 0 or `value` (spikes, or dropped-out spikes).
-
-    Autograd's linear would keep `x` as floats for the weight gradient; this keeps it as uint8.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, value: float):
-        ctx.save_for_backward(x.to(torch.uint8), weight)  # 0 or value -> 0 or 1 (truncation)
-        ctx.value = value
-        return torch.nn.functional.linear(x, weight, bias)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x8, weight = ctx.saved_tensors
-        dtype = grad_out.dtype  # bf16 under autocast; autograd casts the grads back to fp32
-        flat = grad_out.reshape(-1, grad_out.shape[-1])  # (rows, out)
-        x = x8.reshape(-1, x8.shape[-1]).to(dtype)  # (rows, in)
-        grad_w = (flat.t() @ x).mul_(ctx.value) if ctx.value != 1.0 else flat.t() @ x
-        grad_b = flat.sum(dim=0, dtype=torch.float32)
-        return grad_out @ weight.to(dtype), grad_w, grad_b, None
-
-
-def spike_linear(layer: torch.nn.Linear, x: torch.Tensor, value: float = 1.0) -> torch.Tensor:
-    """`layer(x)` for 0/`value` input, keeping a quarter of the memory for backward."""
-    return SpikeLinear.apply(x, layer.weight, layer.bias, value)
-
-
-def spike_attention(q, k, v, n_heads: int, scale: float, p: float, training: bool):
-    """See `SpikeAttention`; `q, k, v` are `(..., W, d)` and the result has the same shape."""
-    lead = q.shape[:-2]
-    w, d = q.shape[-2:]
-    out = SpikeAttention.apply(
-        q.reshape(-1, w, d), k.reshape(-1, w, d), v.reshape(-1, w, d), n_heads, scale, p, training
-    )
-    return out.view(*lead, w, d)

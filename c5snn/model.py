@@ -2,16 +2,39 @@
 
 Layout is time-major: activations are `(T, B, W, d)`. Each block runs over all T steps at once:
 linear maps and attention are batched over T, only the LIF membrane recurrence is stepped
-(`c5snn.lif`). The step-by-step snntorch version lives in `tests/oracle.py` and must agree.
+(`c5snn.lif`, or `c5snn.lif_triton` on CUDA). The step-by-step snntorch version,
+`c5snn.reference`, must agree; `build_model` builds either (`training.lif_kernel`).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from c5snn.data import N_PARTS
-from c5snn.lif import dropout_spikes, lif, spike_attention, spike_linear
+from c5snn.lif import lif_torch
+from c5snn.ops import dropout_spikes, spike_attention, spike_linear
+from c5snn.reference import BlockWeights, ReferenceSpikingTransformer
+
+
+def lif_function(kernel: str) -> Callable[[torch.Tensor, float], torch.Tensor]:
+    """The multi-step LIF of a `training.lif_kernel`: spikes `(T, ...)` from currents `(T, ...)`.
+
+    Membranes are always fp32: under bf16 autocast the input current is upcast first, since a
+    bf16 membrane (8-bit mantissa) would move spikes across the threshold. "triton" is one fused
+    CUDA kernel each way (the optional `triton` package, imported only when chosen).
+    """
+    if kernel == "triton":
+        from c5snn.lif_triton import lif_triton as recurrence
+    else:
+        recurrence = lif_torch
+
+    def fire(x: torch.Tensor, beta: float) -> torch.Tensor:
+        return recurrence(x if x.dtype == torch.float32 else x.float(), beta)
+
+    return fire
 
 
 def _linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -21,26 +44,17 @@ def _linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return layer(x)
 
 
-class SpikingBlock(nn.Module):
+class SpikingBlock(BlockWeights):
     """Spike-form self-attention (no softmax) and a spiking FFN, each LIF with its own membrane."""
 
     def __init__(self, d_model: int, n_heads: int, d_ffn: int, beta: float, dropout: float,
                  lif_kernel: str = "torch"):
-        super().__init__()
-        self.lif_kernel = lif_kernel
+        super().__init__(d_model, d_ffn)
+        self._lif = lif_function(lif_kernel)  # chosen once, not branched every step
         self.n_heads = n_heads
         self.beta = beta
         self.dropout = dropout
         self.scale = (d_model // n_heads) ** -0.5
-        self.q_proj = nn.Linear(d_model, d_model)
-        self.k_proj = nn.Linear(d_model, d_model)
-        self.v_proj = nn.Linear(d_model, d_model)
-        self.o_proj = nn.Linear(d_model, d_model)
-        self.ffn1 = nn.Linear(d_model, d_ffn)
-        self.ffn2 = nn.Linear(d_ffn, d_model)
-
-    def _lif(self, x: torch.Tensor, beta: float) -> torch.Tensor:
-        return lif(x, beta, self.lif_kernel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # (T, B, W, d); the first block's input may be constant over T (stride 0)
@@ -130,21 +144,17 @@ class SpikingTransformer(nn.Module):
         return logits
 
 
-def build_model(params, binary_input: bool = True, lif_kernel: str = "torch") -> SpikingTransformer:
-    """A model from `c5snn.config.ModelParams`; `lif_kernel` is the study's training.lif_kernel."""
-    return SpikingTransformer(
-        d_model=params.d_model,
-        n_heads=params.n_heads,
-        n_layers=params.n_layers,
-        d_ffn=params.d_ffn,
-        beta=params.beta,
-        encoding=params.encoding,
-        timesteps=params.timesteps,
-        dropout=params.dropout,
-        max_window_size=params.max_window_size,
-        binary_input=binary_input,
-        lif_kernel=lif_kernel,
-    )
+def build_model(params, binary_input: bool = True, lif_kernel: str = "torch") -> nn.Module:
+    """A model from `c5snn.config.ModelParams` for a `training.lif_kernel`: the fast
+    `SpikingTransformer` ("torch", "triton") or the step-by-step `ReferenceSpikingTransformer`
+    ("snntorch"). Both have the same parameters and state-dict keys."""
+    kwargs = dict(d_model=params.d_model, n_heads=params.n_heads, n_layers=params.n_layers,
+                  d_ffn=params.d_ffn, beta=params.beta, encoding=params.encoding,
+                  timesteps=params.timesteps, dropout=params.dropout,
+                  max_window_size=params.max_window_size)
+    if lif_kernel == "snntorch":
+        return ReferenceSpikingTransformer(**kwargs)
+    return SpikingTransformer(**kwargs, binary_input=binary_input, lif_kernel=lif_kernel)
 
 
 def count_parameters(model: nn.Module) -> int:

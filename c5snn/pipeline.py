@@ -10,16 +10,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from c5snn.config import StudyConfig
-from c5snn.errors import C5Error, NotReadyError
+from c5snn.errors import NotReadyError, WorkersFailed
 from c5snn.export import export, leaderboard, top_table
 from c5snn.launcher import launch, worker_args
-from c5snn.promote import completed_screening, promote
+from c5snn.promote import promote
 from c5snn.storage import Store
-from c5snn.sweep import Timing, create_study
-
-
-class WorkersFailed(C5Error):
-    """A local worker process exited non-zero."""
+from c5snn.studies import SweepState, create_screening
+from c5snn.worker import Timing
 
 
 def run_workers(config: StudyConfig, store: Store, *, n: int, gpus, threads, artifacts: Path,
@@ -44,26 +41,29 @@ def phase_c_sweep(
     echo: Callable[[str], None],
 ) -> dict:
     """Run the whole sweep to its outputs; returns what `export` wrote."""
-    _, created = create_study(config, store)
+    _, created = create_screening(config, store)
     echo(f"{'created' if created else 'continuing'} study '{config.name}' in {store.masked}")
     workers = dict(n=n_workers, gpus=gpus, threads=threads, artifacts=artifacts, timing=timing,
                    echo=echo)
     echo(f"screening {config.n_points} points with {n_workers} worker(s)")
     run_workers(config, store, **workers)
-    trials = completed_screening(config, store)
-    if len(trials) < config.n_points:
-        raise NotReadyError(
-            f"screening ended with {len(trials)}/{config.n_points} points complete; "
-            "`c5snn status` shows the failed points and their errors"
-        )
+    screening = SweepState.read(config, store, timing.max_attempts).screening
+    _require_finished(screening, "screening")
     echo(f"screening leaderboard (val, seed {config.screening_seed}):")
-    echo(leaderboard(config, trials))
+    echo(leaderboard(config, screening.complete_trials()))
     promote(config, store, top_k=top_k, seeds=seeds)
     echo(f"promote: top {top_k} x seeds {','.join(map(str, seeds))} on test")
     run_workers(config, store, **workers)
+    _require_finished(SweepState.read(config, store, timing.max_attempts).promote, "promote")
     written = export(config, store, output)
-    if "report" not in written:
-        raise NotReadyError("promote did not finish; `c5snn status` shows why")
     echo(top_table(written["report"]))
     echo(f"wrote {written['csv']}, {written['top']}, {written['best']}, {written['meta']}")
     return written
+
+
+def _require_finished(phase, what: str) -> None:
+    """After the workers ended: every point done, or one line naming those given up."""
+    if not phase.complete:
+        given_up = phase.given_up_summary() or "none given up; start the workers again"
+        raise NotReadyError(f"{what} ended with {phase.done}/{phase.n_points} points done; "
+                            f"given up: {given_up}")

@@ -6,21 +6,16 @@ from pathlib import Path
 
 import optuna
 
-from c5snn.config import StudyConfig
 from c5snn.errors import C5Error
-from c5snn.storage import Store
-from c5snn.sweep import load_study
 
 
-def write_plots(config: StudyConfig, store: Store, folder: Path, stem: str,
-                report: dict | None) -> list[Path]:
+def write_plots(study: optuna.Study, folder: Path, stem: str, report: dict | None) -> list[Path]:
     """Parallel coordinates, parameter importances and learning curves of screening; the top-K
     test recall@20 (mean ± std over seeds) against chance and the frequency baseline."""
     try:
         import plotly.graph_objects as go
     except ImportError:
         raise C5Error("--plots needs plotly: `pip install 'c5snn[plots]'` (make install does)") from None
-    study = load_study(store, config.name)
     figures = {
         "parallel_coordinates": optuna.visualization.plot_parallel_coordinate(study),
         "param_importances": optuna.visualization.plot_param_importances(study),

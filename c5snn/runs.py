@@ -1,4 +1,4 @@
-"""Single runs from a study file: `c5snn train` and the progress lines every run prints."""
+"""Single runs from a study file: `c5snn train`."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ from pathlib import Path
 import torch
 
 from c5snn.artifacts import write_run_dir
-from c5snn.config import GRID_KEYS, load_study, snapshot
+from c5snn.config import GRID_KEYS, load_config, snapshot
 from c5snn.data import prepare
 from c5snn.errors import StudyFileError
 from c5snn.runtime import allocator, tune_cpu_allocator
-from c5snn.train import EpochRecord, RunResult, train_run
+from c5snn.train import RunResult, train_run
 
 
 def configure_threads(threads: int | None) -> None:
@@ -21,14 +21,6 @@ def configure_threads(threads: int | None) -> None:
         if threads < 1:
             raise StudyFileError(f"--threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
-
-
-def epoch_line(record: EpochRecord, epochs: int) -> str:
-    mark = " *" if record.improved else ""
-    return (
-        f"  epoch {record.epoch}/{epochs} loss {record.train_loss:.4f} "
-        f"val_recall@20 {record.val['recall_at_20']:.4f}{mark} ({record.seconds:.1f}s)"
-    )
 
 
 def train_one(
@@ -42,7 +34,7 @@ def train_one(
     echo: Callable[[str], None],
 ) -> RunResult:
     """Train the single grid point that `overrides` pin and write its run directory."""
-    config = load_study(config_path, overrides)
+    config = load_config(config_path, overrides)
     points = config.grid_points()
     if len(points) != 1:
         loose = [k for k in GRID_KEYS if len(config.grid[k]) > 1]
@@ -57,7 +49,7 @@ def train_one(
     echo(f"spiking_transformer {params.describe()} seed={seed} on {device} ({allocator()} allocator)")
     result = train_run(
         params, config.training, data, seed=seed,
-        on_epoch=lambda r: echo(epoch_line(r, config.training.epochs)),
+        on_epoch=lambda r: echo(r.line(config.training.epochs)),
     )
     write_run_dir(run_dir, result, snapshot(config, params, seed))
     return result

@@ -15,6 +15,7 @@ again as the next attempt. Study names and other user text only ever travel as b
 from __future__ import annotations
 
 import datetime
+import enum
 import json
 import os
 import time
@@ -29,10 +30,20 @@ from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError, SQLAlchemyError
 
-from c5snn.config import DEFAULT_STORAGE
-from c5snn.errors import StorageError
+from c5snn.errors import StorageError, first_line
 
+DEFAULT_STORAGE = "sqlite:///storage/c5snn.db"  # the embedded default (relative to the cwd)
 SQLITE_TIMEOUT_S = 60  # how long a SQLite writer waits for the lock before "database is locked"
+
+class ClaimState(enum.StrEnum):
+    """Where one attempt at a point stands. Only RUNNING moves, and only by compare-and-set."""
+
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"  # training raised: counts toward --max-attempts
+    RELEASED = "released"  # SIGTERM/Ctrl-C: resumable, not a failure
+    STALE = "stale"  # heartbeat lost (a dead worker): counts toward --max-attempts
+
 
 metadata = sa.MetaData()
 claims = sa.Table(
@@ -42,8 +53,7 @@ claims = sa.Table(
     sa.Column("study", sa.String(512), nullable=False),
     sa.Column("point", sa.Integer, nullable=False),
     sa.Column("attempt", sa.Integer, nullable=False),
-    # running -> done | failed (training raised) | released (SIGTERM) | stale (heartbeat lost)
-    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),  # a ClaimState value
     sa.Column("trial_id", sa.Integer),
     sa.Column("trial_number", sa.Integer),
     sa.Column("worker", sa.String(128), nullable=False),
@@ -94,12 +104,6 @@ def mask(url: str) -> str:
         return "<unparseable storage URL>"
 
 
-def _reason(exc: BaseException) -> str:
-    orig = getattr(exc, "orig", None) or exc
-    text = str(orig).strip().splitlines()
-    return text[0] if text else type(orig).__name__
-
-
 @dataclass(frozen=True)
 class Claim:
     id: int
@@ -115,7 +119,7 @@ class ClaimRow:
     id: int
     point: int
     attempt: int
-    state: str
+    state: ClaimState
     trial_id: int | None
     trial_number: int | None
     worker: str
@@ -170,7 +174,7 @@ class Store:
                         conn.exec_driver_sql("PRAGMA journal_mode=WAL")
                 self._retry(lambda: _create_tables(engine))
             except (SQLAlchemyError, ImportError) as exc:
-                raise StorageError(f"cannot open storage {self.masked}: {_reason(exc)}") from None
+                raise StorageError(f"cannot open storage {self.masked}: {first_line(exc)}") from None
             self._engine = engine
         return self._engine
 
@@ -191,7 +195,7 @@ class Store:
                     lambda: optuna.storages.RDBStorage(self.url, engine_kwargs=self._engine_kwargs)
                 )
             except SQLAlchemyError as exc:
-                raise StorageError(f"cannot open storage {self.masked}: {_reason(exc)}") from None
+                raise StorageError(f"cannot open storage {self.masked}: {first_line(exc)}") from None
         return self._optuna
 
     def _retry(self, fn, attempts: int = 8):
@@ -218,7 +222,7 @@ class Store:
         except IntegrityError:
             raise
         except SQLAlchemyError as exc:
-            raise StorageError(f"storage {self.masked}: {_reason(exc)}") from None
+            raise StorageError(f"storage {self.masked}: {first_line(exc)}") from None
 
     # ---- claims -----------------------------------------------------------------------------
 
@@ -229,7 +233,8 @@ class Store:
             rows = conn.execute(
                 sa.select(claims).where(claims.c.study == study).order_by(claims.c.id)
             ).mappings()
-            return [ClaimRow(**{k: r[k] for k in ClaimRow.__dataclass_fields__}) for r in rows]
+            return [ClaimRow(**{k: ClaimState(r[k]) if k == "state" else r[k]
+                                for k in ClaimRow.__dataclass_fields__}) for r in rows]
 
         return self._run(read)
 
@@ -239,7 +244,7 @@ class Store:
         """Insert attempt `attempt` of `point`; None when another worker inserted it first."""
         now = time.time()
         values = dict(
-            study=study, point=point, attempt=attempt, state="running", worker=worker, host=host,
+            study=study, point=point, attempt=attempt, state=ClaimState.RUNNING, worker=worker, host=host,
             device=device, epoch=0, started=now, heartbeat=now,
         )
         try:
@@ -263,13 +268,14 @@ class Store:
         result = self._run(
             lambda conn: conn.execute(
                 sa.update(claims)
-                .where(claims.c.id == claim.id, claims.c.state == "running")
+                .where(claims.c.id == claim.id, claims.c.state == ClaimState.RUNNING)
                 .values(heartbeat=time.time(), epoch=epoch)
             )
         )
         return result.rowcount == 1
 
-    def finish(self, claim: Claim, state: str, error: str | None = None, *, from_state="running") -> bool:
+    def finish(self, claim: Claim, state: ClaimState, error: str | None = None, *,
+               from_state: ClaimState = ClaimState.RUNNING) -> bool:
         """Compare-and-set the claim from `from_state` to a final state; False if it had moved."""
         result = self._run(
             lambda conn: conn.execute(
@@ -290,14 +296,14 @@ class Store:
         cutoff = time.time() - grace_s
         won = []
         for row in self.attempts(study) if rows is None else rows:
-            if row.state != "running" or row.heartbeat >= cutoff:
+            if row.state != ClaimState.RUNNING or row.heartbeat >= cutoff:
                 continue
             result = self._run(
                 lambda conn, rid=row.id: conn.execute(
                     sa.update(claims)
-                    .where(claims.c.id == rid, claims.c.state == "running",
+                    .where(claims.c.id == rid, claims.c.state == ClaimState.RUNNING,
                            claims.c.heartbeat < cutoff)
-                    .values(state="stale", finished=time.time(),
+                    .values(state=ClaimState.STALE, finished=time.time(),
                             error=f"heartbeat lost (none for {grace_s:.0f}s)")
                 )
             )

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import os
 import random
 import time
 from collections.abc import Callable
@@ -24,6 +23,7 @@ import torch
 from c5snn.config import ModelParams, TrainingParams
 from c5snn.data import WindowData
 from c5snn.errors import TrainingInterrupted
+from c5snn.files import atomic_path
 from c5snn.metrics import compute_metrics
 from c5snn.model import build_model
 from c5snn.runtime import check_device, precision, set_seed
@@ -42,6 +42,12 @@ class EpochRecord:
     seconds: float
     improved: bool
     replayed: bool = False  # True when re-announced from a checkpoint on resume
+
+    def line(self, epochs: int) -> str:
+        """The progress line every run prints after an epoch."""
+        mark = " *" if self.improved else ""
+        return (f"  epoch {self.epoch}/{epochs} loss {self.train_loss:.4f} "
+                f"val_recall@20 {self.val['recall_at_20']:.4f}{mark} ({self.seconds:.1f}s)")
 
 
 @dataclass
@@ -115,11 +121,9 @@ def _restore_rng(state: dict, shuffle: torch.Generator) -> None:
 
 
 def save_atomic(obj, path: Path) -> None:
-    """torch.save to a temporary file, then rename: a crash never leaves a torn checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """torch.save to a temporary file, fsync, rename: a crash never leaves a torn checkpoint."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def compiled(model: torch.nn.Module, mode: str | None) -> torch.nn.Module:

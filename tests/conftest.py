@@ -12,7 +12,7 @@ import pytest
 import sqlalchemy as sa
 import yaml
 
-from c5snn.config import load_study
+from c5snn.config import load_config
 from c5snn.data import write_synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,4 +102,4 @@ def swept(tmp_path_factory):
     url = f"sqlite:///{tmp / 'sweep.db'}"
     proc = run_sweep(tmp, tmp / "results" / "phase_c_sweep.csv", url, 1)
     return {"tmp": tmp, "url": url, "out": proc.stdout, "results": tmp / "results",
-            "config": load_study(tmp / "study.yaml")}
+            "config": load_config(tmp / "study.yaml")}

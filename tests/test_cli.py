@@ -95,3 +95,17 @@ def test_cuda_only_speed_options_fail_before_any_work(tmp_path, synthetic_csv):
                    "--set", "training.lif_kernel=triton", "--run-dir", str(tmp_path / "run"))
     _one_line_error(proc, "training.lif_kernel", "triton needs a CUDA device")
     assert not (tmp_path / "run").exists()
+
+
+def test_train_with_the_snntorch_backend(study_file, tmp_path):
+    """The reference backend trains end to end and writes a checkpoint the fast path loads."""
+    from c5snn.artifacts import load_model
+
+    run_dir = tmp_path / "run"
+    proc = run_cli("train", "--config", str(study_file), *PIN, "--set", "encoding=rate_coded",
+                   "--set", "training.lif_kernel=snntorch", "--set", "training.epochs=1",
+                   "--run-dir", str(run_dir))
+    assert proc.returncode == 0, proc.stderr
+    assert "epoch 1/1" in proc.stdout
+    model, state = load_model(run_dir / "best_model.pt")  # fast path, strict load
+    assert state["config"]["training"]["lif_kernel"] == "snntorch"

@@ -4,12 +4,12 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, study_dict, write_study
 
-from c5snn.config import GRID_KEYS, load_study
+from c5snn.config import GRID_KEYS, load_config
 from c5snn.errors import StudyFileError
 
 
 def test_phase_c_study_is_the_story_grid():
-    config = load_study(ROOT / "studies" / "phase_c.yaml")
+    config = load_config(ROOT / "studies" / "phase_c.yaml")
     points = config.grid_points()
     assert len(points) == 72 and config.window_size == 90
     expected = list(itertools.product([2, 4, 6], [2, 4], [64, 128], [0.5, 0.8, 0.95],
@@ -20,7 +20,7 @@ def test_phase_c_study_is_the_story_grid():
     assert (p.d_ffn, p.timesteps, p.encoding) == (128, 10, "rate_coded")
     assert config.model_params(points[0]).timesteps == 1
     assert (config.top_k, config.seeds, config.screening_seed) == (5, (42, 123, 7), 42)
-    assert load_study(ROOT / "studies" / "quickstart.yaml").n_points == 72
+    assert load_config(ROOT / "studies" / "quickstart.yaml").n_points == 72
 
 
 BAD = [
@@ -45,27 +45,27 @@ def test_study_file_mistakes_name_the_key(tmp_path, mutate, key, rule):
     mutate(study)
     path = write_study(tmp_path / "s.yaml", study)
     with pytest.raises(StudyFileError) as info:
-        load_study(path)
+        load_config(path)
     assert str(path) in str(info.value) and f"'{key}'" in str(info.value)
     assert rule in str(info.value)
 
 
 def test_overrides_and_content_hash(tmp_path):
     path = write_study(tmp_path / "s.yaml", study_dict(tmp_path / "x.csv"))
-    base = load_study(path)
-    pinned = load_study(path, ["d_model=64", "training.epochs=7"])
+    base = load_config(path)
+    pinned = load_config(path, ["d_model=64", "training.epochs=7"])
     assert pinned.grid["d_model"] == (64,) and pinned.training.epochs == 7
     assert pinned.content_hash != base.content_hash
-    assert load_study(path).content_hash == base.content_hash
+    assert load_config(path).content_hash == base.content_hash
     with pytest.raises(StudyFileError, match="'training.nope'"):
-        load_study(path, ["training.nope=1"])
+        load_config(path, ["training.nope=1"])
 
 
 def test_speed_options_default_off_and_parse(tmp_path):
     path = write_study(tmp_path / "s.yaml", study_dict(tmp_path / "x.csv"))
-    plain = load_study(path).training
+    plain = load_config(path).training
     assert (plain.precision, plain.compile, plain.lif_kernel) == ("fp32", None, "torch")
-    fast = load_study(path, ["training.precision=bf16", "training.compile=reduce-overhead",
+    fast = load_config(path, ["training.precision=bf16", "training.compile=reduce-overhead",
                              "training.lif_kernel=triton"]).training
     assert (fast.precision, fast.compile, fast.lif_kernel) == ("bf16", "reduce-overhead", "triton")
 
@@ -79,15 +79,15 @@ def test_paths_in_a_study_file_are_relative_to_its_folder(tmp_path, monkeypatch,
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)  # the working directory plays no part
-    config = load_study(path)
+    config = load_config(path)
     assert config.data_path == tmp_path / "project" / "events.csv"
     assert config.storage == f"sqlite:///{tmp_path / 'project' / 'db' / 'x.db'}"
     assert config.sweep_csv(None) == tmp_path / "project" / "results" / "phase_c_sweep.csv"
     assert config.sweep_csv(tmp_path / "o.csv") == tmp_path / "o.csv"
     absolute = write_study(folder / "a.yaml", study_dict(synthetic_csv))
-    assert load_study(absolute).data_path == synthetic_csv  # absolute paths are unchanged
+    assert load_config(absolute).data_path == synthetic_csv  # absolute paths are unchanged
     study.pop("output")  # output.dir is optional: export then writes to ./results
-    assert load_study(write_study(folder / "b.yaml", study)).sweep_csv(None) == (
+    assert load_config(write_study(folder / "b.yaml", study)).sweep_csv(None) == (
         Path("results") / "phase_c_sweep.csv")
 
 

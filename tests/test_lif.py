@@ -1,6 +1,7 @@
 import torch
 
-from c5snn.lif import dropout_spikes, keep_mask, lif, spike_attention, spike_linear
+from c5snn.lif import lif_torch as lif
+from c5snn.ops import dropout_spikes, keep_mask, spike_attention, spike_linear
 
 
 def test_keep_mask_rate():

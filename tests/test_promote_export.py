@@ -16,13 +16,13 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
 from c5snn.artifacts import load_model
-from c5snn.config import load_study
+from c5snn.config import load_config
 from c5snn.data import prepare
 from c5snn.export import CSV_COLUMNS
 from c5snn.metrics import METRIC_KEYS, compute_metrics
 from c5snn.promote import rank
 from c5snn.storage import Store
-from c5snn.sweep import Worker
+from c5snn.worker import Worker
 
 
 def test_console_shows_progress_leaderboard_and_top_table(swept):
@@ -178,13 +178,13 @@ def test_rank_breaks_ties_by_lower_config_id():
 
 def test_screening_never_reads_the_test_split(tmp_path, synthetic_csv, monkeypatch):
     from c5snn.data import WindowData
-    from c5snn.sweep import create_study
+    from c5snn.studies import create_screening
 
     grid = {"n_layers": [2], "n_heads": [2], "d_model": [64], "beta": [0.5],
             "encoding": ["direct", "rate_coded"]}
-    config = load_study(write_study(tmp_path / "s.yaml", study_dict(synthetic_csv, grid=grid)))
+    config = load_config(write_study(tmp_path / "s.yaml", study_dict(synthetic_csv, grid=grid)))
     store = Store(f"sqlite:///{tmp_path / 'n.db'}")
-    create_study(config, store)
+    create_screening(config, store)
     seen = []
     for method in ("batches", "targets"):
         original = getattr(WindowData, method)

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 import torch
-from oracle import make_it_fire
+from helpers import make_it_fire
 
 from c5snn.config import TrainingParams
 from c5snn.errors import DeviceError

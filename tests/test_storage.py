@@ -68,19 +68,20 @@ def test_hostile_study_name_is_only_ever_a_bound_parameter(tmp_path):
     import yaml
     from conftest import study_dict
 
-    from c5snn.config import load_study
+    from c5snn.config import load_config
     from c5snn.data import write_synthetic
-    from c5snn.sweep import Worker, create_study
+    from c5snn.studies import create_screening
+    from c5snn.worker import Worker
 
     name = "x'); DROP TABLE c5snn_claims; -- ../../etc"
     data = write_synthetic(tmp_path / "e.csv", rows=300, seed=0)
     grid = {"n_layers": [2], "n_heads": [2], "d_model": [64], "beta": [0.5], "encoding": ["direct"]}
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump(study_dict(data, name=name, grid=grid)))
-    config = load_study(path)
+    config = load_config(path)
     url = f"sqlite:///{tmp_path / 'h.db'}"
     store = Store(url)
-    create_study(config, store)
+    create_screening(config, store)
     assert Worker(config, store, name="w", artifacts=tmp_path / "art", echo=lambda _: None).run() == 1
     engine = sa.create_engine(url)
     with engine.connect() as conn:

@@ -17,9 +17,9 @@ import torch
 from conftest import PG_URL, ROOT, require_pg, run_cli, study_dict, write_study
 from optuna.trial import TrialState
 
-from c5snn.config import GRID_KEYS, load_study
+from c5snn.artifacts import point_dir
+from c5snn.config import GRID_KEYS, load_config
 from c5snn.data import prepare
-from c5snn.sweep import point_dir
 from c5snn.train import train_run
 
 
@@ -55,7 +55,7 @@ def _wait_until(predicate, what: str, timeout: float = 120) -> None:
 
 
 def _assert_exactly_once(study_path, url):
-    config = load_study(study_path)
+    config = load_config(study_path)
     trials = optuna.load_study(study_name=config.name, storage=url).trials
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     points = [tuple(t.params[k] for k in GRID_KEYS) for t in complete]
@@ -103,7 +103,7 @@ def test_parallel_workers_run_each_grid_point_exactly_once(storage_url, tmp_path
 def test_sigkill_mid_trial_is_retried_and_resumed_exactly(tmp_path, synthetic_csv):
     url = f"sqlite:///{tmp_path / 'kill.db'}"
     study = _study(tmp_path, synthetic_csv, training={"epochs": 4, "limit_train_batches": 3})
-    name = load_study(study).name
+    name = load_config(study).name
     assert run_cli("study", "create", "--config", str(study), "--storage", url).returncode == 0
     procs = [_worker(study, url, tmp_path, f"w{i}") for i in range(3)]
     victim = procs[0]
@@ -122,7 +122,7 @@ def test_sigkill_mid_trial_is_retried_and_resumed_exactly(tmp_path, synthetic_cs
     assert len(retried) == 1 and retried[0].user_attrs["resumed_from_epoch"] >= 1
     assert len(retried[0].intermediate_values) == retried[0].user_attrs["epochs_run"]
     # the resumed result equals an uninterrupted run of that point and seed
-    config = load_study(study)
+    config = load_config(study)
     data = prepare(config.data_path, config.window_size, config.split_ratios)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -138,7 +138,7 @@ def test_sigkill_mid_trial_is_retried_and_resumed_exactly(tmp_path, synthetic_cs
 def test_sigterm_releases_and_restart_continues(tmp_path, synthetic_csv):
     url = f"sqlite:///{tmp_path / 'term.db'}"
     study = _study(tmp_path, synthetic_csv, training={"epochs": 3, "limit_train_batches": 3})
-    name = load_study(study).name
+    name = load_config(study).name
     assert run_cli("study", "create", "--config", str(study), "--storage", url).returncode == 0
     procs = [_worker(study, url, tmp_path, f"w{i}") for i in range(2)]
     _wait_until(lambda: sum(r.state == "done" for r in _claims(url, name)) >= 4
@@ -186,7 +186,7 @@ def test_a_trial_that_raises_fails_with_its_error_and_is_not_retried_forever(
     proc = _worker(study, url, tmp_path, "w0", "--device", "cuda:0", "--max-attempts", "2")
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out[-2000:]
-    trials = optuna.load_study(study_name=load_study(study).name, storage=url).trials
+    trials = optuna.load_study(study_name=load_config(study).name, storage=url).trials
     assert len(trials) == 4 and all(t.state == TrialState.FAIL for t in trials)
     assert all(t.user_attrs["error"] for t in trials)
     status = run_cli("status", "--config", str(study), "--storage", url, "--max-attempts", "2")

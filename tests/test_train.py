@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from c5snn.config import load_study
+from c5snn.config import load_config
 from c5snn.data import prepare
 from c5snn.errors import TrainingInterrupted
 from c5snn.model import build_model
@@ -11,7 +11,7 @@ from c5snn.train import evaluate, train_run
 def _setup(study_file, **training):
     overrides = ["d_model=64", "n_heads=2", "n_layers=2", "beta=0.8", "encoding=rate_coded"]
     overrides += [f"training.{k}={v}" for k, v in training.items()]
-    config = load_study(study_file, overrides)
+    config = load_config(study_file, overrides)
     params = config.model_params(config.grid_points()[0])
     data = prepare(config.data_path, config.window_size, config.split_ratios)
     return config, params, data

@@ -1,0 +1,318 @@
+"""Workers: pull points from the phases of one study file, train them, record them.
+
+A worker loops: claim a point (INSERT its next attempt into the claim table, `c5snn.storage`),
+then run one `Attempt` through its lifecycle -- open its Optuna trial, hold the lease with a
+heartbeat thread while `c5snn.train.train_run` trains (resuming from the point's checkpoint),
+report each epoch's val recall@20, and finish the trial (or release it on SIGTERM). Exactly once
+holds because a point is only trained under a claim the database granted to one worker;
+GridSampler is the screening study's sampler (so Optuna tools recognise the grid) but never picks.
+"""
+
+from __future__ import annotations
+
+import enum
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+import torch
+from optuna.distributions import CategoricalDistribution
+from optuna.trial import TrialState
+
+from c5snn.artifacts import DEFAULT_ARTIFACTS, point_dir, write_run_dir
+from c5snn.config import GRID_KEYS, StudyConfig, snapshot
+from c5snn.dashboard import write_note
+from c5snn.data import WindowData, prepare
+from c5snn.errors import StorageError, TrainingInterrupted, first_line
+from c5snn.runtime import check_device, tune_cpu_allocator
+from c5snn.storage import Claim, ClaimRow, ClaimState, Store
+from c5snn.studies import PROMOTE, Phase, Point, open_screening, phases, point_states
+from c5snn.train import EpochRecord, RunResult, train_run
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Lease settings: how often a worker beats, how long silence means death."""
+
+    heartbeat_s: float = 15.0
+    grace_s: float = 180.0
+    poll_s: float = 5.0
+    max_attempts: int = 3  # failed or stale attempts before a point is given up
+
+
+class Outcome(enum.Enum):
+    DONE = "done"
+    FAILED = "failed"  # training raised: the attempt counts toward max_attempts
+    RELEASED = "released"  # stopped on request: the point resumes elsewhere
+    LOST = "lost"  # the lease was taken over: another worker owns the point now
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT: the worker checkpoints, releases its trial and exits 0."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+
+    def install(self) -> StopFlag:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.event.set())
+        return self
+
+    def __call__(self) -> bool:
+        return self.event.is_set()
+
+
+class Heartbeat:
+    """Refreshes a claim's lease from a background thread; `lost` turns True if it is taken."""
+
+    def __init__(self, store: Store, claim: Claim, interval_s: float):
+        self.store, self.claim, self.interval_s = store, claim, interval_s
+        self.epoch = 0
+        self.lost = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="c5snn-heartbeat", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                if not self.store.beat(self.claim, self.epoch):
+                    self.lost = True
+                    return
+            except StorageError:
+                continue  # the database is briefly away; the grace period covers it
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def reap(store: Store, study_name: str, grace_s: float, rows: list[ClaimRow]) -> list[ClaimRow]:
+    """Fail the Optuna trials of claims whose worker stopped beating; returns those reaped.
+
+    `rows` is the study's attempts as the caller has just read them.
+    """
+    reaped = store.mark_stale(study_name, grace_s, rows)
+    for row in reaped:
+        if row.trial_id is None:
+            continue
+        if store.finish_trial(row.trial_id, TrialState.FAIL, user_attrs={"error": "heartbeat lost"}):
+            continue
+        if store.optuna.get_trial(row.trial_id).state == TrialState.COMPLETE:
+            # it finished just as the lease ran out
+            store.finish(Claim(row.id, study_name, row.point, row.attempt), ClaimState.DONE,
+                         from_state=ClaimState.STALE)
+    return reaped
+
+
+def distributions(config: StudyConfig) -> dict[str, CategoricalDistribution]:
+    return {k: CategoricalDistribution(list(config.grid[k])) for k in GRID_KEYS}
+
+
+class Attempt:
+    """One attempt at one point: open its trial, run it under a lease, finish or release it."""
+
+    def __init__(self, worker: Worker, phase: Phase, claim: Claim, point: Point):
+        self.worker, self.phase, self.claim, self.point = worker, phase, claim, point
+        self.params = worker.config.model_params(point.params)
+        self.label = f"spiking_transformer {self.params.describe()}"
+        if phase.kind == PROMOTE:
+            self.label += f" seed={point.seed}"
+        self.trial_id = self.number = -1
+        self.dir = point_dir(worker.artifacts, phase.study, point.index)
+
+    @property
+    def store(self) -> Store:
+        return self.worker.store
+
+    def echo(self, line: str) -> None:
+        self.worker.echo(line)
+
+    def open(self) -> None:
+        """Create the RUNNING Optuna trial with the point's params and tie it to the claim."""
+        w, point = self.worker, self.point
+        user_attrs = {"config_id": point.config_id, "seed": point.seed,
+                      "attempt": self.claim.attempt, "worker": w.name, "host": w.host,
+                      "device": w.device}
+        if point.screening_trial is not None:
+            user_attrs["screening_trial"] = point.screening_trial
+        study_id = self.store.optuna.get_study_id_from_name(self.phase.study)
+        self.trial_id, self.number = self.store.create_trial(
+            study_id, point.params, distributions(w.config), user_attrs=user_attrs)
+        self.store.attach_trial(self.claim, self.trial_id, self.number)
+        if self.phase.kind == PROMOTE:
+            study = w.study(self.phase.study)
+            write_note(optuna.Trial(study, self.trial_id),
+                       f"config_id {point.config_id}: `{self.label}`, promoted from screening "
+                       f"trial {point.screening_trial}, seed {point.seed}, scored on **test**")
+        self.echo(f"start trial {self.number} point {point.index}: {self.label}")
+
+    def run(self) -> Outcome:
+        """Train under a heartbeat-kept lease; report each epoch; finish, fail or release."""
+        w = self.worker
+        with Heartbeat(self.store, self.claim, w.timing.heartbeat_s) as beat:
+
+            def report(record: EpochRecord) -> None:
+                self.store.report(self.trial_id, record.epoch, record.val["recall_at_20"])
+                beat.epoch = record.epoch
+                if not record.replayed:
+                    self.echo(record.line(w.config.training.epochs))
+
+            try:
+                result = w.train_fn(
+                    self.params, w.config.training, w.data, seed=self.point.seed,
+                    evaluate_test=self.point.evaluate_test, on_epoch=report,
+                    checkpoint_path=self.dir / "checkpoint.pt",
+                    should_stop=lambda: w.stop() or beat.lost,
+                )
+            except TrainingInterrupted as exc:
+                return Outcome.LOST if beat.lost else self.release(str(exc))
+            except Exception as exc:  # a bug or CUDA OOM: FAIL this trial, keep the worker
+                return self.fail(f"{type(exc).__name__}: {first_line(exc)}")
+        return self.finish(result)
+
+    def fail(self, error: str) -> Outcome:
+        self.store.finish_trial(self.trial_id, TrialState.FAIL, user_attrs={"error": error})
+        self.store.finish(self.claim, ClaimState.FAILED, error)
+        self.echo(f"trial {self.number} point {self.point.index} FAILED: {error}")
+        return Outcome.FAILED
+
+    def release(self, why: str) -> Outcome:
+        self.store.finish_trial(self.trial_id, TrialState.FAIL,
+                                user_attrs={"error": f"released: {why}"})
+        self.store.finish(self.claim, ClaimState.RELEASED, f"released: {why}")
+        self.echo(f"trial {self.number} released ({why})")
+        return Outcome.RELEASED
+
+    def finish(self, result: RunResult) -> Outcome:
+        """COMPLETE the trial with its value and facts (compare-and-set: not if reaped meanwhile)."""
+        attrs = {
+            "val_recall_at_20": result.val["recall_at_20"],
+            "val_hit_at_20": result.val["hit_at_20"],
+            "val_mrr": result.val["mrr"],
+            "val_metrics": result.val,
+            "training_time_s": round(result.training_time_s, 3),
+            "best_epoch": result.best_epoch,
+            "epochs_run": result.epochs_run,
+            "spike_rate": [round(r, 6) for r in result.spike_rate],
+            "silent": bool(result.spike_rate and result.spike_rate[-1] == 0.0),
+        }
+        if result.resumed_from_epoch is not None:
+            attrs["resumed_from_epoch"] = result.resumed_from_epoch
+        if result.test is not None:
+            attrs["test_metrics"] = result.test
+            run_dir = write_run_dir(self.dir / "run", result,
+                                    snapshot(self.worker.config, self.params, self.point.seed))
+            torch.save(result.test_logits, run_dir / "test_logits.pt")
+            attrs["run_dir"] = str(run_dir)
+        value = result.test["recall_at_20"] if self.point.evaluate_test else result.val["recall_at_20"]
+        if not self.store.finish_trial(self.trial_id, TrialState.COMPLETE, value, attrs):
+            return Outcome.LOST  # a reaper failed it meanwhile; its point runs again elsewhere
+        self.store.finish(self.claim, ClaimState.DONE)
+        n_done = sum(s.done for s in point_states(self.store.attempts(self.phase.study),
+                                                  len(self.phase.points)))
+        silent = " [silent: last block never fires]" if attrs["silent"] else ""
+        self.echo(f"[{n_done}/{len(self.phase.points)}] {self.label} -> {self.phase.metric}="
+                  f"{value:.4f} ({result.training_time_s:.1f}s){silent}")
+        return Outcome.DONE
+
+
+class Worker:
+    """Pulls points from the phases of one study file until none is left to claim."""
+
+    def __init__(
+        self,
+        config: StudyConfig,
+        store: Store,
+        *,
+        name: str,
+        device: str = "cpu",
+        artifacts: Path = DEFAULT_ARTIFACTS,
+        timing: Timing = Timing(),
+        echo: Callable[[str], None] = print,
+        stop: Callable[[], bool] = lambda: False,
+        train_fn: Callable[..., RunResult] = train_run,
+    ):
+        """`train_fn` is `train_run`; the coordination benchmark swaps in a ~0 s stub."""
+        self.config, self.store, self.name, self.device = config, store, name, device
+        self.artifacts, self.timing, self.echo, self.stop = artifacts, timing, echo, stop
+        self.train_fn = train_fn
+        self.host = socket.gethostname()
+        self._data: WindowData | None = None
+        self._studies: dict[str, optuna.Study] = {}
+
+    @property
+    def data(self) -> WindowData:
+        if self._data is None:
+            self._data = prepare(
+                self.config.data_path, self.config.window_size, self.config.split_ratios,
+                self.device,
+            )
+        return self._data
+
+    def study(self, name: str) -> optuna.Study:
+        if name not in self._studies:
+            self._studies[name] = optuna.load_study(study_name=name, storage=self.store.optuna)
+        return self._studies[name]
+
+    def run(self, max_trials: int | None = None) -> int:
+        """Train points until none is left (or `max_trials`, or a stop); returns trials run."""
+        check_device(self.config.training, self.device)  # before claiming anything
+        open_screening(self.config, self.store)
+        if self.device == "cpu":
+            tune_cpu_allocator()
+        ran = 0
+        while (max_trials is None or ran < max_trials) and not self.stop():
+            attempt = self.claim()
+            if attempt is None:
+                if not self.others_running():
+                    break
+                self._sleep(self.timing.poll_s)
+                continue
+            attempt.open()
+            outcome = attempt.run()
+            if outcome in (Outcome.RELEASED, Outcome.LOST):
+                if outcome == Outcome.LOST:
+                    self.echo(f"trial {attempt.number}: lease lost to another worker; abandoning it")
+                continue
+            ran += 1
+        return ran
+
+    def _sleep(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and not self.stop():
+            time.sleep(min(0.2, seconds))
+
+    def claim(self) -> Attempt | None:
+        """The next attempt this worker won: points with an earlier attempt first (they resume
+        from a checkpoint), then in order; None when no point is claimable."""
+        for phase in phases(self.config, self.store):
+            rows = self.store.attempts(phase.study)
+            if reap(self.store, phase.study, self.timing.grace_s, rows):
+                rows = self.store.attempts(phase.study)
+            states = point_states(rows, len(phase.points))
+            order = sorted(range(len(states)), key=lambda i: (states[i].last_attempt == 0, i))
+            for i in order:
+                if not states[i].claimable(self.timing.max_attempts):
+                    continue
+                claim = self.store.try_claim(
+                    phase.study, i, states[i].last_attempt + 1, worker=self.name, host=self.host,
+                    device=self.device,
+                )
+                if claim is not None:
+                    return Attempt(self, phase, claim, phase.points[i])
+        return None
+
+    def others_running(self) -> bool:
+        """Whether any point is still held by a live worker (it might die and need a retry)."""
+        return any(r.state == ClaimState.RUNNING
+                   for phase in phases(self.config, self.store)
+                   for r in self.store.attempts(phase.study))
