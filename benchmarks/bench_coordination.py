@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def stub_train(params, training, data, *, seed, evaluate_test, on_epoch, checkpoint_path,
-               should_stop):
+               should_stop, **_):
     from c5snn.train import EpochRecord, RunResult
 
     val = {"recall_at_5": 0.13, "recall_at_20": 0.51, "hit_at_5": 0.5, "hit_at_20": 0.98,
@@ -39,7 +39,7 @@ def stub_train(params, training, data, *, seed, evaluate_test, on_epoch, checkpo
 def work(study_path: str, url: str, name: str, artifacts: str, out) -> None:
     from c5snn.config import load_config
     from c5snn.storage import Store
-    from c5snn.worker import Worker
+    from c5snn.worker import Attempt, Worker
 
     config = load_config(study_path)
     worker = Worker(config, Store(url), name=name, artifacts=Path(artifacts), echo=lambda _: None,
@@ -57,8 +57,9 @@ def work(study_path: str, url: str, name: str, artifacts: str, out) -> None:
                 busy[1] += time.process_time() - c0
         return wrapper
 
-    worker._claim = timed(worker._claim)  # claim (incl. stale check) ...
-    worker._run_point = timed(worker._run_point)  # ... create, heartbeat, report, attrs, tell
+    worker.claim = timed(worker.claim)  # claim (incl. stale check) ...
+    Attempt.open = timed(Attempt.open)  # ... create the trial ...
+    Attempt.run = timed(Attempt.run)  # ... heartbeat, report, attrs, tell
     ran = worker.run()
     out.put((name, ran, busy[0], busy[1]))
 

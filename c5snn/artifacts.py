@@ -22,6 +22,7 @@ import torch
 import yaml
 
 from c5snn.config import ModelParams
+from c5snn.errors import ArtifactError, first_line
 from c5snn.files import atomic_path
 from c5snn.metrics import METRIC_KEYS
 from c5snn.model import SpikingTransformer, build_model
@@ -83,7 +84,11 @@ def write_run_dir(run_dir: Path, result: RunResult, config: dict) -> Path:
 
 def load_model(checkpoint: Path, device: str = "cpu") -> tuple[SpikingTransformer, dict]:
     """A `SpikingTransformer` with a run directory's best weights, and the checkpoint dict."""
-    state = torch.load(checkpoint, map_location=device, weights_only=False)
+    try:  # plain types and tensors only: a checkpoint may come from a shared folder
+        state = torch.load(checkpoint, map_location=device, weights_only=True)
+    except Exception as exc:
+        raise ArtifactError(f"{checkpoint}: not a loadable c5snn checkpoint "
+                            f"({type(exc).__name__}: {first_line(exc)})") from None
     params = ModelParams(**{k: v for k, v in state["config"]["model"].items() if k != "type"})
     model = build_model(params).to(device)
     model.load_state_dict(state["model_state_dict"])

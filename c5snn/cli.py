@@ -52,6 +52,10 @@ GraceOpt = Annotated[
     float, typer.Option(help="Seconds without a heartbeat before a trial counts as dead.")
 ]
 AttemptsOpt = Annotated[int, typer.Option(help="Failed attempts before a point is given up.")]
+OutageOpt = Annotated[
+    float, typer.Option(help="Seconds a worker keeps retrying while the database is unreachable "
+                             "before it exits 1 (its point is retried later).")
+]
 
 
 def _echo(line: str) -> None:
@@ -112,6 +116,18 @@ def train(
     _echo(f"wrote {run_dir}")
 
 
+def _open(config: Path, overrides: list[str] | None, storage: str | None, **store_options):
+    """The study file (with the overrides its study was created with, then these) and its
+    storage: what every command that works on an existing or new study starts from."""
+    from c5snn.config import load_config
+    from c5snn.storage import open_store
+    from c5snn.studies import with_stored_overrides
+
+    cfg = load_config(config, overrides or [])
+    store = open_store(storage, cfg.storage, **store_options)
+    return with_stored_overrides(cfg, store), store
+
+
 def _artifacts(option: Path | None) -> Path:
     from c5snn.artifacts import DEFAULT_ARTIFACTS
 
@@ -121,12 +137,9 @@ def _artifacts(option: Path | None) -> Path:
 @study_app.command("create")
 def study_create(config: ConfigOpt, storage: StorageOpt = None) -> None:
     """Create the screening study (GridSampler over the grid), or open it if it exists."""
-    from c5snn.config import load_config
-    from c5snn.storage import open_store
     from c5snn.studies import create_screening
 
-    cfg = load_config(config)
-    store = open_store(storage, cfg.storage)
+    cfg, store = _open(config, None, storage)
     _, created = create_screening(cfg, store)
     verb = "created" if created else "exists:"
     _echo(f"{verb} study '{cfg.name}' ({cfg.n_points} points, hash {cfg.content_hash}) "
@@ -146,6 +159,7 @@ def worker(
     heartbeat: HeartbeatOpt = 15.0,
     grace: GraceOpt = 180.0,
     max_attempts: AttemptsOpt = 3,
+    db_outage_tolerance: OutageOpt = 600.0,
 ) -> None:
     """Pull and train points until none is left; SIGTERM/Ctrl-C releases the current one."""
     import socket
@@ -155,18 +169,16 @@ def worker(
     if device == "cpu":
         reexec_with_jemalloc()  # before anything is allocated; returns when not possible
 
-    from c5snn.config import load_config
     from c5snn.runs import configure_threads
-    from c5snn.storage import open_store
     from c5snn.worker import StopFlag, Timing, Worker
 
-    cfg = load_config(config, set_ or [])
     configure_threads(threads)
-    store = open_store(storage, cfg.storage)
+    cfg, store = _open(config, set_, storage, outage_tolerance_s=db_outage_tolerance, echo=_echo)
     name = name or f"{socket.gethostname()}-{os.getpid()}"
     _echo(f"worker {name} on {device} ({allocator()} allocator), storage {store.masked}")
     stop = StopFlag().install()
-    timing = Timing(heartbeat_s=heartbeat, grace_s=grace, max_attempts=max_attempts)
+    timing = Timing(heartbeat_s=heartbeat, grace_s=grace, max_attempts=max_attempts,
+                    db_outage_tolerance_s=db_outage_tolerance)
     ran = Worker(cfg, store, name=name, device=device, artifacts=_artifacts(artifacts),
                  timing=timing, echo=_echo, stop=stop).run(max_trials)
     _echo(f"worker {name}: {ran} trial(s) done; {'stopped on request' if stop() else 'no work left'}")
@@ -183,13 +195,15 @@ def workers(
     heartbeat: HeartbeatOpt = 15.0,
     grace: GraceOpt = 180.0,
     max_attempts: AttemptsOpt = 3,
+    db_outage_tolerance: OutageOpt = 600.0,
 ) -> None:
     """Start N local worker processes (several per GPU allowed) and wait for them."""
     from c5snn.config import load_config
     from c5snn.launcher import launch, parse_gpus, worker_args
     from c5snn.worker import Timing
 
-    timing = Timing(heartbeat_s=heartbeat, grace_s=grace, max_attempts=max_attempts)
+    timing = Timing(heartbeat_s=heartbeat, grace_s=grace, max_attempts=max_attempts,
+                    db_outage_tolerance_s=db_outage_tolerance)
     args = worker_args(load_config(config), timing, _artifacts(artifacts))
     code = launch(args, n, gpus=parse_gpus(gpus), threads=threads, echo=_echo, storage_url=storage)
     raise typer.Exit(code)
@@ -205,13 +219,10 @@ def status(
     """Trials per state, running trials with their workers, failed points, ETA."""
     import time
 
-    from c5snn.config import load_config
     from c5snn.status import format_status
-    from c5snn.storage import open_store
     from c5snn.studies import SweepState
 
-    cfg = load_config(config)
-    store = open_store(storage, cfg.storage)
+    cfg, store = _open(config, None, storage)
     while True:
         text = format_status(SweepState.read(cfg, store, max_attempts), store.masked)
         if watch:
@@ -243,13 +254,11 @@ def promote(
     max_attempts: AttemptsOpt = 3,
 ) -> None:
     """Create the promote study: the top-K screening configs x seeds, run by the workers on test."""
-    from c5snn.config import load_config, parse_seeds
+    from c5snn.config import parse_seeds
     from c5snn.promote import promote as create_promote
     from c5snn.promote import wait_for_promote
-    from c5snn.storage import open_store
 
-    cfg = load_config(config)
-    store = open_store(storage, cfg.storage)
+    cfg, store = _open(config, None, storage)
     k = top_k or cfg.top_k
     seed_list = parse_seeds(seeds) if seeds else cfg.seeds
     study, created = create_promote(cfg, store, top_k=k, seeds=seed_list, allow_partial=allow_partial)
@@ -269,13 +278,11 @@ def export(
     plots: Annotated[bool, typer.Option(help="Also write HTML figures (needs plotly).")] = False,
 ) -> None:
     """Write the sweep CSV and, once promote is done, the top-K JSON, best checkpoint and meta."""
-    from c5snn.config import load_config
     from c5snn.export import export as do_export
     from c5snn.export import top_table
-    from c5snn.storage import open_store
 
-    cfg = load_config(config)
-    written = do_export(cfg, open_store(storage, cfg.storage), cfg.sweep_csv(output), plots=plots)
+    cfg, store = _open(config, None, storage)
+    written = do_export(cfg, store, cfg.sweep_csv(output), plots=plots)
     _echo(written["leaderboard"])
     if "report" in written:
         _echo(top_table(written["report"]))
@@ -297,21 +304,22 @@ def phase_c_sweep(
     heartbeat: HeartbeatOpt = 15.0,
     grace: GraceOpt = 180.0,
     max_attempts: AttemptsOpt = 3,
+    db_outage_tolerance: OutageOpt = 600.0,
 ) -> None:
     """Run the spiking transformer sweep end to end: screen, promote top-K, re-run, export."""
-    from c5snn.config import load_config, parse_seeds
+    from c5snn.config import parse_seeds
     from c5snn.launcher import parse_gpus
     from c5snn.pipeline import phase_c_sweep as run
-    from c5snn.storage import open_store
     from c5snn.worker import Timing
 
     overrides = [f"promote.screening_seed={screening_seed}"] if screening_seed is not None else []
-    cfg = load_config(config, overrides)
+    cfg, store = _open(config, overrides, storage)
     run(
-        cfg, open_store(storage, cfg.storage), output=cfg.sweep_csv(output), top_k=top_k or cfg.top_k,
+        cfg, store, output=cfg.sweep_csv(output), top_k=top_k or cfg.top_k,
         seeds=parse_seeds(seeds) if seeds else cfg.seeds, n_workers=workers, gpus=parse_gpus(gpus),
         threads=threads, artifacts=_artifacts(artifacts),
-        timing=Timing(heartbeat_s=heartbeat, grace_s=grace, max_attempts=max_attempts), echo=_echo,
+        timing=Timing(heartbeat_s=heartbeat, grace_s=grace, max_attempts=max_attempts,
+                      db_outage_tolerance_s=db_outage_tolerance), echo=_echo,
     )
 
 
@@ -323,12 +331,10 @@ def dashboard(
     port: Annotated[int, typer.Option(help="Port.")] = 8080,
 ) -> None:
     """Serve optuna-dashboard on the study's storage (learning curves, params, attrs, notes)."""
-    from c5snn.config import load_config
     from c5snn.dashboard import serve
-    from c5snn.storage import open_store
 
-    cfg = load_config(config)
-    serve(open_store(storage, cfg.storage), host, port, _echo)
+    cfg, store = _open(config, None, storage)
+    serve(store, host, port, _echo)
 
 
 def main() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import hashlib
 import itertools
 import json
@@ -20,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from c5snn.data import file_sha256
 from c5snn.errors import StudyFileError
 
 # The five swept hyperparameters, in the order that defines config_id (DESIGN §4).
@@ -150,16 +152,20 @@ class StudyConfig:
     output_dir: Path | None  # where export writes unless --output says otherwise
     overrides: tuple[str, ...] = ()  # the --set assignments applied on load, for child processes
 
+    @functools.cached_property
+    def definition(self) -> dict[str, Any]:
+        """What defines a study's results: data (by content: its sha256, not its path), window,
+        splits, model, grid, training and promote settings. Not the study's name or storage URL,
+        not the output folder: moving the data or the database does not change a study."""
+        defining = {k: v for k, v in self.raw.items() if k not in ("study", "output")}
+        data = {k: v for k, v in defining["data"].items() if k != "path"}
+        defining["data"] = {**data, "sha256": file_sha256(self.data_path)}
+        return json.loads(json.dumps(defining, sort_keys=True))  # canonical: what storage returns
+
     @property
     def content_hash(self) -> str:
-        """sha256 of what defines screening results (comments and key order do not matter).
-
-        Promote's top_k and seeds and the output folder are left out: changing them after
-        screening must not orphan the screening study.
-        """
-        defining = {k: v for k, v in self.raw.items() if k != "output"}
-        defining["promote"] = {"screening_seed": self.screening_seed}
-        canonical = json.dumps(defining, sort_keys=True, separators=(",", ":"))
+        """sha256 of the definition (comments, key order and paths do not matter)."""
+        canonical = json.dumps(self.definition, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
     def sweep_csv(self, option: Path | None) -> Path:
@@ -425,3 +431,16 @@ def snapshot(config: StudyConfig, params: ModelParams, seed: int) -> dict[str, A
         "training": asdict(config.training),
         "seed": seed,
     }
+
+
+def definition_changes(stored: dict, current: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(key, stored value, current value) for each setting that differs, as `section.key`."""
+    changes = []
+    for key in sorted(set(stored) | set(current)):
+        a, b = stored.get(key), current.get(key)
+        name = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes += definition_changes(a, b, name + ".")
+        elif a != b:
+            changes.append((name, a, b))
+    return changes

@@ -286,7 +286,12 @@ def write_synthetic(out: Path, rows: int, seed: int) -> Path:
 def file_sha256(path: Path) -> str:
     """The file's content hash: what names a data file, wherever it lies."""
     digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
+    try:
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror})") from None
     return digest.hexdigest()

@@ -33,6 +33,10 @@ class NotReadyError(C5Error):
     """A step was asked for before the steps it depends on finished (e.g. promote mid-screening)."""
 
 
+class ArtifactError(C5Error):
+    """A file c5snn wrote (a checkpoint, a run directory) cannot be read or would be clobbered."""
+
+
 class WorkersFailed(C5Error):
     """A local worker process exited non-zero."""
 

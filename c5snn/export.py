@@ -124,7 +124,7 @@ def promote_models(config: StudyConfig, promote: PhaseState,
             for t in promote.require_complete("run the workers until it finishes")}
     # Test logits of every run cover the same windows: all of test, or the first ones when
     # training.limit_test_batches caps evaluation. Baseline and intervals use exactly those.
-    logits = {key: torch.load(Path(t.user_attrs["run_dir"]) / "test_logits.pt")
+    logits = {key: torch.load(Path(t.user_attrs["run_dir"]) / "test_logits.pt", weights_only=True)
               for key, t in done.items() if key in {(p["config_id"], p["seed"]) for p in points}}
     n_windows = next(iter(logits.values())).shape[0]
     chance = chance_metrics()

@@ -20,6 +20,7 @@ def worker_args(config: StudyConfig, timing: Timing, artifacts: Path) -> list[st
     """The `c5snn worker` options that make a child process serve this study like its parent."""
     args = ["--config", str(config.source), "--heartbeat", str(timing.heartbeat_s),
             "--grace", str(timing.grace_s), "--max-attempts", str(timing.max_attempts),
+            "--db-outage-tolerance", str(timing.db_outage_tolerance_s),
             "--artifacts", str(artifacts)]
     for assignment in config.overrides:
         args += ["--set", assignment]

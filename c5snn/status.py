@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 
 from c5snn.storage import ClaimState
@@ -21,7 +20,6 @@ def eta_s(phase: PhaseState) -> float | None:
 
 def format_status(state: SweepState, storage: str) -> str:
     lines = [f"storage: {storage}"]
-    now = time.time()
     for p in state.phases:
         counts = Counter(t.state.name for t in p.trials)
         states = ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "no trials"
@@ -32,7 +30,7 @@ def format_status(state: SweepState, storage: str) -> str:
         for r in p.running:
             lines.append(
                 f"  running point {r.point} (trial {r.trial_number}) on {r.worker}@{r.host} "
-                f"[{r.device}] epoch {r.epoch}, heartbeat {now - r.heartbeat:.0f}s ago"
+                f"[{r.device}] epoch {r.epoch}, heartbeat {state.now - r.heartbeat:.0f}s ago"
             )
         for i, s in enumerate(p.points):
             if s.failures and not s.done:

@@ -1,39 +1,51 @@
 """The one place that talks to the database: Optuna's storage and c5snn's claim table.
 
-Optuna keeps studies, trials, params, intermediate values and attributes; readers use its API,
-while a worker writes its trial's lifecycle straight into Optuna's tables, one transaction per
-step (`Store.create_trial`, `report`, `finish_trial`; see the note on those tables). Beside them,
-c5snn keeps `c5snn_claims`: one row per attempt at one point of one study, with a unique key
-(study, point, attempt). A worker claims a point by INSERTing the next attempt's row; when two
-workers race for the same attempt the database's unique constraint lets exactly one insert
-succeed, in SQLite and PostgreSQL alike. A claim is a lease: its worker refreshes `heartbeat`,
-and a row whose heartbeat is older than the grace period is marked stale by a compare-and-set
-UPDATE (`WHERE state = 'running' AND heartbeat < cutoff`), after which the point can be claimed
-again as the next attempt. Study names and other user text only ever travel as bound parameters.
+Optuna keeps studies, trials, params, intermediate values and attributes, and c5snn reaches them
+through Optuna's public storage API only (`RDBStorage.create_new_trial`,
+`set_trial_intermediate_value`, `set_trial_user_attr`, `set_trial_state_values`, ...), so an
+Optuna upgrade cannot corrupt a study behind c5snn's back. Beside them, c5snn keeps its own table
+`c5snn_claims`: one row per attempt at one point of one study, with a unique key (study, point,
+attempt). A worker claims a point by INSERTing the next attempt's row; when two workers race for
+the same attempt the database's unique constraint lets exactly one insert succeed, in SQLite and
+PostgreSQL alike. A claim is a lease: its worker refreshes `heartbeat`, and a row whose heartbeat
+is older than the grace period is marked stale by a compare-and-set UPDATE, after which the point
+can be claimed again as the next attempt. Every time in that table is the database server's
+clock (`db_now`), never a worker's, so machines with skewed clocks neither steal live leases nor
+lose their own. Study names and other user text only ever travel as bound parameters.
+
+Outages: once a `Store` has reached its database, a call that fails because the database went
+away (a restart, a failover, a dropped connection, a locked SQLite file) is retried with capped
+exponential backoff for up to `outage_tolerance_s`, with one line when the outage starts and one
+when it ends; only then does it raise `StorageError`.
 """
 
 from __future__ import annotations
 
-import datetime
 import enum
-import json
 import os
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import optuna
 import sqlalchemy as sa
-from optuna.distributions import BaseDistribution, distribution_to_json
-from optuna.storages._rdb import models as optuna_models
-from optuna.trial import TrialState
+from optuna.distributions import BaseDistribution
+from optuna.exceptions import StorageInternalError, UpdateFinishedTrialError
+from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, IntegrityError, SQLAlchemyError
 
 from c5snn.errors import StorageError, first_line
 
 DEFAULT_STORAGE = "sqlite:///storage/c5snn.db"  # the embedded default (relative to the cwd)
 SQLITE_TIMEOUT_S = 60  # how long a SQLite writer waits for the lock before "database is locked"
+DEFAULT_OUTAGE_TOLERANCE_S = 600.0
+BACKOFF_S = (0.5, 30.0)  # first and largest wait between retries during an outage
+
+T = TypeVar("T")
+
 
 class ClaimState(enum.StrEnum):
     """Where one attempt at a point stands. Only RUNNING moves, and only by compare-and-set."""
@@ -41,7 +53,7 @@ class ClaimState(enum.StrEnum):
     RUNNING = "running"
     DONE = "done"
     FAILED = "failed"  # training raised: counts toward --max-attempts
-    RELEASED = "released"  # SIGTERM/Ctrl-C: resumable, not a failure
+    RELEASED = "released"  # SIGTERM/Ctrl-C, or the worker's environment failed: not counted
     STALE = "stale"  # heartbeat lost (a dead worker): counts toward --max-attempts
 
 
@@ -60,6 +72,7 @@ claims = sa.Table(
     sa.Column("host", sa.String(256), nullable=False),
     sa.Column("device", sa.String(64), nullable=False),
     sa.Column("epoch", sa.Integer, nullable=False, default=0),
+    # seconds since the epoch on the database server's clock (db_now)
     sa.Column("started", sa.Float, nullable=False),
     sa.Column("heartbeat", sa.Float, nullable=False),
     sa.Column("finished", sa.Float),
@@ -68,24 +81,11 @@ claims = sa.Table(
 )
 
 
-# Optuna's own tables (its RDB schema, stable across Optuna 3-5), written directly for the trial
-# lifecycle of a worker: creating a trial with its params and attributes, and finishing it with
-# its value, each in one transaction, where Optuna's API takes a transaction per param and per
-# attribute and re-reads the whole trial on tell. That is most of what keeps the coordination
-# cost per trial low (benchmarks/bench_coordination.py). Readers (status, export, promote,
-# optuna-dashboard) go through Optuna as usual.
-_studies = optuna_models.StudyModel.__table__
-_trials = optuna_models.TrialModel.__table__
-_trial_params = optuna_models.TrialParamModel.__table__
-_trial_values = optuna_models.TrialValueModel.__table__
-_trial_intermediate_values = optuna_models.TrialIntermediateValueModel.__table__
-_trial_user_attributes = optuna_models.TrialUserAttributeModel.__table__
-_trial_system_attributes = optuna_models.TrialSystemAttributeModel.__table__
-
-
-def _utcnow() -> datetime.datetime:
-    """Optuna's RDB schema stores naive UTC datetimes."""
-    return datetime.datetime.now(datetime.UTC).replace(tzinfo=None)
+def db_now(backend: str) -> sa.ColumnElement:
+    """The database server's current time in seconds since the epoch, as a SQL expression."""
+    if backend == "sqlite":
+        return sa.literal_column("((julianday('now') - 2440587.5) * 86400.0)", sa.Float)
+    return sa.cast(sa.func.extract("epoch", sa.func.now()), sa.Float)
 
 
 def resolve_url(option: str | None, study_file_value: str | None) -> str:
@@ -96,12 +96,37 @@ def resolve_url(option: str | None, study_file_value: str | None) -> str:
     return url
 
 
+SECRET_KEYS = {"password", "passwd", "pwd", "sslpassword", "secret", "token", "api_key"}
+
+
 def mask(url: str) -> str:
-    """The URL with any password replaced by ***, safe to print."""
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:
-        return "<unparseable storage URL>"
+    """The URL with every secret replaced by ***, safe to print. Never raises.
+
+    Userinfo is everything between `://` and the LAST '@' (a password may hold '@', '/', '?' or
+    '#' unescaped; a '@' further on only masks more), and query parameters named like secrets
+    (`?password=...`) are masked too.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url if "@" not in url and "=" not in url else "<unparseable storage URL>"
+    if "@" in rest:
+        userinfo, host = rest.rsplit("@", 1)
+        user = userinfo.split(":", 1)[0]
+        rest = f"{user}:***@{host}" if ":" in userinfo else f"{user}@{host}"
+    base, qsep, query = rest.partition("?")
+    if qsep:
+        parts = [(p.partition("=")[0] + "=***") if p.partition("=")[0].lower() in SECRET_KEYS
+                 else p for p in query.split("&")]
+        rest = base + "?" + "&".join(parts)
+    return f"{scheme}://{rest}"
+
+
+def _transient(exc: BaseException) -> bool:
+    """Whether `exc` says the database is away (worth retrying), not that a request is wrong."""
+    if isinstance(exc, StorageInternalError) and exc.__cause__ is not None:
+        exc = exc.__cause__
+    return isinstance(exc, (sa.exc.OperationalError, sa.exc.InterfaceError)) or bool(
+        getattr(exc, "connection_invalidated", False))
 
 
 @dataclass(frozen=True)
@@ -142,23 +167,40 @@ def _create_tables(engine: sa.Engine) -> None:
 
 
 class Store:
-    """Connections for one process: an engine for the claim table and Optuna's RDBStorage."""
+    """Connections for one process: an engine for the claim table and Optuna's RDBStorage.
 
-    def __init__(self, url: str):
+    `outage_tolerance_s`: how long a call keeps retrying after the database that this Store has
+    already reached goes away (0: fail at once, as one-off commands do); `echo` prints the
+    outage's start and end lines.
+    """
+
+    def __init__(self, url: str, *, outage_tolerance_s: float = 0.0,
+                 echo: Callable[[str], None] | None = None):
         self.url = url
         self.masked = mask(url)
         try:
             parsed = make_url(url)
-        except ArgumentError:
+            parsed.port  # noqa: B018 - a non-numeric port fails here, not at the first query
+        except (ArgumentError, ValueError):
             raise StorageError(f"not a valid SQLAlchemy storage URL: {self.masked}") from None
-        self.is_sqlite = parsed.get_backend_name() == "sqlite"
+        # the secrets of this URL, removed from any message a driver writes
+        self._secrets = [s for s in (parsed.password, *(v for k, v in parsed.query.items()
+                                                        if k.lower() in SECRET_KEYS)) if s]
         self.backend = parsed.get_backend_name()
+        self.is_sqlite = self.backend == "sqlite"
         self._engine_kwargs: dict = {"pool_pre_ping": True}
         if self.is_sqlite:
             self._engine_kwargs = {"connect_args": {"timeout": SQLITE_TIMEOUT_S}}
         self._database = parsed.database
         self._engine: sa.Engine | None = None
         self._optuna: optuna.storages.RDBStorage | None = None
+        self.outage_tolerance_s = outage_tolerance_s
+        self.echo = echo or (lambda _line: None)
+        self._outage_lock = threading.Lock()
+        self._outage_since: float | None = None  # monotonic time the current outage began
+        self.last_outage_end: float | None = None  # monotonic time the last outage ended
+
+    # ---- connections ---------------------------------------------------------------------------
 
     @property
     def engine(self) -> sa.Engine:
@@ -172,11 +214,40 @@ class Store:
                     with engine.begin() as conn:
                         # WAL lets readers (status, dashboard) run beside one writer.
                         conn.exec_driver_sql("PRAGMA journal_mode=WAL")
-                self._retry(lambda: _create_tables(engine))
-            except (SQLAlchemyError, ImportError) as exc:
-                raise StorageError(f"cannot open storage {self.masked}: {first_line(exc)}") from None
+                self._sqlite_lock_retry(lambda: _create_tables(engine))
+            except (SQLAlchemyError, ImportError, OSError, ValueError) as exc:
+                raise StorageError(f"cannot open storage {self.masked}: "
+                                   f"{self.redact(first_line(exc))}") from None
             self._engine = engine
         return self._engine
+
+    @property
+    def optuna(self) -> optuna.storages.RDBStorage:
+        """Optuna's storage on the same database (created on first use)."""
+        if self._optuna is None:
+            self.engine  # noqa: B018 - creates the folder, WAL mode and c5snn's table first
+            try:
+                self._optuna = self._sqlite_lock_retry(
+                    lambda: optuna.storages.RDBStorage(self.url, engine_kwargs=self._engine_kwargs)
+                )
+            except (SQLAlchemyError, StorageInternalError) as exc:
+                raise StorageError(f"cannot open storage {self.masked}: "
+                                   f"{self.redact(first_line(exc))}") from None
+        return self._optuna
+
+    def exists(self) -> bool:
+        """Whether there is a database to read: False for a SQLite file not yet created, so
+        that reading a study that does not exist creates nothing. A server always exists."""
+        if not self.is_sqlite or not self._database or self._database == ":memory:":
+            return True
+        return os.path.exists(self._database)
+
+    def redact(self, text: str) -> str:
+        """A message safe to print: URLs masked and this URL's secrets removed wherever they are."""
+        text = mask(text) if "://" in text else text
+        for secret in self._secrets:
+            text = text.replace(str(secret), "***")
+        return text
 
     def close(self) -> None:
         if self._engine is not None:
@@ -185,44 +256,74 @@ class Store:
             self._optuna.remove_session()
             self._optuna.engine.dispose()
 
-    @property
-    def optuna(self) -> optuna.storages.RDBStorage:
-        """Optuna's storage on the same database (created on first use)."""
-        if self._optuna is None:
-            self.engine  # noqa: B018 - creates the folder, WAL mode and c5snn's table first
-            try:
-                self._optuna = self._retry(
-                    lambda: optuna.storages.RDBStorage(self.url, engine_kwargs=self._engine_kwargs)
-                )
-            except SQLAlchemyError as exc:
-                raise StorageError(f"cannot open storage {self.masked}: {first_line(exc)}") from None
-        return self._optuna
-
-    def _retry(self, fn, attempts: int = 8):
-        """Run `fn`, retrying SQLite's transient 'database is locked' with backoff."""
+    def _sqlite_lock_retry(self, fn: Callable[[], T], attempts: int = 8) -> T:
+        """Run `fn` while opening, retrying SQLite's transient 'database is locked'."""
         for i in range(attempts):
             try:
                 return fn()
-            except OperationalError as exc:
+            except sa.exc.OperationalError as exc:
                 if not (self.is_sqlite and "locked" in str(exc)) or i == attempts - 1:
                     raise
                 time.sleep(0.05 * 2**i)
         raise AssertionError("unreachable")
 
-    def _run(self, fn):
-        """`fn(conn)` in one transaction, retried on SQLite lock contention; SQL errors other
-        than integrity violations (which callers handle) become StorageError."""
+    def call(self, fn: Callable[[], T]) -> T:
+        """Run a storage call, riding out an outage of the database this Store has reached.
 
-        def once():
+        Transient errors (connection lost or refused, server shutting down, SQLite locked) are
+        retried with capped exponential backoff until `outage_tolerance_s` has passed since the
+        outage began; then, and for any other database error, StorageError (one line, no
+        password). Errors that are answers (IntegrityError, a finished trial) pass through.
+        """
+        delay = BACKOFF_S[0]
+        while True:
+            try:
+                result = fn()
+            except (IntegrityError, UpdateFinishedTrialError):
+                self._outage_over()
+                raise
+            except (SQLAlchemyError, StorageInternalError) as exc:
+                if not _transient(exc) or not self._ride_out(exc):
+                    raise StorageError(f"storage {self.masked}: {self.redact(first_line(exc))}") from None
+                time.sleep(delay)
+                delay = min(delay * 2, BACKOFF_S[1])
+                continue
+            self._outage_over()
+            return result
+
+    def _ride_out(self, exc: BaseException) -> bool:
+        """Note the outage (one line when it starts); False once it outlasted the tolerance."""
+        with self._outage_lock:
+            now = time.monotonic()
+            if self._outage_since is None:
+                if self.outage_tolerance_s <= 0:
+                    return False
+                self._outage_since = now
+                self.echo(f"database unreachable ({self.redact(first_line(exc))}); retrying for up to "
+                          f"{self.outage_tolerance_s:.0f}s")
+            return now - self._outage_since < self.outage_tolerance_s
+
+    def _outage_over(self) -> None:
+        if self._outage_since is None:
+            return
+        with self._outage_lock:
+            if self._outage_since is not None:
+                self.last_outage_end = time.monotonic()
+                self.echo(f"database back after {self.last_outage_end - self._outage_since:.0f}s")
+                self._outage_since = None
+
+    def _run(self, fn: Callable[[sa.Connection], T]) -> T:
+        """`fn(conn)` in one transaction through `call` (integrity violations pass through)."""
+
+        def once() -> T:
             with self.engine.begin() as conn:
                 return fn(conn)
 
-        try:
-            return self._retry(once)
-        except IntegrityError:
-            raise
-        except SQLAlchemyError as exc:
-            raise StorageError(f"storage {self.masked}: {first_line(exc)}") from None
+        return self.call(once)
+
+    def now(self) -> float:
+        """The database server's clock, seconds since the epoch."""
+        return self._run(lambda conn: conn.execute(sa.select(db_now(self.backend))).scalar_one())
 
     # ---- claims -----------------------------------------------------------------------------
 
@@ -241,18 +342,27 @@ class Store:
     def try_claim(
         self, study: str, point: int, attempt: int, *, worker: str, host: str, device: str
     ) -> Claim | None:
-        """Insert attempt `attempt` of `point`; None when another worker inserted it first."""
-        now = time.time()
-        values = dict(
-            study=study, point=point, attempt=attempt, state=ClaimState.RUNNING, worker=worker, host=host,
-            device=device, epoch=0, started=now, heartbeat=now,
-        )
+        """Insert attempt `attempt` of `point`; None when another worker inserted it first.
+
+        If the connection drops after the INSERT committed, the retry meets our own row: the
+        unique key then names this worker, and the claim is ours.
+        """
+        now = db_now(self.backend)
+        values = dict(study=study, point=point, attempt=attempt, state=ClaimState.RUNNING,
+                      worker=worker, host=host, device=device, epoch=0, started=now,
+                      heartbeat=now)
         try:
             claim_id = self._run(
                 lambda conn: conn.execute(sa.insert(claims).values(**values)).inserted_primary_key[0]
             )
         except IntegrityError:
-            return None
+            row = self._run(lambda conn: conn.execute(
+                sa.select(claims.c.id, claims.c.worker).where(
+                    claims.c.study == study, claims.c.point == point, claims.c.attempt == attempt)
+            ).one_or_none())
+            if row is None or row.worker != worker:
+                return None
+            claim_id = row.id
         return Claim(int(claim_id), study, point, attempt)
 
     def attach_trial(self, claim: Claim, trial_id: int, trial_number: int) -> None:
@@ -269,7 +379,7 @@ class Store:
             lambda conn: conn.execute(
                 sa.update(claims)
                 .where(claims.c.id == claim.id, claims.c.state == ClaimState.RUNNING)
-                .values(heartbeat=time.time(), epoch=epoch)
+                .values(heartbeat=db_now(self.backend), epoch=epoch)
             )
         )
         return result.rowcount == 1
@@ -281,29 +391,25 @@ class Store:
             lambda conn: conn.execute(
                 sa.update(claims)
                 .where(claims.c.id == claim.id, claims.c.state == from_state)
-                .values(state=state, finished=time.time(), error=error)
+                .values(state=state, finished=db_now(self.backend), error=error)
             )
         )
         return result.rowcount == 1
 
-    def mark_stale(
-        self, study: str, grace_s: float, rows: list[ClaimRow] | None = None
-    ) -> list[ClaimRow]:
-        """Mark running claims whose heartbeat is older than `grace_s` stale; returns those won.
-
-        `rows` is the study's attempts when the caller has just read them.
-        """
-        cutoff = time.time() - grace_s
+    def mark_stale(self, study: str, grace_s: float, rows: list[ClaimRow]) -> list[ClaimRow]:
+        """Mark running claims silent for more than `grace_s` (on the database's clock) stale;
+        returns those this call won. `rows` is the study's attempts as just read."""
         won = []
-        for row in self.attempts(study) if rows is None else rows:
-            if row.state != ClaimState.RUNNING or row.heartbeat >= cutoff:
+        for row in rows:
+            if row.state != ClaimState.RUNNING:
                 continue
+            cutoff = db_now(self.backend) - grace_s
             result = self._run(
-                lambda conn, rid=row.id: conn.execute(
+                lambda conn, rid=row.id, cutoff=cutoff: conn.execute(
                     sa.update(claims)
                     .where(claims.c.id == rid, claims.c.state == ClaimState.RUNNING,
                            claims.c.heartbeat < cutoff)
-                    .values(state=ClaimState.STALE, finished=time.time(),
+                    .values(state=ClaimState.STALE, finished=db_now(self.backend),
                             error=f"heartbeat lost (none for {grace_s:.0f}s)")
                 )
             )
@@ -311,87 +417,66 @@ class Store:
                 won.append(row)
         return won
 
-    # ---- Optuna trials (see the note on Optuna's tables above) --------------------------------
+    # ---- Optuna trials, through Optuna's public storage API ---------------------------------
 
-    def create_trial(
-        self,
-        study_id: int,
-        params: dict[str, Any],
-        distributions: dict[str, BaseDistribution],
-        *,
-        user_attrs: dict[str, Any],
-        system_attrs: dict[str, Any] | None = None,
-    ) -> tuple[int, int]:
-        """A RUNNING trial with its params and attributes, in one transaction: (trial_id, number).
+    def study_id(self, name: str) -> int:
+        return self.call(lambda: self.optuna.get_study_id_from_name(name))
 
-        Numbers are assigned as Optuna does: with the study row locked (FOR UPDATE where the
-        database has it; SQLite serializes writers), number = trials of the study created before.
+    def create_trial(self, study_id: int, params: dict[str, Any],
+                     distributions: dict[str, BaseDistribution], *,
+                     user_attrs: dict[str, Any]) -> tuple[int, int]:
+        """A RUNNING trial with its params and user attrs, in one `create_new_trial`:
+        (trial_id, number). `user_attrs["claim"]` names the claim; when a dropped connection
+        hides whether the first try committed, the retry finds that trial instead of adding one.
         """
+        template = FrozenTrial(
+            number=-1, state=TrialState.RUNNING, value=None, datetime_start=None,
+            datetime_complete=None, params=params, distributions=distributions,
+            user_attrs=user_attrs, system_attrs={}, intermediate_values={}, trial_id=-1,
+        )
+        tag = user_attrs["claim"]
+        tried = False
 
-        def create(conn) -> tuple[int, int]:
-            conn.execute(sa.select(_studies.c.study_id).where(_studies.c.study_id == study_id)
-                         .with_for_update())
-            trial_id = conn.execute(sa.insert(_trials).values(
-                number=None, study_id=study_id, state=TrialState.RUNNING,
-                datetime_start=_utcnow(),
-            )).inserted_primary_key[0]
-            number = conn.execute(sa.select(sa.func.count()).select_from(_trials).where(
-                _trials.c.study_id == study_id, _trials.c.trial_id < trial_id)).scalar_one()
-            conn.execute(sa.update(_trials).where(_trials.c.trial_id == trial_id)
-                         .values(number=number))
-            conn.execute(sa.insert(_trial_params), [
-                {"trial_id": trial_id, "param_name": name,
-                 "param_value": distributions[name].to_internal_repr(value),
-                 "distribution_json": distribution_to_json(distributions[name])}
-                for name, value in params.items()
-            ])
-            _insert_attrs(conn, _trial_user_attributes, trial_id, user_attrs)
-            _insert_attrs(conn, _trial_system_attributes, trial_id, system_attrs or {})
-            return int(trial_id), int(number)
+        def create() -> int:
+            nonlocal tried
+            if tried:  # a retry: did the lost attempt commit?
+                for t in self.optuna.get_all_trials(study_id, deepcopy=False):
+                    if t.user_attrs.get("claim") == tag:
+                        return self.optuna.get_trial_id_from_study_id_trial_number(
+                            study_id, t.number)
+            tried = True
+            return self.optuna.create_new_trial(study_id, template_trial=template)
 
-        return self._run(create)
-
-    def finish_trial(
-        self, trial_id: int, state: TrialState, value: float | None = None,
-        user_attrs: dict[str, Any] | None = None,
-    ) -> bool:
-        """Compare-and-set a RUNNING trial to `state` with its value and new user attributes.
-
-        False (and nothing written) when the trial had already finished, e.g. failed by a
-        worker that found its lease stale.
-        """
-
-        def finish(conn) -> bool:
-            moved = conn.execute(
-                sa.update(_trials)
-                .where(_trials.c.trial_id == trial_id, _trials.c.state == TrialState.RUNNING)
-                .values(state=state, datetime_complete=_utcnow())
-            ).rowcount
-            if moved != 1:
-                return False
-            if value is not None:
-                stored, kind = optuna_models.TrialValueModel.value_to_stored_repr(value)
-                conn.execute(sa.insert(_trial_values).values(
-                    trial_id=trial_id, objective=0, value=stored, value_type=kind))
-            _insert_attrs(conn, _trial_user_attributes, trial_id, user_attrs or {})
-            return True
-
-        return self._run(finish)
+        trial_id = self.call(create)
+        number = self.call(lambda: self.optuna.get_trial_number_from_id(trial_id))
+        return trial_id, number
 
     def report(self, trial_id: int, step: int, value: float) -> None:
-        """A trial's intermediate value at `step` (an epoch's val recall@20), one INSERT."""
-        stored, kind = optuna_models.TrialIntermediateValueModel.intermediate_value_to_stored_repr(
-            value)
-        self._run(lambda conn: conn.execute(sa.insert(_trial_intermediate_values).values(
-            trial_id=trial_id, step=step, intermediate_value=stored, intermediate_value_type=kind)))
+        """A trial's intermediate value at `step` (an epoch's val recall@20)."""
+        self.call(lambda: self.optuna.set_trial_intermediate_value(trial_id, step, value))
+
+    def finish_trial(self, trial_id: int, state: TrialState, value: float | None = None,
+                     user_attrs: dict[str, Any] | None = None) -> bool:
+        """Set a RUNNING trial's user attrs, then its final state and value (Optuna locks the row
+        and refuses a finished trial: a compare-and-set). False when it had already finished,
+        e.g. failed by a worker that found its lease stale; True when this call finished it."""
+        try:
+            for key, attr in (user_attrs or {}).items():
+                self.call(lambda key=key, attr=attr: self.optuna.set_trial_user_attr(
+                    trial_id, key, attr))
+            self.call(lambda: self.optuna.set_trial_state_values(
+                trial_id, state, None if value is None else [value]))
+        except UpdateFinishedTrialError:
+            # finished before: by us, if a dropped connection hid our own commit
+            done = self.call(lambda: self.optuna.get_trial(trial_id))
+            return done.state == state and (value is None or done.value == value)
+        return True
+
+    def trial(self, trial_id: int) -> FrozenTrial:
+        return self.call(lambda: self.optuna.get_trial(trial_id))
 
 
-def _insert_attrs(conn, table: sa.Table, trial_id: int, attrs: dict[str, Any]) -> None:
-    if attrs:
-        conn.execute(sa.insert(table), [
-            {"trial_id": trial_id, "key": k, "value_json": json.dumps(v)} for k, v in attrs.items()
-        ])
-
-
-def open_store(option: str | None, study_file_value: str | None) -> Store:
-    return Store(resolve_url(option, study_file_value))
+def open_store(option: str | None, study_file_value: str | None, *,
+               outage_tolerance_s: float = 0.0, echo: Callable[[str], None] | None = None) -> Store:
+    return Store(resolve_url(option, study_file_value), outage_tolerance_s=outage_tolerance_s,
+                 echo=echo)

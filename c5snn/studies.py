@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from c5snn.config import GRID_KEYS, StudyConfig
+from c5snn.config import GRID_KEYS, StudyConfig, definition_changes, load_config
 from c5snn.dashboard import write_note
-from c5snn.data import file_sha256, prepare
+from c5snn.data import prepare
 from c5snn.errors import NotReadyError, StudyMismatchError
 from c5snn.storage import ClaimRow, ClaimState, Store
 
@@ -66,24 +66,49 @@ def screening_phase(config: StudyConfig) -> Phase:
     return Phase(config.name, SCREENING, points)
 
 
+def _load(store: Store, name: str) -> optuna.Study | None:
+    """The Optuna study `name`, or None; never creates a database to find out."""
+    if not store.exists():
+        return None
+    try:
+        return store.call(lambda: optuna.load_study(study_name=name, storage=store.optuna))
+    except KeyError:
+        return None
+
+
 def open_study(store: Store, name: str) -> optuna.Study:
     """An existing Optuna study, or NotReadyError naming it."""
-    try:
-        return optuna.load_study(study_name=name, storage=store.optuna)
-    except KeyError:
-        raise NotReadyError(
-            f"study '{name}' does not exist in {store.masked}; run `c5snn study create` first"
-        ) from None
+    study = _load(store, name)
+    if study is not None:
+        return study
+    raise NotReadyError(
+        f"study '{name}' does not exist in {store.masked}; run `c5snn study create` first")
 
 
 def _check_hash(study: optuna.Study, config: StudyConfig) -> None:
+    """Refuse a study file (with its overrides) that would change the study's results, naming
+    each differing setting with the study's value and this command's."""
     stored = study.user_attrs.get("c5snn_hash")
-    if stored != config.content_hash:
-        raise StudyMismatchError(
-            f"study '{study.study_name}' in storage was created from a different study file "
-            f"(stored hash {stored}, {config.source} has {config.content_hash}); "
-            f"use a new study.name in {config.source} or restore the original file"
-        )
+    if stored == config.content_hash:
+        return
+    changes = definition_changes(study.user_attrs.get("definition", {}), config.definition)
+    named = "; ".join(f"{key} is {now!r} here but {then!r} in the study"
+                      for key, then, now in changes[:3]) or f"hash {stored} vs {config.content_hash}"
+    raise StudyMismatchError(
+        f"study '{study.study_name}' was created with other settings: {named} "
+        f"({config.source}); restore them, or use a new study.name"
+    )
+
+
+def with_stored_overrides(config: StudyConfig, store: Store) -> StudyConfig:
+    """`config` with the --set overrides its study was created with applied first (this
+    command's own overrides after them), so later commands need not repeat them."""
+    study = _load(store, config.name)
+    stored = list(study.user_attrs.get("overrides", [])) if study is not None else []
+    if not stored:
+        return config
+    own = [a for a in config.overrides if a not in stored]
+    return load_config(config.source, [*stored, *own])
 
 
 def open_screening(config: StudyConfig, store: Store) -> optuna.Study:
@@ -115,16 +140,18 @@ def create_screening(config: StudyConfig, store: Store) -> tuple[optuna.Study, b
     except NotReadyError:
         pass
     space = {k: list(config.grid[k]) for k in GRID_KEYS}
-    study = optuna.create_study(
+    study = store.call(lambda: optuna.create_study(
         study_name=config.name,
         storage=store.optuna,
         sampler=optuna.samplers.GridSampler(space),
         direction="maximize",
         load_if_exists=True,
-    )
+    ))
     if "c5snn_hash" not in study.user_attrs:
         attrs = {
             "c5snn_hash": config.content_hash,
+            "definition": config.definition,
+            "overrides": list(config.overrides),
             "kind": SCREENING,
             "study_file": str(config.source),
             "window_size": config.window_size,
@@ -132,10 +159,10 @@ def create_screening(config: StudyConfig, store: Store) -> tuple[optuna.Study, b
             "grid": space,
             "n_points": config.n_points,
             "data_path": str(config.data_path),
-            "data_sha256": file_sha256(config.data_path),
+            "data_sha256": config.definition["data"]["sha256"],
             "objective": f"val_recall_at_20 of the best epoch (seed {config.screening_seed})",
         }
-        describe_study(study, SCREENING_METRIC, attrs, (
+        store.call(lambda: describe_study(study, SCREENING_METRIC, attrs, (
             f"**c5snn screening study** from `{config.source}` (hash `{config.content_hash}`)\n\n"
             f"- grid: {space} ({config.n_points} points, `config_id` in product order)\n"
             f"- window {config.window_size}, splits {list(config.split_ratios)}, "
@@ -143,16 +170,13 @@ def create_screening(config: StudyConfig, store: Store) -> tuple[optuna.Study, b
             f"- data `{config.data_path}` sha256 `{attrs['data_sha256'][:16]}...`\n"
             "- objective: val recall@20 of the best epoch; intermediate values: val recall@20 "
             "per epoch"
-        ))
+        )))
     _check_hash(study, config)
     return study, True
 
 
 def _promote_study(config: StudyConfig, store: Store) -> optuna.Study | None:
-    try:
-        return optuna.load_study(study_name=promote_study_name(config), storage=store.optuna)
-    except KeyError:
-        return None
+    return _load(store, promote_study_name(config))
 
 
 def promote_phase(config: StudyConfig, store: Store) -> Phase | None:
@@ -276,6 +300,7 @@ class SweepState:
 
     screening: PhaseState
     promote: PhaseState | None
+    now: float  # the database's clock when this was read (heartbeat ages are on it)
 
     @property
     def phases(self) -> list[PhaseState]:
@@ -288,13 +313,13 @@ class SweepState:
         study = _promote_study(config, store)
         phase = _promote_phase_of(study) if study is not None else None
         promote = _read_phase(store, phase, study, max_attempts) if phase is not None else None
-        return cls(screening, promote)
+        return cls(screening, promote, store.now())
 
 
 def _read_phase(store: Store, phase: Phase, study: optuna.Study, max_attempts: int) -> PhaseState:
     rows = store.attempts(phase.study)
     return PhaseState(
         phase=phase, study=study, attempts=tuple(rows),
-        trials=tuple(study.get_trials(deepcopy=False)),
+        trials=tuple(store.call(lambda: study.get_trials(deepcopy=False))),
         points=tuple(point_states(rows, len(phase.points))), max_attempts=max_attempts,
     )

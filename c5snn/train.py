@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import random
 import time
 from collections.abc import Callable
@@ -22,13 +23,13 @@ import torch
 
 from c5snn.config import ModelParams, TrainingParams
 from c5snn.data import WindowData
-from c5snn.errors import TrainingInterrupted
+from c5snn.errors import TrainingInterrupted, first_line
 from c5snn.files import atomic_path
 from c5snn.metrics import compute_metrics
 from c5snn.model import build_model
 from c5snn.runtime import check_device, precision, set_seed
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: plain types only (weights_only=True loads it)
 
 
 @dataclass
@@ -64,6 +65,7 @@ class RunResult:
     test: dict[str, float] | None = None
     test_logits: torch.Tensor | None = None  # (n_test, 39), when evaluated on test
     resumed_from_epoch: int | None = None
+    discarded_checkpoint: str | None = None  # why an unusable checkpoint was set aside
 
 
 @dataclass
@@ -100,9 +102,11 @@ def evaluate(
 
 
 def _rng_state(shuffle: torch.Generator) -> dict:
+    """Every RNG a run draws from, in plain types and tensors (loadable with weights_only)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": [kind, torch.from_numpy(keys.copy()), pos, has_gauss, gauss],
         "torch": torch.get_rng_state(),
         "shuffle": shuffle.get_state(),
     }
@@ -112,12 +116,42 @@ def _rng_state(shuffle: torch.Generator) -> dict:
 
 
 def _restore_rng(state: dict, shuffle: torch.Generator) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy(), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     shuffle.set_state(state["shuffle"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def read_checkpoint(path: Path, device: torch.device, seed: int, params: ModelParams,
+                    on_discard: Callable[[str], None] | None = None) -> dict | None:
+    """A point's per-epoch checkpoint, or None when there is none or it cannot be used.
+
+    A checkpoint is a cache of progress: one that is damaged (truncated, garbled), needs more
+    than plain types and tensors to load (`weights_only=True`: it may come from a shared folder)
+    or belongs to another run is moved aside to `<name>.corrupt`, `on_discard` hears why, and
+    the run starts from epoch 0. That costs time, never the point.
+    """
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+        if state.get("version") != CHECKPOINT_VERSION:
+            raise ValueError(f"checkpoint version {state.get('version')}, not {CHECKPOINT_VERSION}")
+        if state["seed"] != seed or state["params"] != dataclasses.asdict(params):
+            raise ValueError("it belongs to another run (seed or configuration differ)")
+        _ = state["model"], state["optimizer"], state["rng"], state["best"], state["history"]
+    except Exception as exc:  # any way of being unreadable: set it aside, train from scratch
+        aside = path.with_name(path.name + ".corrupt")
+        os.replace(path, aside)
+        if on_discard is not None:
+            on_discard(f"{path} unreadable ({type(exc).__name__}: {first_line(exc)}); moved to "
+                       f"{aside.name}, training from epoch 0")
+        return None
+    return state
 
 
 def save_atomic(obj, path: Path) -> None:
@@ -151,6 +185,7 @@ def train_run(
     on_epoch: Callable[[EpochRecord], None] | None = None,
     checkpoint_path: Path | None = None,
     should_stop: Callable[[], bool] | None = None,
+    on_checkpoint_discarded: Callable[[str], None] | None = None,
 ) -> RunResult:
     """Train one configuration with one seed; resume from `checkpoint_path` when it exists.
 
@@ -171,18 +206,22 @@ def train_run(
     start_epoch, best_metric, best_epoch, bad_epochs, elapsed = 0, float("-inf"), 0, 0, 0.0
     best: dict = {}
     history: list[EpochRecord] = []
-    resumed_from = None
-    if checkpoint_path is not None and checkpoint_path.exists():
-        state = torch.load(checkpoint_path, map_location=device, weights_only=False)
-        if state.get("seed") != seed or state.get("params") != params:
-            raise ValueError(f"{checkpoint_path} belongs to another run")
+    resumed_from, discarded = None, None
+
+    def discard(reason: str) -> None:
+        nonlocal discarded
+        discarded = reason
+        if on_checkpoint_discarded is not None:
+            on_checkpoint_discarded(reason)
+
+    state = read_checkpoint(checkpoint_path, device, seed, params, discard) if checkpoint_path else None
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         _restore_rng(state["rng"], shuffle)
         start_epoch, best_metric, best_epoch = state["epoch"], state["best_metric"], state["best_epoch"]
-        bad_epochs, elapsed, best, history = (
-            state["bad_epochs"], state["elapsed"], state["best"], state["history"]
-        )
+        bad_epochs, elapsed, best = state["bad_epochs"], state["elapsed"], state["best"]
+        history = [EpochRecord(**record) for record in state["history"]]
         resumed_from = start_epoch
         for record in history:
             if on_epoch is not None:
@@ -233,11 +272,11 @@ def train_run(
         if checkpoint_path is not None:
             save_atomic(
                 {
-                    "version": CHECKPOINT_VERSION, "seed": seed, "params": params,
+                    "version": CHECKPOINT_VERSION, "seed": seed, "params": dataclasses.asdict(params),
                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "rng": _rng_state(shuffle), "epoch": epoch, "best_metric": best_metric,
                     "best_epoch": best_epoch, "bad_epochs": bad_epochs, "elapsed": elapsed,
-                    "best": best, "history": history,
+                    "best": best, "history": [dataclasses.asdict(r) for r in history],
                 },
                 checkpoint_path,
             )
@@ -256,6 +295,7 @@ def train_run(
         model_state=best["model"],
         optimizer_state=best["optimizer"],
         resumed_from_epoch=resumed_from,
+        discarded_checkpoint=discarded,
     )
     if evaluate_test:
         ev = evaluate(net, data, "test", training.batch_size, training.limit_test_batches,

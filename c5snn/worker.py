@@ -43,6 +43,7 @@ class Timing:
     grace_s: float = 180.0
     poll_s: float = 5.0
     max_attempts: int = 3  # failed or stale attempts before a point is given up
+    db_outage_tolerance_s: float = 600.0  # how long a worker rides out a database outage
 
 
 class Outcome(enum.Enum):
@@ -106,7 +107,7 @@ def reap(store: Store, study_name: str, grace_s: float, rows: list[ClaimRow]) ->
             continue
         if store.finish_trial(row.trial_id, TrialState.FAIL, user_attrs={"error": "heartbeat lost"}):
             continue
-        if store.optuna.get_trial(row.trial_id).state == TrialState.COMPLETE:
+        if store.trial(row.trial_id).state == TrialState.COMPLETE:
             # it finished just as the lease ran out
             store.finish(Claim(row.id, study_name, row.point, row.attempt), ClaimState.DONE,
                          from_state=ClaimState.STALE)
@@ -139,20 +140,20 @@ class Attempt:
     def open(self) -> None:
         """Create the RUNNING Optuna trial with the point's params and tie it to the claim."""
         w, point = self.worker, self.point
-        user_attrs = {"config_id": point.config_id, "seed": point.seed,
+        user_attrs = {"config_id": point.config_id, "seed": point.seed, "claim": self.claim.id,
                       "attempt": self.claim.attempt, "worker": w.name, "host": w.host,
                       "device": w.device}
         if point.screening_trial is not None:
             user_attrs["screening_trial"] = point.screening_trial
-        study_id = self.store.optuna.get_study_id_from_name(self.phase.study)
         self.trial_id, self.number = self.store.create_trial(
-            study_id, point.params, distributions(w.config), user_attrs=user_attrs)
+            self.store.study_id(self.phase.study), point.params, distributions(w.config),
+            user_attrs=user_attrs)
         self.store.attach_trial(self.claim, self.trial_id, self.number)
         if self.phase.kind == PROMOTE:
-            study = w.study(self.phase.study)
-            write_note(optuna.Trial(study, self.trial_id),
-                       f"config_id {point.config_id}: `{self.label}`, promoted from screening "
-                       f"trial {point.screening_trial}, seed {point.seed}, scored on **test**")
+            self.store.call(lambda: write_note(
+                optuna.Trial(w.study(self.phase.study), self.trial_id),
+                f"config_id {point.config_id}: `{self.label}`, promoted from screening "
+                f"trial {point.screening_trial}, seed {point.seed}, scored on **test**"))
         self.echo(f"start trial {self.number} point {point.index}: {self.label}")
 
     def run(self) -> Outcome:
@@ -172,9 +173,13 @@ class Attempt:
                     evaluate_test=self.point.evaluate_test, on_epoch=report,
                     checkpoint_path=self.dir / "checkpoint.pt",
                     should_stop=lambda: w.stop() or beat.lost,
+                    on_checkpoint_discarded=lambda why: self.echo(
+                        f"trial {self.number} point {self.point.index}: checkpoint {why}"),
                 )
             except TrainingInterrupted as exc:
                 return Outcome.LOST if beat.lost else self.release(str(exc))
+            except StorageError:
+                raise  # the database stayed away past the tolerance: the worker's fault, not the point's
             except Exception as exc:  # a bug or CUDA OOM: FAIL this trial, keep the worker
                 return self.fail(f"{type(exc).__name__}: {first_line(exc)}")
         return self.finish(result)
@@ -207,6 +212,8 @@ class Attempt:
         }
         if result.resumed_from_epoch is not None:
             attrs["resumed_from_epoch"] = result.resumed_from_epoch
+        if result.discarded_checkpoint is not None:
+            attrs["checkpoint_discarded"] = result.discarded_checkpoint
         if result.test is not None:
             attrs["test_metrics"] = result.test
             run_dir = write_run_dir(self.dir / "run", result,
@@ -214,6 +221,8 @@ class Attempt:
             torch.save(result.test_logits, run_dir / "test_logits.pt")
             attrs["run_dir"] = str(run_dir)
         value = result.test["recall_at_20"] if self.point.evaluate_test else result.val["recall_at_20"]
+        if not self.store.beat(self.claim, result.epochs_run):
+            return Outcome.LOST  # taken over (e.g. during a long outage): write no result
         if not self.store.finish_trial(self.trial_id, TrialState.COMPLETE, value, attrs):
             return Outcome.LOST  # a reaper failed it meanwhile; its point runs again elsewhere
         self.store.finish(self.claim, ClaimState.DONE)
@@ -243,7 +252,7 @@ class Worker:
     ):
         """`train_fn` is `train_run`; the coordination benchmark swaps in a ~0 s stub."""
         self.config, self.store, self.name, self.device = config, store, name, device
-        self.artifacts, self.timing, self.echo, self.stop = artifacts, timing, echo, stop
+        self.artifacts, self.timing, self.echo, self.stop = Path(artifacts).absolute(), timing, echo, stop
         self.train_fn = train_fn
         self.host = socket.gethostname()
         self._data: WindowData | None = None
@@ -259,6 +268,7 @@ class Worker:
         return self._data
 
     def study(self, name: str) -> optuna.Study:
+        """The Optuna study `name` (call inside `store.call`: it may touch the database)."""
         if name not in self._studies:
             self._studies[name] = optuna.load_study(study_name=name, storage=self.store.optuna)
         return self._studies[name]
@@ -266,7 +276,7 @@ class Worker:
     def run(self, max_trials: int | None = None) -> int:
         """Train points until none is left (or `max_trials`, or a stop); returns trials run."""
         check_device(self.config.training, self.device)  # before claiming anything
-        open_screening(self.config, self.store)
+        self.store.call(lambda: open_screening(self.config, self.store))
         if self.device == "cpu":
             tune_cpu_allocator()
         ran = 0
@@ -294,9 +304,9 @@ class Worker:
     def claim(self) -> Attempt | None:
         """The next attempt this worker won: points with an earlier attempt first (they resume
         from a checkpoint), then in order; None when no point is claimable."""
-        for phase in phases(self.config, self.store):
+        for phase in self.store.call(lambda: phases(self.config, self.store)):
             rows = self.store.attempts(phase.study)
-            if reap(self.store, phase.study, self.timing.grace_s, rows):
+            if self._may_reap() and reap(self.store, phase.study, self.timing.grace_s, rows):
                 rows = self.store.attempts(phase.study)
             states = point_states(rows, len(phase.points))
             order = sorted(range(len(states)), key=lambda i: (states[i].last_attempt == 0, i))
@@ -311,8 +321,14 @@ class Worker:
                     return Attempt(self, phase, claim, phase.points[i])
         return None
 
+    def _may_reap(self) -> bool:
+        """Not within a grace period after this worker's own database outage: every worker's
+        heartbeats aged through it alike, and their owners are only now writing again."""
+        end = self.store.last_outage_end
+        return end is None or time.monotonic() - end > self.timing.grace_s
+
     def others_running(self) -> bool:
         """Whether any point is still held by a live worker (it might die and need a retry)."""
         return any(r.state == ClaimState.RUNNING
-                   for phase in phases(self.config, self.store)
+                   for phase in self.store.call(lambda: phases(self.config, self.store))
                    for r in self.store.attempts(phase.study))

@@ -48,7 +48,7 @@ def test_train_writes_run_directory(study_file, tmp_path):
     assert f"on cpu ({expected} allocator)" in proc.stdout
     assert sorted(p.name for p in run_dir.iterdir()) == [
         "best_model.pt", "config_snapshot.yaml", "metrics.csv", "pip_freeze.txt"]
-    ckpt = torch.load(run_dir / "best_model.pt", weights_only=False)
+    ckpt = torch.load(run_dir / "best_model.pt", weights_only=True)
     assert {"model_state_dict", "optimizer_state_dict", "epoch", "best_val_recall_at_20",
             "config", "seed"} <= set(ckpt)
     assert ckpt["seed"] == 5 and ckpt["config"]["model"]["d_model"] == 64

@@ -50,13 +50,22 @@ def test_study_file_mistakes_name_the_key(tmp_path, mutate, key, rule):
     assert rule in str(info.value)
 
 
-def test_overrides_and_content_hash(tmp_path):
-    path = write_study(tmp_path / "s.yaml", study_dict(tmp_path / "x.csv"))
+def test_overrides_and_content_hash(tmp_path, synthetic_csv):
+    path = write_study(tmp_path / "s.yaml", study_dict(synthetic_csv))
     base = load_config(path)
     pinned = load_config(path, ["d_model=64", "training.epochs=7"])
     assert pinned.grid["d_model"] == (64,) and pinned.training.epochs == 7
     assert pinned.content_hash != base.content_hash
     assert load_config(path).content_hash == base.content_hash
+    # the data by content, not by path; neither storage URL nor output folder count
+    moved = tmp_path / "elsewhere" / "renamed.csv"
+    moved.parent.mkdir()
+    moved.write_bytes(synthetic_csv.read_bytes())
+    other = study_dict(moved, study={"name": "t", "storage": "sqlite:///other.db"},
+                       output={"dir": "/somewhere"})
+    assert load_config(write_study(tmp_path / "m.yaml", other)).content_hash == base.content_hash
+    moved.write_bytes(synthetic_csv.read_bytes().replace(b"\n1/", b"\n01/", 1))
+    assert load_config(tmp_path / "m.yaml").content_hash != base.content_hash
     with pytest.raises(StudyFileError, match="'training.nope'"):
         load_config(path, ["training.nope=1"])
 

@@ -1,8 +1,10 @@
-"""The package's architecture, checked: no import circle, the read side apart from the worker."""
+"""The package's architecture, checked: no import circle, the read side apart from the worker,
+Optuna through its public API only."""
 
 from __future__ import annotations
 
 import ast
+import re
 
 from conftest import ROOT
 
@@ -47,3 +49,12 @@ def test_read_side_never_imports_the_worker():
     for module in READ_SIDE:
         assert "worker" not in reachable(graph, module), module
 
+
+
+def test_no_private_optuna_api():
+    """No module reaches into Optuna's private modules or attributes (its tables, `_storage`,
+    `_study_id`): an Optuna upgrade must not be able to corrupt a study silently."""
+    private = re.compile(r"optuna\.[\w.]*\._|\b_storage\b|\b_study_id\b|\b_trial_id\b|optuna_models")
+    for path in PACKAGE.glob("*.py"):
+        hits = [line for line in path.read_text().splitlines() if private.search(line)]
+        assert not hits, (path.name, hits)

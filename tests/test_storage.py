@@ -54,8 +54,8 @@ def test_lease_compare_and_set(tmp_path):
     store = Store(f"sqlite:///{tmp_path / 'lease.db'}")
     claim = store.try_claim("s", 0, 1, worker="a", host="h", device="cpu")
     assert store.beat(claim, 1)
-    assert store.mark_stale("s", grace_s=3600) == []
-    stale = store.mark_stale("s", grace_s=-1)
+    assert store.mark_stale("s", 3600, store.attempts("s")) == []
+    stale = store.mark_stale("s", -1, store.attempts("s"))
     assert [r.id for r in stale] == [claim.id]
     assert not store.beat(claim, 2)  # the lease is gone: the worker learns it
     assert not store.finish(claim, "done")

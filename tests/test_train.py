@@ -47,7 +47,7 @@ def test_resume_after_interruption_is_bitwise_identical(study_file, tmp_path):
     with pytest.raises(TrainingInterrupted):
         train_run(params, config.training, data, seed=7, checkpoint_path=ckpt,
                   should_stop=lambda: next(batches) + 1 >= stop_after)
-    assert torch.load(ckpt, weights_only=False)["epoch"] == 2
+    assert torch.load(ckpt, weights_only=True)["epoch"] == 2
     replayed = []
     resumed = train_run(params, config.training, data, seed=7, checkpoint_path=ckpt,
                         on_epoch=lambda r: replayed.append((r.epoch, r.replayed)))

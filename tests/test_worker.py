@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import signal
@@ -97,7 +98,8 @@ def test_parallel_workers_run_each_grid_point_exactly_once(storage_url, tmp_path
     text = study.read_text().replace("learning_rate: 0.001", "learning_rate: 0.002")
     study.write_text(text)
     changed = run_cli("study", "create", "--config", str(study), "--storage", storage_url)
-    assert changed.returncode == 1 and "different study file" in changed.stderr
+    assert changed.returncode == 1
+    assert "training.learning_rate is 0.002 here but 0.001 in the study" in changed.stderr
 
 
 def test_sigkill_mid_trial_is_retried_and_resumed_exactly(tmp_path, synthetic_csv):
@@ -160,7 +162,7 @@ def test_sigterm_releases_and_restart_continues(tmp_path, synthetic_csv):
     for point in released:
         ckpt = point_dir(tmp_path / "artifacts", name, point) / "checkpoint.pt"
         if ckpt.exists():
-            checkpointed[point] = torch.load(ckpt, weights_only=False)["epoch"]
+            checkpointed[point] = torch.load(ckpt, weights_only=True)["epoch"]
     proc = run_cli("workers", "--config", str(study), "-n", "2", "--storage", url,
                    "--artifacts", str(tmp_path / "artifacts"), cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:]
@@ -192,3 +194,58 @@ def test_a_trial_that_raises_fails_with_its_error_and_is_not_retried_forever(
     status = run_cli("status", "--config", str(study), "--storage", url, "--max-attempts", "2")
     assert status.returncode == 0
     assert status.stdout.count("GIVEN UP") == 2 and "0/2 done" in status.stdout
+
+
+def test_a_damaged_checkpoint_of_a_stale_point_costs_time_not_the_point(tmp_path, synthetic_csv):
+    from c5snn.storage import Store
+
+    url = f"sqlite:///{tmp_path / 'ckpt.db'}"
+    grid = {"n_layers": [2], "n_heads": [2], "d_model": [64], "beta": [0.8],
+            "encoding": ["rate_coded"]}
+    study = _study(tmp_path, synthetic_csv, grid=grid, training={"epochs": 3})
+    config = load_config(study)
+    assert run_cli("study", "create", "--config", str(study), "--storage", url).returncode == 0
+    # a worker died holding point 0 after writing its checkpoint, which then got truncated
+    store = Store(url)
+    assert store.try_claim(config.name, 0, 1, worker="dead", host="h", device="cpu")
+    store.close()
+    data = prepare(config.data_path, config.window_size, config.split_ratios)
+    ckpt = point_dir(tmp_path / "artifacts", config.name, 0) / "checkpoint.pt"
+    train_run(config.model_params(config.grid_points()[0]), dataclasses.replace(
+        config.training, epochs=1), data, seed=42, checkpoint_path=ckpt)
+    ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
+    proc = _worker(study, url, tmp_path, "w0", "--max-attempts", "2")  # grace 3 s
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-2000:]
+    trials = optuna.load_study(study_name=config.name, storage=url).trials
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert len(complete) == 1 and "resumed_from_epoch" not in complete[0].user_attrs
+    assert "unreadable" in complete[0].user_attrs["checkpoint_discarded"]
+    assert "checkpoint" in out and "moved to checkpoint.pt.corrupt" in out
+    assert (ckpt.parent / "checkpoint.pt.corrupt").exists()
+    status = run_cli("status", "--config", str(study), "--storage", url, "--max-attempts", "2")
+    assert "1/1 done" in status.stdout and "GIVEN UP" not in status.stdout
+    # it trained from epoch 0: the result is the straight run's
+    straight = train_run(config.model_params(config.grid_points()[0]), config.training, data,
+                         seed=42)
+    assert complete[0].user_attrs["epochs_run"] == straight.epochs_run
+
+
+@pytest.mark.parametrize("skew_s", [600, -600])
+def test_leases_are_judged_on_the_database_clock(storage_url, monkeypatch, skew_s):
+    """A worker whose clock runs 10 min ahead takes no live lease; one 10 min behind keeps its
+    own: heartbeats and their ages are the database's time, never a worker's."""
+    from c5snn.storage import ClaimState, Store
+    from c5snn.worker import reap
+
+    study = f"clock-{uuid.uuid4().hex[:8]}"
+    owner, skewed = Store(storage_url), Store(storage_url)
+    claim = owner.try_claim(study, 0, 1, worker="owner", host="a", device="cpu")
+    real_time = time.time
+    monkeypatch.setattr(time, "time", lambda: real_time() + skew_s)
+    assert reap(skewed, study, 180, skewed.attempts(study)) == []
+    assert skewed.beat(claim, 1)  # a skewed clock does not cost the owner its lease either
+    assert [r.state for r in owner.attempts(study)] == [ClaimState.RUNNING]
+    assert abs(skewed.now() - real_time()) < 5  # the database's clock, not the patched one
+    owner.close()
+    skewed.close()
