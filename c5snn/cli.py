@@ -276,13 +276,15 @@ def export(
     storage: StorageOpt = None,
     output: OutputOpt = None,
     plots: Annotated[bool, typer.Option(help="Also write HTML figures (needs plotly).")] = False,
+    force: Annotated[bool, typer.Option(help="Replace a folder or foreign files where the "
+                                             "outputs go (refused otherwise).")] = False,
 ) -> None:
     """Write the sweep CSV and, once promote is done, the top-K JSON, best checkpoint and meta."""
     from c5snn.export import export as do_export
     from c5snn.export import top_table
 
     cfg, store = _open(config, None, storage)
-    written = do_export(cfg, store, cfg.sweep_csv(output), plots=plots)
+    written = do_export(cfg, store, cfg.sweep_csv(output), plots=plots, force=force)
     _echo(written["leaderboard"])
     if "report" in written:
         _echo(top_table(written["report"]))
@@ -338,14 +340,25 @@ def dashboard(
 
 
 def main() -> None:
-    """Console entry point: the one place errors become messages and exit codes."""
+    """Console entry point: the one place errors become messages and exit codes.
+
+    A library error (`C5Error`) or a usage error (an unknown option, a value of the wrong type)
+    is one line on stderr and exit code 1; C5SNN_DEBUG=1 shows the traceback instead.
+    """
     try:
-        app()
-    except C5Error as exc:
+        code = app(standalone_mode=False)
+    except (C5Error, typer.TyperException) as exc:
         if os.environ.get("C5SNN_DEBUG"):
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        message = exc.format_message() if isinstance(exc, typer.TyperException) else str(exc)
+        if not message.strip():  # a bare group (`c5snn`, `c5snn data`): its help was shown
+            sys.exit(2)
+        print(f"error: {' '.join(message.split())}", file=sys.stderr)
         sys.exit(1)
+    except typer.Abort:
+        print("error: aborted", file=sys.stderr)
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

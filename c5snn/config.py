@@ -14,6 +14,7 @@ import functools
 import hashlib
 import itertools
 import json
+import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ from typing import Any
 import yaml
 
 from c5snn.data import file_sha256
-from c5snn.errors import StudyFileError
+from c5snn.errors import OptionError, StudyFileError
 
 # The five swept hyperparameters, in the order that defines config_id (DESIGN §4).
 GRID_KEYS = ("n_layers", "n_heads", "d_model", "beta", "encoding")
@@ -32,6 +33,9 @@ PRECISIONS = ("fp32", "tf32", "bf16")  # tf32: CUDA matmuls only; bf16: autocast
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # torch.compile modes
 # triton: one fused kernel per LIF recurrence, CUDA only; snntorch: the step-by-step reference
 LIF_KERNELS = ("torch", "triton", "snntorch")
+
+MAX_NAME_LENGTH = 512  # Optuna's study_name column (and c5snn_claims.study)
+MAX_SEED = 2**63 - 1
 
 # Schema: section -> {key: (type(s), required)}. Types are checked after YAML parsing.
 _SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], bool]]] = {
@@ -168,6 +172,15 @@ class StudyConfig:
         canonical = json.dumps(self.definition, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
+    def check_top_k(self, top_k: int | None = None) -> int:
+        """`top_k` (default: the file's) if it fits the grid, else StudyFileError. Checked when
+        a sweep starts, not on load: `c5snn train` pins the grid to one point."""
+        top_k = self.top_k if top_k is None else top_k
+        if not 1 <= top_k <= self.n_points:
+            raise StudyFileError(f"{self.source}: promote.top_k / --top-k must lie in "
+                                 f"1..{self.n_points} (the grid's points), got {top_k}")
+        return top_k
+
     def sweep_csv(self, option: Path | None) -> Path:
         """Where export writes the sweep CSV: --output, else the study's output.dir, else results/."""
         if option is not None:
@@ -232,7 +245,10 @@ def _apply_override(raw: dict, source: Path, assignment: str) -> None:
         raise _fail(source, assignment, "an override must look like key=value")
     key, text = assignment.split("=", 1)
     key = key.strip()
-    value = yaml.safe_load(text)
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise _fail(source, key, f"--set value {text!r} is not a YAML value") from None
     if key in GRID_KEYS:
         raw.setdefault("grid", {})[key] = [value]
         return
@@ -250,9 +266,11 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     """Load and validate a study file; `overrides` are `key=value` strings applied first."""
     source = Path(path)
     try:
-        text = source.read_text()
+        text = source.read_text(encoding="utf-8")
     except OSError as exc:
         raise StudyFileError(f"{source}: cannot read study file ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        raise StudyFileError(f"{source}: not UTF-8 text (byte {exc.start})") from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -305,6 +323,9 @@ def _build(raw: dict, source: Path) -> StudyConfig:
 
     if not study["name"].strip():
         raise _fail(source, "study.name", "must not be empty")
+    if len(study["name"]) > MAX_NAME_LENGTH:
+        raise _fail(source, "study.name", f"must be at most {MAX_NAME_LENGTH} characters "
+                                          f"(Optuna's limit), got {len(study['name'])}")
     ratios = data["split_ratios"]
     if len(ratios) != 3 or not all(
         isinstance(r, (int, float)) and not isinstance(r, bool) and r > 0 for r in ratios
@@ -353,8 +374,9 @@ def _build(raw: dict, source: Path) -> StudyConfig:
 
     _positive(source, "training.epochs", training["epochs"])
     _positive(source, "training.early_stopping_patience", training["early_stopping_patience"])
-    if training["learning_rate"] <= 0:
-        raise _fail(source, "training.learning_rate", "must be > 0")
+    if not math.isfinite(training["learning_rate"]) or training["learning_rate"] <= 0:
+        raise _fail(source, "training.learning_rate",
+                    f"must be a finite number > 0, got {training['learning_rate']}")
     if training["optimizer"] != "adam":
         raise _fail(source, "training.optimizer", "only 'adam' is supported")
     if training["early_stopping_metric"] != "val_recall_at_20":
@@ -371,6 +393,11 @@ def _build(raw: dict, source: Path) -> StudyConfig:
     seeds = promote["seeds"]
     if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
         raise _fail(source, "promote.seeds", "must be a non-empty list of integers")
+    for key, values in (("promote.seeds", seeds),
+                        ("promote.screening_seed", [promote["screening_seed"]])):
+        for seed in values:
+            if not 0 <= seed <= MAX_SEED:
+                raise _fail(source, key, f"seeds must lie in 0..{MAX_SEED}, got {seed}")
     if len(set(seeds)) != len(seeds):
         raise _fail(source, "promote.seeds", f"has duplicates {seeds}")
     _positive(source, "promote.top_k", promote["top_k"])
@@ -411,10 +438,19 @@ def parse_seeds(text: str) -> tuple[int, ...]:
     try:
         seeds = tuple(int(s) for s in text.split(",") if s.strip())
     except ValueError:
-        raise StudyFileError(f"--seeds: expected comma-separated integers, got {text!r}") from None
+        raise OptionError(f"--seeds: expected comma-separated integers, got {text!r}") from None
     if not seeds or len(set(seeds)) != len(seeds):
-        raise StudyFileError(f"--seeds: expected distinct integers, got {text!r}")
+        raise OptionError(f"--seeds: expected distinct integers, got {text!r}")
+    for seed in seeds:
+        check_seed(seed, "--seeds")
     return seeds
+
+
+def check_seed(seed: int, option: str) -> int:
+    """Seeds seed python, numpy and torch: 0..2**63-1 is what all three take."""
+    if not 0 <= seed <= MAX_SEED:
+        raise OptionError(f"{option} must lie in 0..{MAX_SEED}, got {seed}")
+    return seed
 
 
 def snapshot(config: StudyConfig, params: ModelParams, seed: int) -> dict[str, Any]:

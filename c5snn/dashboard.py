@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import optuna
 
-from c5snn.errors import C5Error
+from c5snn.errors import C5Error, OptionError
 from c5snn.storage import Store
 
 
@@ -31,5 +31,7 @@ def serve(store: Store, host: str, port: int, echo: Callable[[str], None]) -> No
         raise C5Error(
             "optuna-dashboard is not installed; `pip install 'c5snn[dashboard]'` (make install does)"
         ) from None
+    if not 1 <= port <= 65535:
+        raise OptionError(f"--port must lie in 1..65535, got {port}")
     echo(f"optuna-dashboard for {store.masked} at http://{host}:{port}/dashboard")
     optuna_dashboard.run_server(store.optuna, host=host, port=port)

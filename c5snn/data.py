@@ -277,6 +277,8 @@ def synthesize(rows: int, seed: int) -> pd.DataFrame:
 
 def write_synthetic(out: Path, rows: int, seed: int) -> Path:
     """Write `synthesize(rows, seed)` to `out` atomically (no half-written file on failure)."""
+    if not Path(out).parent.is_dir():
+        raise DataError(f"{out}: folder {Path(out).parent} does not exist")
     frame = synthesize(rows, seed)
     with atomic_path(out) as tmp:
         frame.to_csv(tmp, index=False)

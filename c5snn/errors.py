@@ -26,7 +26,20 @@ class StudyMismatchError(StorageError):
 
 
 class DeviceError(C5Error):
-    """The device cannot run what the study file asks (tf32 or the Triton LIF off CUDA)."""
+    """The device does not exist or work here, or cannot run what the study file asks."""
+
+
+class OptionError(C5Error):
+    """A command-line option has an impossible value (or two options contradict each other)."""
+
+
+class EnvironmentFault(C5Error):
+    """The worker's machine cannot run any point (device, data file, artifacts disk): the worker
+    stops and its point is released for another worker, never charged to the point."""
+
+
+class TrainingDiverged(C5Error):
+    """A run's loss became NaN or infinite: a fault of the trial itself."""
 
 
 class NotReadyError(C5Error):

@@ -19,6 +19,7 @@ import json
 import platform
 import shutil
 import statistics
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from optuna.trial import FrozenTrial
 
 from c5snn.config import StudyConfig
 from c5snn.data import WindowData, prepare
+from c5snn.errors import ArtifactError
 from c5snn.metrics import METRIC_KEYS, chance_metrics, compute_metrics, per_window_metrics
 from c5snn.plots import write_plots
 from c5snn.promote import rank
@@ -204,15 +206,37 @@ def _wall(trials: list[FrozenTrial]) -> dict:
             "trial_time_s_sum": round(sum(t.user_attrs.get("training_time_s", 0) for t in trials), 1)}
 
 
-def export(config: StudyConfig, store: Store, csv_path: Path, *, plots: bool = False) -> dict:
-    """Write every output that the studies' progress allows; returns what was written."""
+def check_targets(paths: Paths, force: bool) -> None:
+    """Refuse to replace what export did not write: a folder where a file goes (`--output
+    results/`), or files in `<stem>_best/` other than the four export puts there."""
+    if force:
+        return
+    for target in (paths.csv, paths.top, paths.meta):
+        if target.is_dir():
+            raise ArtifactError(f"{target} is an existing folder; export writes a file there "
+                                "(choose another --output, or --force to replace it)")
+    if paths.best.exists() and not paths.best.is_dir():
+        raise ArtifactError(f"{paths.best} exists and is not export's folder (--force replaces it)")
+    if paths.best.is_dir():
+        foreign = sorted(p.name for p in paths.best.iterdir() if p.name not in BEST_FILES)
+        if foreign:
+            raise ArtifactError(f"{paths.best} holds files export did not write "
+                                f"({', '.join(foreign[:3])}); move them, or --force to replace")
+
+
+def export(config: StudyConfig, store: Store, csv_path: Path, *, plots: bool = False,
+           force: bool = False) -> dict:
+    """Write every output that the studies' progress allows; returns what was written.
+
+    Outputs are staged in a private folder and moved into place at the end, so a failed export
+    leaves the previous outputs as they were and concurrent exports do not meet.
+    """
     paths = Paths(Path(csv_path))
+    check_targets(paths, force)
     state = SweepState.read(config, store)
     trials = state.screening.require_complete("the CSV needs all of them")
     paths.folder.mkdir(parents=True, exist_ok=True)
-    staging = Path(str(paths.folder / f".export-{paths.stem}.tmp"))
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
+    staging = Path(tempfile.mkdtemp(prefix=f".export-{paths.stem}-", dir=paths.folder))
     written = {"csv": paths.csv, "leaderboard": leaderboard(config, trials)}
     try:
         with open(staging / paths.csv.name, "w", newline="") as fh:
@@ -264,7 +288,7 @@ def export(config: StudyConfig, store: Store, csv_path: Path, *, plots: bool = F
                                            written.get("report"))
         for item in sorted(staging.iterdir()):
             target = paths.folder / item.name
-            if target.is_dir():
+            if target.is_dir():  # export's own <stem>_best/ (check_targets), or --force
                 shutil.rmtree(target)
             item.replace(target)
     finally:

@@ -11,7 +11,10 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+
 from c5snn.config import StudyConfig
+from c5snn.errors import DeviceError, OptionError
 from c5snn.runtime import cpu_allocator_env
 from c5snn.worker import Timing
 
@@ -28,9 +31,24 @@ def worker_args(config: StudyConfig, timing: Timing, artifacts: Path) -> list[st
 
 
 def parse_gpus(text: str | None) -> list[str] | None:
-    """`"0,1"` -> ["0", "1"]; None or empty -> None (CPU)."""
+    """`"0,1"` -> ["0", "1"]; None or empty -> None (CPU). Every id must be a CUDA device of this
+    machine: a wrong id would otherwise start workers that fail every point."""
     gpus = [g.strip() for g in (text or "").split(",") if g.strip()]
-    return gpus or None
+    if not gpus:
+        return None
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for gpu in gpus:
+        if not gpu.isdigit():
+            raise DeviceError(f"--gpus {text}: '{gpu}' is not a GPU id (0, 1, ...)")
+        if int(gpu) >= count:
+            raise DeviceError(f"--gpus {text}: GPU {gpu} does not exist; this machine has "
+                              f"{count} CUDA device(s)")
+    return gpus
+
+
+def check_count(n: int, option: str) -> None:
+    if n < 1:
+        raise OptionError(f"{option} must be >= 1, got {n}")
 
 
 def default_threads(n_workers: int, gpus: list[str] | None) -> int:
@@ -57,6 +75,7 @@ def launch(
     The storage URL travels in the environment (C5SNN_STORAGE), never on a command line where
     `ps` would show its password.
     """
+    check_count(n, "--workers/-n")
     threads = threads or default_threads(n, gpus)
     procs: list[tuple[str, subprocess.Popen]] = []
     tag = f"{socket.gethostname()}:{os.getpid()}"  # unique across launchers and machines

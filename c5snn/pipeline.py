@@ -11,8 +11,8 @@ from pathlib import Path
 
 from c5snn.config import StudyConfig
 from c5snn.errors import NotReadyError, WorkersFailed
-from c5snn.export import export, leaderboard, top_table
-from c5snn.launcher import launch, worker_args
+from c5snn.export import Paths, check_targets, export, leaderboard, top_table
+from c5snn.launcher import check_count, launch, worker_args
 from c5snn.promote import promote
 from c5snn.storage import Store
 from c5snn.studies import SweepState, create_screening
@@ -41,6 +41,9 @@ def phase_c_sweep(
     echo: Callable[[str], None],
 ) -> dict:
     """Run the whole sweep to its outputs; returns what `export` wrote."""
+    check_count(n_workers, "--workers")  # before anything is written
+    config.check_top_k(top_k)
+    check_targets(Paths(output), force=False)
     _, created = create_screening(config, store)
     echo(f"{'created' if created else 'continuing'} study '{config.name}' in {store.masked}")
     workers = dict(n=n_workers, gpus=gpus, threads=threads, artifacts=artifacts, timing=timing,

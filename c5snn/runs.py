@@ -8,10 +8,10 @@ from pathlib import Path
 import torch
 
 from c5snn.artifacts import write_run_dir
-from c5snn.config import GRID_KEYS, load_config, snapshot
+from c5snn.config import GRID_KEYS, check_seed, load_config, snapshot
 from c5snn.data import prepare
-from c5snn.errors import StudyFileError
-from c5snn.runtime import allocator, tune_cpu_allocator
+from c5snn.errors import OptionError, StudyFileError
+from c5snn.runtime import allocator, check_device, tune_cpu_allocator
 from c5snn.train import RunResult, train_run
 
 
@@ -19,7 +19,7 @@ def configure_threads(threads: int | None) -> None:
     """Torch CPU threads for this process; workers sharing a CPU should use 1 each."""
     if threads is not None:
         if threads < 1:
-            raise StudyFileError(f"--threads must be >= 1, got {threads}")
+            raise OptionError(f"--threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
 
 
@@ -42,6 +42,8 @@ def train_one(
             f"{config_path}: train needs one grid point; pin {', '.join(loose)} with --set KEY=VALUE"
         )
     params = config.model_params(points[0])
+    check_seed(seed, "--seed")
+    check_device(config.training, device)  # before the data is put on it
     configure_threads(threads)
     if device == "cpu":
         tune_cpu_allocator()

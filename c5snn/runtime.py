@@ -18,7 +18,7 @@ from collections.abc import Iterator, Mapping
 import numpy as np
 import torch
 
-from c5snn.errors import DeviceError
+from c5snn.errors import DataError, DeviceError, first_line
 
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
 _allocator_tuned = False
@@ -114,10 +114,29 @@ def set_seed(seed: int) -> None:
 def check_device(training, device: str | torch.device) -> None:
     """Raise `DeviceError` when `device` cannot run the study's speed options.
 
-    `training` is a `c5snn.config.TrainingParams`. tf32 is a CUDA matmul mode and the Triton
-    LIF a CUDA kernel: on the CPU they would silently mean nothing, so they are refused.
+    `training` is a `c5snn.config.TrainingParams`. The device must exist and work here (a tiny
+    op on it), so that a wrong `--device` stops a worker before it claims anything instead of
+    failing every point. tf32 is a CUDA matmul mode and the Triton LIF a CUDA kernel: on the
+    CPU they would silently mean nothing, so they are refused.
     """
-    kind = torch.device(device).type
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise DeviceError(f"--device {device}: not a device; use cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise DeviceError(f"--device {device}: c5snn trains on cpu or cuda, not {dev.type}")
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise DeviceError(f"--device {device}: this machine has no usable CUDA device "
+                              f"(torch {torch.__version__})")
+        if dev.index is not None and dev.index >= count:
+            raise DeviceError(f"--device {device}: this machine has {count} CUDA device(s)")
+    try:
+        torch.ones(8, device=dev).add_(1).sum().item()
+    except RuntimeError as exc:
+        raise DeviceError(f"--device {device} does not work: {first_line(exc)}") from None
+    kind = dev.type
     if training.precision == "tf32" and kind != "cuda":
         raise DeviceError(f"training.precision: tf32 needs a CUDA device, got {device}")
     if training.lif_kernel == "triton":
@@ -149,3 +168,17 @@ def precision(mode: str, device: torch.device) -> Iterator[None]:
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+def environment_fault(exc: BaseException) -> bool:
+    """Whether an error in a trial is the machine's (disk full or unwritable, data unreadable,
+    device gone), which would fail every point alike, rather than the trial's own (a NaN loss,
+    a bug, CUDA running out of memory for this configuration)."""
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return False
+    if isinstance(exc, (OSError, DataError, DeviceError)):
+        return True
+    text = str(exc)
+    return isinstance(exc, (RuntimeError, AssertionError)) and any(
+        marker in text for marker in ("CUDA error", "CUDA driver", "NVIDIA driver",
+                                      "not compiled with CUDA", "no CUDA GPUs"))

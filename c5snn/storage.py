@@ -121,6 +121,20 @@ def mask(url: str) -> str:
     return f"{scheme}://{rest}"
 
 
+def escape_password(url: str) -> str:
+    """The URL with '@', '/', '?' and '#' in its password percent-escaped, as URLs require and
+    users often forget (`postgresql://u:Ab@cd@host/db`): SQLAlchemy would otherwise take part of
+    the password for the host, connect elsewhere and print it in its errors."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    userinfo, host = rest.rsplit("@", 1)
+    user, colon, password = userinfo.partition(":")
+    for char, code in (("@", "%40"), ("/", "%2F"), ("?", "%3F"), ("#", "%23")):
+        password = password.replace(char, code)
+    return f"{scheme}://{user}{colon}{password}@{host}"
+
+
 def _transient(exc: BaseException) -> bool:
     """Whether `exc` says the database is away (worth retrying), not that a request is wrong."""
     if isinstance(exc, StorageInternalError) and exc.__cause__ is not None:
@@ -176,7 +190,7 @@ class Store:
 
     def __init__(self, url: str, *, outage_tolerance_s: float = 0.0,
                  echo: Callable[[str], None] | None = None):
-        self.url = url
+        self.url = url = escape_password(url)
         self.masked = mask(url)
         try:
             parsed = make_url(url)
@@ -210,11 +224,15 @@ class Store:
                 if self.is_sqlite and self._database and self._database != ":memory:":
                     os.makedirs(os.path.dirname(os.path.abspath(self._database)), exist_ok=True)
                 engine = sa.create_engine(self.url, **self._engine_kwargs)
-                if self.is_sqlite:
-                    with engine.begin() as conn:
-                        # WAL lets readers (status, dashboard) run beside one writer.
-                        conn.exec_driver_sql("PRAGMA journal_mode=WAL")
-                self._sqlite_lock_retry(lambda: _create_tables(engine))
+
+                def prepare() -> None:
+                    if self.is_sqlite:
+                        with engine.begin() as conn:
+                            # WAL lets readers (status, dashboard) run beside one writer.
+                            conn.exec_driver_sql("PRAGMA journal_mode=WAL")
+                    _create_tables(engine)
+
+                self._sqlite_lock_retry(prepare)
             except (SQLAlchemyError, ImportError, OSError, ValueError) as exc:
                 raise StorageError(f"cannot open storage {self.masked}: "
                                    f"{self.redact(first_line(exc))}") from None
@@ -262,7 +280,10 @@ class Store:
             try:
                 return fn()
             except sa.exc.OperationalError as exc:
-                if not (self.is_sqlite and "locked" in str(exc)) or i == attempts - 1:
+                # "locked": another writer; "already exists": a process starting beside this one
+                # created Optuna's tables first (two one-shots on one file)
+                transient = "locked" in str(exc) or "already exists" in str(exc)
+                if not (self.is_sqlite and transient) or i == attempts - 1:
                     raise
                 time.sleep(0.05 * 2**i)
         raise AssertionError("unreachable")

@@ -134,6 +134,7 @@ def create_screening(config: StudyConfig, store: Store) -> tuple[optuna.Study, b
 
     The data file is validated before the database is touched, so bad data writes nothing.
     """
+    config.check_top_k()
     prepare(config.data_path, config.window_size, config.split_ratios)  # raises DataError
     try:
         return open_screening(config, store), False

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
 import random
 import time
@@ -23,7 +24,7 @@ import torch
 
 from c5snn.config import ModelParams, TrainingParams
 from c5snn.data import WindowData
-from c5snn.errors import TrainingInterrupted, first_line
+from c5snn.errors import TrainingDiverged, TrainingInterrupted, first_line
 from c5snn.files import atomic_path
 from c5snn.metrics import compute_metrics
 from c5snn.model import build_model
@@ -248,6 +249,9 @@ def train_run(
                 raise TrainingInterrupted(
                     f"stopped during epoch {epoch}; resumable from epoch {epoch - 1}"
                 )
+        train_loss = float(total / max(count, 1))  # one device sync per epoch
+        if not math.isfinite(train_loss):
+            raise TrainingDiverged(f"the training loss is {train_loss} in epoch {epoch}")
         ev = evaluate(net, data, "val", training.batch_size, training.limit_val_batches,
                       training.precision)
         metric = ev.metrics["recall_at_20"]
@@ -264,7 +268,7 @@ def train_run(
             bad_epochs += 1
         elapsed += time.perf_counter() - t0
         record = EpochRecord(
-            epoch, float(total / max(count, 1)), ev.metrics, ev.spike_rate,
+            epoch, train_loss, ev.metrics, ev.spike_rate,
             time.perf_counter() - t0, improved,
         )
         history.append(record)

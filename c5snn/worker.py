@@ -11,6 +11,7 @@ GridSampler is the screening study's sampler (so Optuna tools recognise the grid
 from __future__ import annotations
 
 import enum
+import shutil
 import signal
 import socket
 import threading
@@ -28,8 +29,15 @@ from c5snn.artifacts import DEFAULT_ARTIFACTS, point_dir, write_run_dir
 from c5snn.config import GRID_KEYS, StudyConfig, snapshot
 from c5snn.dashboard import write_note
 from c5snn.data import WindowData, prepare
-from c5snn.errors import StorageError, TrainingInterrupted, first_line
-from c5snn.runtime import check_device, tune_cpu_allocator
+from c5snn.errors import (
+    EnvironmentFault,
+    OptionError,
+    StorageError,
+    TrainingInterrupted,
+    first_line,
+)
+from c5snn.files import atomic_path
+from c5snn.runtime import check_device, environment_fault, tune_cpu_allocator
 from c5snn.storage import Claim, ClaimRow, ClaimState, Store
 from c5snn.studies import PROMOTE, Phase, Point, open_screening, phases, point_states
 from c5snn.train import EpochRecord, RunResult, train_run
@@ -44,6 +52,22 @@ class Timing:
     poll_s: float = 5.0
     max_attempts: int = 3  # failed or stale attempts before a point is given up
     db_outage_tolerance_s: float = 600.0  # how long a worker rides out a database outage
+
+    def __post_init__(self) -> None:
+        """Settings that would break exactly-once are refused before anything runs: a grace
+        shorter than a few heartbeats lets live leases be taken over."""
+        if not self.heartbeat_s > 0:
+            raise OptionError(f"--heartbeat must be > 0 seconds, got {self.heartbeat_s}")
+        if not self.grace_s >= 3 * self.heartbeat_s:
+            raise OptionError(f"--grace must be at least 3 x --heartbeat ({3 * self.heartbeat_s:g}"
+                              f" s), got {self.grace_s}")
+        if self.max_attempts < 1:
+            raise OptionError(f"--max-attempts must be >= 1, got {self.max_attempts}")
+        if not self.db_outage_tolerance_s >= 0:
+            raise OptionError(f"--db-outage-tolerance must be >= 0, got {self.db_outage_tolerance_s}")
+
+
+MIN_FREE_BYTES = 256 << 20  # checkpoints and run directories are a few MB per point
 
 
 class Outcome(enum.Enum):
@@ -176,13 +200,19 @@ class Attempt:
                     on_checkpoint_discarded=lambda why: self.echo(
                         f"trial {self.number} point {self.point.index}: checkpoint {why}"),
                 )
+                return self.finish(result)
             except TrainingInterrupted as exc:
                 return Outcome.LOST if beat.lost else self.release(str(exc))
             except StorageError:
                 raise  # the database stayed away past the tolerance: the worker's fault, not the point's
-            except Exception as exc:  # a bug or CUDA OOM: FAIL this trial, keep the worker
-                return self.fail(f"{type(exc).__name__}: {first_line(exc)}")
-        return self.finish(result)
+            except Exception as exc:
+                error = f"{type(exc).__name__}: {first_line(exc)}"
+                if environment_fault(exc):  # disk, data, device: every point would fail alike
+                    self.release(f"environment: {error}")
+                    raise EnvironmentFault(
+                        f"worker {w.name} stopped: {error}; point {self.point.index} was released "
+                        "for another worker (no attempt counted)") from None
+                return self.fail(error)  # the trial's own: a NaN loss, a bug, CUDA OOM
 
     def fail(self, error: str) -> Outcome:
         self.store.finish_trial(self.trial_id, TrialState.FAIL, user_attrs={"error": error})
@@ -273,10 +303,29 @@ class Worker:
             self._studies[name] = optuna.load_study(study_name=name, storage=self.store.optuna)
         return self._studies[name]
 
+    def preflight(self) -> None:
+        """What would fail every point, checked before claiming any: the device works, the data
+        file reads (and is the study's: open_screening compares its sha256), the artifacts
+        folder takes a file and has room to spare. Raises DeviceError / DataError /
+        EnvironmentFault, so a misconfigured worker stops instead of burning the study."""
+        check_device(self.config.training, self.device)
+        self.store.call(lambda: open_screening(self.config, self.store))
+        self.data  # noqa: B018 - loads and validates the data file on the device
+        try:
+            with atomic_path(self.artifacts / f".probe-{self.name}") as probe:
+                probe.write_bytes(b"c5snn")
+            (self.artifacts / f".probe-{self.name}").unlink()
+            free = shutil.disk_usage(self.artifacts).free
+        except OSError as exc:
+            raise EnvironmentFault(f"artifacts folder {self.artifacts} is not writable "
+                                   f"({exc.strerror or exc})") from None
+        if free < MIN_FREE_BYTES:
+            raise EnvironmentFault(f"artifacts folder {self.artifacts} has {free >> 20} MB free; "
+                                   f"a worker needs at least {MIN_FREE_BYTES >> 20} MB")
+
     def run(self, max_trials: int | None = None) -> int:
         """Train points until none is left (or `max_trials`, or a stop); returns trials run."""
-        check_device(self.config.training, self.device)  # before claiming anything
-        self.store.call(lambda: open_screening(self.config, self.store))
+        self.preflight()
         if self.device == "cpu":
             tune_cpu_allocator()
         ran = 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -52,6 +53,8 @@ def study_dict(data_path: Path, name: str = "t", **sections) -> dict:
     }
     for section, values in sections.items():
         study[section].update(values)
+    if "promote" not in sections:  # a valid study: top_k fits a small test grid
+        study["promote"]["top_k"] = min(5, math.prod(len(v) for v in study["grid"].values()))
     return study
 
 

@@ -109,3 +109,65 @@ def test_train_with_the_snntorch_backend(study_file, tmp_path):
     assert "epoch 1/1" in proc.stdout
     model, state = load_model(run_dir / "best_model.pt")  # fast path, strict load
     assert state["config"]["training"]["lif_kernel"] == "snntorch"
+
+
+def _files(root):
+    return {p for p in root.rglob("*")}
+
+
+def test_every_command_refuses_bad_values_with_one_line_and_writes_nothing(tmp_path, synthetic_csv):
+    study = write_study(tmp_path / "s.yaml", study_dict(synthetic_csv, name="bad-values"))
+    long_name = write_study(tmp_path / "long.yaml", study_dict(synthetic_csv, name="x" * 513))
+    big_top = write_study(tmp_path / "top.yaml", study_dict(synthetic_csv,
+                                                            promote={"top_k": 73}))
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes(study.read_bytes().replace(b"bad-values", "bäd".encode("latin-1")))
+    s, run = ["--config", str(study)], ["--run-dir", str(tmp_path / "run")]
+    missing = f"sqlite:///{tmp_path / 'nothing.db'}"
+    cases = [
+        (["workers", *s, "-n", "0"], "--workers/-n must be >= 1"),
+        (["workers", *s, "-n", "-1"], "--workers/-n must be >= 1"),
+        (["workers", *s, "--gpus", "9"], "GPU 9 does not exist"),
+        (["workers", *s, "--gpus", "abc"], "'abc' is not a GPU id"),
+        (["workers", *s, "--grace", "-1"], "--grace must be at least 3 x --heartbeat"),
+        (["workers", *s, "--grace", "2", "--heartbeat", "15"], "--grace must be at least 3 x"),
+        (["workers", *s, "--heartbeat", "0"], "--heartbeat must be > 0"),
+        (["worker", *s, "--max-attempts", "0"], "--max-attempts must be >= 1"),
+        (["worker", *s, "--db-outage-tolerance", "-1"], "--db-outage-tolerance must be >= 0"),
+        (["worker", *s, "--device", "tpu:7"], "--device tpu:7"),
+        (["worker", *s, "--device", "cuda:0"], "no usable CUDA device"),
+        (["worker", *s, "--threads", "0"], "--threads must be >= 1"),
+        (["train", *s, *PIN, *run, "--device", "cuda:0"], "no usable CUDA device"),
+        (["train", *s, *PIN, *run, "--seed", "-5"], "--seed must lie in 0.."),
+        (["train", *s, *PIN, *run, "--seed", str(2**64)], "--seed must lie in 0.."),
+        (["train", *s, *PIN, *run, "--set", "training.learning_rate=.nan"], "finite number > 0"),
+        (["train", *s, *PIN, *run, "--set", "training.learning_rate=.inf"], "finite number > 0"),
+        (["train", *s, *PIN, *run, "--set", "training.epochs=[1"], "not a YAML value"),
+        (["train", "--config", str(latin1), *PIN, *run], "not UTF-8"),
+        (["train", *s, *PIN, *run, "--nope"], "No such option: --nope"),
+        (["phase-c-sweep", *s, "--workers", "0", "--storage", missing], "--workers must be >= 1"),
+        (["phase-c-sweep", *s, "--seeds", "1,x", "--storage", missing], "--seeds"),
+        (["phase-c-sweep", *s, "--top-k", "80", "--storage", missing], "got 80"),
+        (["phase-c-sweep", *s, "--storage", missing, "--output", str(tmp_path)], "existing folder"),
+        (["study", "create", "--config", str(long_name)], "at most 512 characters"),
+        (["study", "create", "--config", str(big_top)], "must lie in 1..72 (the grid's points), got 73"),
+        (["study", "create", *s, "--storage", "postgresql+psycopg://u@127.0.0.1:abc/db"],
+         "not a valid SQLAlchemy storage URL"),
+        (["study", "create", *s, "--storage", "sqlite:////dev/null/c5snn.db"], "cannot open storage"),
+        (["status", *s, "--storage", missing], "does not exist"),
+        (["status", *s, "--storage", missing, "--watch", "abc"], "Invalid value for '--watch'"),
+        (["promote", *s, "--storage", missing], "does not exist"),
+        (["export", *s, "--storage", missing], "does not exist"),
+        (["dashboard", *s, "--storage", missing, "--port", "99999"], "--port must lie in 1..65535"),
+        (["data", "synth", "--out", str(tmp_path / "no" / "x.csv")], "does not exist"),
+        (["data", "synth", "--out", str(tmp_path / "x.csv"), "--rows", "0"], "--rows must be >= 1"),
+    ]
+    before = _files(tmp_path)
+    for args, fragment in cases:
+        proc = run_cli(*args, cwd=tmp_path)
+        assert proc.returncode != 0, (args, proc.stdout[-500:])
+        assert "Traceback" not in proc.stderr, (args, proc.stderr[-2000:])
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), (args, proc.stderr)
+        assert fragment in lines[0], (args, lines[0])
+        assert _files(tmp_path) == before, (args, _files(tmp_path) - before)

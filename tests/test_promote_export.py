@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import statistics
 import uuid
 from math import comb
@@ -226,3 +227,56 @@ def test_meta_names_the_data_by_content(swept):
     events = swept["tmp"] / "events.csv"
     assert meta["data"]["sha256"] == hashlib.sha256(events.read_bytes()).hexdigest()
     assert meta["study"] == swept["config"].name and "password" not in json.dumps(meta)
+
+
+def test_export_never_deletes_what_it_did_not_write(swept, tmp_path):
+    common = ["--config", str(swept["tmp"] / "study.yaml"), "--storage", swept["url"]]
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "thesis.tex").write_text("years of work")
+    proc = run_cli("export", *common, "--output", str(victim), cwd=tmp_path)
+    assert proc.returncode == 1 and "is an existing folder" in proc.stderr
+    assert (victim / "thesis.tex").read_text() == "years of work"
+    # a foreign file inside <stem>_best/ is refused too; --force replaces
+    out = tmp_path / "r" / "phase_c_sweep.csv"
+    (tmp_path / "r" / "phase_c_best").mkdir(parents=True)
+    (tmp_path / "r" / "phase_c_best" / "notes.txt").write_text("mine")
+    proc = run_cli("export", *common, "--output", str(out), cwd=tmp_path)
+    assert proc.returncode == 1 and "notes.txt" in proc.stderr and not out.exists()
+    assert (tmp_path / "r" / "phase_c_best" / "notes.txt").exists()
+    proc = run_cli("export", *common, "--output", str(out), "--force", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in (tmp_path / "r" / "phase_c_best").iterdir()) == sorted(
+        ["best_model.pt", "config_snapshot.yaml", "metrics.csv", "pip_freeze.txt"])
+    # stored run directories are absolute: export works from any working directory
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    proc = run_cli("export", *common, "--output", str(tmp_path / "e" / "phase_c_sweep.csv"),
+                   cwd=elsewhere)
+    assert proc.returncode == 0, proc.stderr
+    assert not [p for p in (tmp_path / "r").iterdir() if p.name.startswith(".export-")]
+
+
+def test_two_one_shots_on_one_sqlite_file_both_finish(tmp_path, synthetic_csv):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    grid = {"n_layers": [2], "n_heads": [2], "d_model": [64], "beta": [0.5],
+            "encoding": ["direct", "rate_coded"]}
+    study = write_study(tmp_path / "study.yaml", study_dict(
+        synthetic_csv, name="twice", grid=grid, training=TRAINING,
+        promote={"top_k": 1, "seeds": [42]}))
+    args = [sys.executable, "-m", "c5snn", "phase-c-sweep", "--config", str(study), "--workers",
+            "1", "--threads", "1", "--storage", f"sqlite:///{tmp_path / 'one.db'}",
+            "--output", str(tmp_path / "results" / "phase_c_sweep.csv"),
+            "--artifacts", str(tmp_path / "art")]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    procs = [subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    for proc in procs:
+        out, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, out[-3000:]
+    report = json.loads((tmp_path / "results" / "phase_c_top5.json").read_text())
+    assert len(report["models"]) == 1 and report["models"][0]["n_seeds"] == 1

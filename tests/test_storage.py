@@ -16,8 +16,35 @@ def test_url_precedence(monkeypatch):
     assert resolve_url("postgresql://u@h/db", None) == "postgresql+psycopg://u@h/db"
 
 
+MASKED = [  # (url, what must be printed)
+    ("postgresql+psycopg://me:hunter2@db.example:5432/x", "postgresql+psycopg://me:***@db.example:5432/x"),
+    ("postgresql://u:Ab@SECRET@host/db", "postgresql://u:***@host/db"),  # unescaped '@'
+    ("postgresql://u:a/b?c#SECRET@host:5432/db", "postgresql://u:***@host:5432/db"),  # '/', '?', '#'
+    ("postgresql://u:p%40SECRET@host/db", "postgresql://u:***@host/db"),  # escaped
+    ("postgresql://u@host/db?password=SECRET", "postgresql://u@host/db?password=***"),
+    ("postgresql://u@host/db?sslmode=require&PASSWORD=SECRET&x=1",
+     "postgresql://u@host/db?sslmode=require&PASSWORD=***&x=1"),
+    ("postgresql://:SECRET@host/db", "postgresql://:***@host/db"),
+    ("sqlite:///storage/c5snn.db", "sqlite:///storage/c5snn.db"),
+    ("sqlite:////abs/c5snn.db?timeout=5", "sqlite:////abs/c5snn.db?timeout=5"),
+    ("not a url with SECRET=1", "<unparseable storage URL>"),
+]
+
+
+@pytest.mark.parametrize("url,shown", MASKED)
+def test_mask_hides_every_password(url, shown):
+    assert mask(url) == shown
+    assert "SECRET" not in mask(url) and "hunter2" not in mask(url)
+
+
 def test_passwords_are_masked_in_messages():
     assert "hunter2" not in mask("postgresql+psycopg://me:hunter2@db.example:5432/x")
+    with pytest.raises(StorageError) as info:
+        Store("postgresql+psycopg://me:Ab@hunter2@127.0.0.1:1/x").attempts("s")
+    assert "hunter2" not in str(info.value) and "***" in str(info.value)
+    with pytest.raises(StorageError) as info:
+        Store("postgresql+psycopg://me@127.0.0.1:1/x?password=hunter2").attempts("s")
+    assert "hunter2" not in str(info.value)
     with pytest.raises(StorageError) as info:
         Store("postgresql+psycopg://me:hunter2@127.0.0.1:1/x").attempts("s")
     assert "hunter2" not in str(info.value) and "***" in str(info.value)

@@ -5,11 +5,13 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 import uuid
+from pathlib import Path
 
 import optuna
 import pytest
@@ -20,7 +22,7 @@ from optuna.trial import TrialState
 
 from c5snn.artifacts import point_dir
 from c5snn.config import GRID_KEYS, load_config
-from c5snn.data import prepare
+from c5snn.data import prepare, write_synthetic
 from c5snn.train import train_run
 
 
@@ -102,11 +104,16 @@ def test_parallel_workers_run_each_grid_point_exactly_once(storage_url, tmp_path
     assert "training.learning_rate is 0.002 here but 0.001 in the study" in changed.stderr
 
 
-def test_sigkill_mid_trial_is_retried_and_resumed_exactly(tmp_path, synthetic_csv):
-    url = f"sqlite:///{tmp_path / 'kill.db'}"
-    study = _study(tmp_path, synthetic_csv, training={"epochs": 4, "limit_train_batches": 3})
-    name = load_config(study).name
+def _created(tmp_path, synthetic_csv, epochs: int):
+    """A created SQLite study of the 72-point grid with `epochs` of 3 batches: (url, file, name)."""
+    url = f"sqlite:///{tmp_path / 'sweep.db'}"
+    study = _study(tmp_path, synthetic_csv, training={"epochs": epochs, "limit_train_batches": 3})
     assert run_cli("study", "create", "--config", str(study), "--storage", url).returncode == 0
+    return url, study, load_config(study).name
+
+
+def test_sigkill_mid_trial_is_retried_and_resumed_exactly(tmp_path, synthetic_csv):
+    url, study, name = _created(tmp_path, synthetic_csv, epochs=4)
     procs = [_worker(study, url, tmp_path, f"w{i}") for i in range(3)]
     victim = procs[0]
     _wait_until(lambda: any(r.worker == "w0" and r.state == "running" and r.epoch >= 1
@@ -138,10 +145,7 @@ def test_sigkill_mid_trial_is_retried_and_resumed_exactly(tmp_path, synthetic_cs
 
 
 def test_sigterm_releases_and_restart_continues(tmp_path, synthetic_csv):
-    url = f"sqlite:///{tmp_path / 'term.db'}"
-    study = _study(tmp_path, synthetic_csv, training={"epochs": 3, "limit_train_batches": 3})
-    name = load_config(study).name
-    assert run_cli("study", "create", "--config", str(study), "--storage", url).returncode == 0
+    url, study, name = _created(tmp_path, synthetic_csv, epochs=3)
     procs = [_worker(study, url, tmp_path, f"w{i}") for i in range(2)]
     _wait_until(lambda: sum(r.state == "done" for r in _claims(url, name)) >= 4
                 and any(r.state == "running" for r in _claims(url, name)),
@@ -176,24 +180,89 @@ def test_sigterm_releases_and_restart_continues(tmp_path, synthetic_csv):
                 t.user_attrs["config_id"])
 
 
-def test_a_trial_that_raises_fails_with_its_error_and_is_not_retried_forever(
+def test_a_trial_that_diverges_fails_with_its_error_and_is_not_retried_forever(
     tmp_path, synthetic_csv
 ):
     url = f"sqlite:///{tmp_path / 'fail.db'}"
     grid = {"n_layers": [2], "n_heads": [2], "d_model": [64], "beta": [0.5],
             "encoding": ["direct", "rate_coded"]}
-    study = _study(tmp_path, synthetic_csv, grid=grid)
+    # a learning rate this large drives the loss to inf/NaN: the trial's own fault
+    study = _study(tmp_path, synthetic_csv, grid=grid, training={"learning_rate": 1e37})
     assert run_cli("study", "create", "--config", str(study), "--storage", url).returncode == 0
-    # this machine has no CUDA build: every trial raises inside training
-    proc = _worker(study, url, tmp_path, "w0", "--device", "cuda:0", "--max-attempts", "2")
+    proc = _worker(study, url, tmp_path, "w0", "--max-attempts", "2")
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out[-2000:]
     trials = optuna.load_study(study_name=load_config(study).name, storage=url).trials
     assert len(trials) == 4 and all(t.state == TrialState.FAIL for t in trials)
-    assert all(t.user_attrs["error"] for t in trials)
+    assert all(t.user_attrs["error"].startswith("TrainingDiverged: the training loss is")
+               for t in trials)
     status = run_cli("status", "--config", str(study), "--storage", url, "--max-attempts", "2")
     assert status.returncode == 0
     assert status.stdout.count("GIVEN UP") == 2 and "0/2 done" in status.stdout
+
+
+def _untouched(study, url):
+    """The study has all its points claimable: no attempt, no trial."""
+    name = load_config(study).name
+    assert optuna.load_study(study_name=name, storage=url).trials == []
+    assert _claims(url, name) == []
+
+
+def _one_line(proc, fragment):
+    assert proc.returncode == 1, proc.stdout[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and fragment in lines[0] and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_a_misconfigured_worker_stops_before_it_claims(tmp_path, synthetic_csv):
+    url = f"sqlite:///{tmp_path / 'env.db'}"
+    study = _study(tmp_path, synthetic_csv)
+    assert run_cli("study", "create", "--config", str(study), "--storage", url).returncode == 0
+    common = ["--config", str(study), "--storage", url, "--artifacts", str(tmp_path / "a")]
+    _one_line(run_cli("worker", *common, "--device", "cuda:0"), "no usable CUDA device")
+    _one_line(run_cli("workers", *common, "-n", "1", "--gpus", "9"), "GPU 9 does not exist")
+    _untouched(study, url)
+    # the data file replaced by other valid data after `study create`
+    write_synthetic(synthetic_csv, rows=300, seed=2)
+    _one_line(run_cli("worker", *common), "data.sha256 is")
+    _untouched(study, url)
+
+
+def test_a_full_disk_stops_the_worker_and_charges_no_point(tmp_path, synthetic_csv, monkeypatch):
+    import errno
+
+    from c5snn.errors import EnvironmentFault
+    from c5snn.storage import ClaimState, Store
+    from c5snn.studies import create_screening, point_states
+    from c5snn.worker import Worker
+
+    config = load_config(_study(tmp_path, synthetic_csv))
+    store = Store(f"sqlite:///{tmp_path / 'full.db'}")
+    create_screening(config, store)
+    artifacts = tmp_path / "artifacts"
+    real_save = torch.save
+
+    def disk_full(obj, f, *args, **kwargs):
+        if str(f).endswith(".tmp"):  # a checkpoint or run directory being written
+            Path(f).write_bytes(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    lines = []
+    worker = Worker(config, store, name="w", artifacts=artifacts, echo=lines.append)
+    with pytest.raises(EnvironmentFault, match="No space left on device; point 0 was released"):
+        worker.run()
+    rows = store.attempts(config.name)
+    assert [(r.state, r.error.split(":")[0]) for r in rows] == [(ClaimState.RELEASED, "released")]
+    states = point_states(rows, config.n_points)
+    assert all(s.claimable(1) for s in states)  # nothing counted, not even with max_attempts 1
+    assert not [p for p in artifacts.rglob("*") if p.name.endswith(".tmp")]  # no leftovers
+    # too little room is refused before claiming anything
+    monkeypatch.setattr("shutil.disk_usage", lambda _path: shutil._ntuple_diskusage(1, 1, 1 << 20))
+    with pytest.raises(EnvironmentFault, match="1 MB free"):
+        Worker(config, store, name="w2", artifacts=artifacts, echo=lines.append).run()
+    assert len(store.attempts(config.name)) == 1
 
 
 def test_a_damaged_checkpoint_of_a_stale_point_costs_time_not_the_point(tmp_path, synthetic_csv):
