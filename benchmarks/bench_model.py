@@ -1,11 +1,17 @@
-"""Training-step speed and memory: the package model against the tests' snntorch oracle.
+"""Training-step speed, efficiency and memory: the fast path against the snntorch reference.
 
-c5snn runs as its CPU workers do (jemalloc where libjemalloc is installed, else glibc tuned by
-`tune_cpu_allocator`); the oracle runs under both and c5snn is compared with its better run in
-each column (faster step, smaller peak RSS).
+The baseline is `c5snn.reference.ReferenceSpikingTransformer`: the straightforward snntorch model
+(one `snntorch.Leaky` per LIF, heads batched, a Python loop over T only), the structure of the
+original project's model. Both sides run under the same conditions: the same allocator (the one
+c5snn's CPU workers use: jemalloc where installed, else glibc tuned by `tune_cpu_allocator`), the
+same threads, each (model, configuration) in its own subprocess so that its peak RSS is its own.
 One training step = forward, BCEWithLogits loss, backward, Adam step at B=64, W=90,
-dropout 0.1, fp32. Each (model, configuration) runs in its own subprocess so that its peak RSS
-is its own. Also times `compute_metrics` on 1,741 x 39 logits (the size of the real val split).
+dropout 0.1, fp32.
+
+Efficiency: the fast path's step FLOPs (`torch.utils.flop_counter`, the matmuls it actually
+runs) over its step time, as a fraction of the fp32 matmul rate measured in the same process
+(a 2048 x 2048 GEMM). Kernels: profiler events (aten ops) per step. Also times
+`compute_metrics` on 1,741 x 39 logits (the size of the real val split).
 
     .venv/bin/python benchmarks/bench_model.py [--repeats 5] [--threads 2]
 """
@@ -68,10 +74,38 @@ def one(kind: str, name: str, repeats: int, threads: int) -> dict:
         t0 = time.perf_counter()
         step()
         times.append((time.perf_counter() - t0) * 1000)
-    return {
+    result = {
         "ms": statistics.median(times),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
+    from torch.profiler import ProfilerActivity, profile
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    result["gflop"] = counter.get_total_flops() / 1e9
+    result["events"] = sum(1 for e in prof.events() if e.name.startswith("aten::"))
+    result["matmul_gflops"] = matmul_rate()
+    return result
+
+
+def matmul_rate(n: int = 2048, repeats: int = 5) -> float:
+    """This process's fp32 GEMM rate in GFLOP/s (best of `repeats`): the ceiling a step's
+    matmuls could reach on these threads."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(repeats))
+    return 2 * n**3 / best / 1e9
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 def metrics_ms(repeats: int) -> float:
@@ -104,30 +138,27 @@ def main() -> None:
           f"python {platform.python_version()}")
     allocators = allocator_environments(os.environ)
     mine = "jemalloc" if "jemalloc" in allocators else "glibc"
-    print(f"c5snn on {mine}; oracle on {' and '.join(allocators)} (its better run per column)")
-    print("| configuration | oracle ms/step | c5snn ms/step | speed-up | oracle peak RSS MB "
-          "| c5snn peak RSS MB | memory ratio |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"both sides on {mine}")
+    print("| configuration | reference ms/step | c5snn ms/step | speed-up | c5snn GFLOP/step "
+          "| GEMM GFLOP/s | c5snn efficiency | reference / c5snn aten events per step "
+          "| reference / c5snn peak RSS MB | memory ratio |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name in CONFIGS:
 
-        def measure(kind: str, allocator: str, name=name) -> dict:
+        def measure(kind: str, name=name) -> dict:
             out = subprocess.run(
                 [sys.executable, __file__, "--one", kind, name, "--repeats", str(args.repeats),
                  "--threads", str(args.threads)],
-                check=True, capture_output=True, text=True, env=allocators[allocator],
+                check=True, capture_output=True, text=True, env=allocators[mine],
             )
             return json.loads(out.stdout.strip().splitlines()[-1])
 
-        oracle = {a: measure("oracle", a) for a in allocators}
-        f = measure("fast", mine)
-        fast = min(oracle, key=lambda a: oracle[a]["ms"])
-        small = min(oracle, key=lambda a: oracle[a]["peak_rss_mb"])
-        o, m = oracle[fast], oracle[small]["peak_rss_mb"]
-        print(f"| {name} | {o['ms']:.0f} ({fast}) | {f['ms']:.0f} | {o['ms'] / f['ms']:.2f}x | "
-              f"{m:.0f} ({small}) | {f['peak_rss_mb']:.0f} | {f['peak_rss_mb'] / m:.2f} |",
-              flush=True)
-        for a, r in oracle.items():
-            print(f"<!-- oracle on {a}: {r['ms']:.0f} ms/step, {r['peak_rss_mb']:.0f} MB -->")
+        o, f = measure("oracle"), measure("fast")
+        efficiency = f["gflop"] / (f["ms"] / 1000) / f["matmul_gflops"]
+        print(f"| {name} | {o['ms']:.0f} | {f['ms']:.0f} | {o['ms'] / f['ms']:.2f}x | "
+              f"{f['gflop']:.1f} | {f['matmul_gflops']:.0f} | {efficiency:.0%} | "
+              f"{o['events']} / {f['events']} | {o['peak_rss_mb']:.0f} / {f['peak_rss_mb']:.0f} | "
+              f"{f['peak_rss_mb'] / o['peak_rss_mb']:.2f} |", flush=True)
     print(f"\ncompute_metrics on 1741x39 logits: {metrics_ms(args.repeats):.2f} ms (median)")
 
 

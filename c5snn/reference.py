@@ -114,7 +114,8 @@ class ReferenceSpikingTransformer(nn.Module):
             h = self.input_proj(inp) + self.pos_embedding[:, :w]  # (B, W, d)
             for i, (block, mem) in enumerate(zip(self.blocks, mems, strict=True)):
                 h = block.step(h, mem)
-                fired[i] = fired[i] + h.detach().mean()
+                if return_spike_rates:  # only when asked: it is not free at every step
+                    fired[i] = fired[i] + h.detach().mean()
             outputs.append(h)
         logits = self.readout(torch.stack(outputs).mean(0).mean(1))  # mean over T, then W
         if return_spike_rates:
