@@ -174,8 +174,8 @@ def environment_fault(exc: BaseException) -> bool:
     """Whether an error in a trial is the machine's (disk full or unwritable, data unreadable,
     device gone), which would fail every point alike, rather than the trial's own (a NaN loss,
     a bug, CUDA running out of memory for this configuration)."""
-    if isinstance(exc, torch.cuda.OutOfMemoryError):
-        return False
+    if isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc):
+        return False  # this configuration's size: charging the point stops it hopping workers
     if isinstance(exc, (OSError, DataError, DeviceError)):
         return True
     text = str(exc)

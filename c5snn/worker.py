@@ -38,7 +38,7 @@ from c5snn.errors import (
 )
 from c5snn.files import atomic_path
 from c5snn.runtime import check_device, environment_fault, tune_cpu_allocator
-from c5snn.storage import Claim, ClaimRow, ClaimState, Store
+from c5snn.storage import DEFAULT_OUTAGE_TOLERANCE_S, Claim, ClaimRow, ClaimState, Store
 from c5snn.studies import PROMOTE, Phase, Point, open_screening, phases, point_states
 from c5snn.train import EpochRecord, RunResult, train_run
 
@@ -51,7 +51,7 @@ class Timing:
     grace_s: float = 180.0
     poll_s: float = 5.0
     max_attempts: int = 3  # failed or stale attempts before a point is given up
-    db_outage_tolerance_s: float = 600.0  # how long a worker rides out a database outage
+    db_outage_tolerance_s: float = DEFAULT_OUTAGE_TOLERANCE_S  # riding out a database outage
 
     def __post_init__(self) -> None:
         """Settings that would break exactly-once are refused before anything runs: a grace

@@ -70,3 +70,19 @@ def test_cpu_allocator_env_preloads_jemalloc_once_and_can_be_declined():
     out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == "jemalloc"
+
+
+def test_environment_faults_are_the_machines_and_the_rest_the_trials():
+    import errno
+
+    from c5snn.errors import DataError
+    from c5snn.runtime import environment_fault
+
+    machine = [OSError(errno.ENOSPC, "No space left on device"), PermissionError("denied"),
+               DataError("x.csv: no such file"), DeviceError("--device cuda:0: no usable CUDA"),
+               RuntimeError("CUDA error: an illegal memory access was encountered"),
+               AssertionError("Torch not compiled with CUDA enabled")]
+    trial = [RuntimeError("CUDA error: out of memory"), torch.cuda.OutOfMemoryError("oom"),
+             ValueError("nan"), RuntimeError("mat1 and mat2 shapes cannot be multiplied")]
+    assert all(environment_fault(e) for e in machine)
+    assert not any(environment_fault(e) for e in trial)
