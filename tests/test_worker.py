@@ -116,8 +116,9 @@ def test_sigkill_mid_trial_is_retried_and_resumed_exactly(tmp_path, synthetic_cs
     url, study, name = _created(tmp_path, synthetic_csv, epochs=4)
     procs = [_worker(study, url, tmp_path, f"w{i}") for i in range(3)]
     victim = procs[0]
-    _wait_until(lambda: any(r.worker == "w0" and r.state == "running" and r.epoch >= 1
-                            for r in _claims(url, name)), "w0 is past epoch 1 of a trial")
+    # mid-trial: after epoch 1 or 2 of 4, not while it finishes (it beats with epoch 4 then)
+    _wait_until(lambda: any(r.worker == "w0" and r.state == "running" and 1 <= r.epoch <= 2
+                            for r in _claims(url, name)), "w0 is in epoch 2 or 3 of a trial")
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     for p in procs[1:]:
