@@ -232,7 +232,7 @@ class Store:
                             conn.exec_driver_sql("PRAGMA journal_mode=WAL")
                     _create_tables(engine)
 
-                self._sqlite_lock_retry(prepare)
+                self._retry_opening(prepare)
             except (SQLAlchemyError, ImportError, OSError, ValueError) as exc:
                 raise StorageError(f"cannot open storage {self.masked}: "
                                    f"{self.redact(first_line(exc))}") from None
@@ -245,7 +245,7 @@ class Store:
         if self._optuna is None:
             self.engine  # noqa: B018 - creates the folder, WAL mode and c5snn's table first
             try:
-                self._optuna = self._sqlite_lock_retry(
+                self._optuna = self._retry_opening(
                     lambda: optuna.storages.RDBStorage(self.url, engine_kwargs=self._engine_kwargs)
                 )
             except (SQLAlchemyError, StorageInternalError) as exc:
@@ -274,16 +274,19 @@ class Store:
             self._optuna.remove_session()
             self._optuna.engine.dispose()
 
-    def _sqlite_lock_retry(self, fn: Callable[[], T], attempts: int = 8) -> T:
-        """Run `fn` while opening, retrying SQLite's transient 'database is locked'."""
+    def _retry_opening(self, fn: Callable[[], T], attempts: int = 8) -> T:
+        """Run `fn` while opening the database, retrying what processes opening it at the same
+        moment do to each other (two one-shots, N workers on a fresh file or server): SQLite's
+        "database is locked", and a table or Optuna's version row that a neighbour created
+        first ("already exists", a unique violation). Opening writes nothing else."""
         for i in range(attempts):
             try:
                 return fn()
-            except sa.exc.OperationalError as exc:
-                # "locked": another writer; "already exists": a process starting beside this one
-                # created Optuna's tables first (two one-shots on one file)
-                transient = "locked" in str(exc) or "already exists" in str(exc)
-                if not (self.is_sqlite and transient) or i == attempts - 1:
+            except (sa.exc.OperationalError, sa.exc.ProgrammingError,
+                    sa.exc.IntegrityError) as exc:
+                neighbour = isinstance(exc, sa.exc.IntegrityError) or "already exists" in str(exc)
+                locked = self.is_sqlite and "locked" in str(exc)
+                if not (neighbour or locked) or i == attempts - 1:
                     raise
                 time.sleep(0.05 * 2**i)
         raise AssertionError("unreachable")
