@@ -42,7 +42,8 @@ from c5snn.errors import StorageError, first_line
 DEFAULT_STORAGE = "sqlite:///storage/c5snn.db"  # the embedded default (relative to the cwd)
 SQLITE_TIMEOUT_S = 60  # how long a SQLite writer waits for the lock before "database is locked"
 DEFAULT_OUTAGE_TOLERANCE_S = 600.0
-BACKOFF_S = (0.5, 30.0)  # first and largest wait between retries during an outage
+BACKOFF_S = (0.5, 30.0)
+IDLE_IN_TRANSACTION_MS = 60_000  # first and largest wait between retries during an outage
 
 T = TypeVar("T")
 
@@ -202,7 +203,14 @@ class Store:
                                                         if k.lower() in SECRET_KEYS)) if s]
         self.backend = parsed.get_backend_name()
         self.is_sqlite = self.backend == "sqlite"
+        # A PostgreSQL session that stays idle inside a transaction for a minute is ended by the
+        # server: c5snn's transactions last milliseconds, and a client that vanished without
+        # closing its socket (a network partition) would otherwise hold its row locks -- Optuna's
+        # study row, which every trial creation takes -- until TCP keepalive, hours later.
         self._engine_kwargs: dict = {"pool_pre_ping": True}
+        if self.backend == "postgresql":
+            self._engine_kwargs["connect_args"] = {
+                "options": f"-c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_MS}"}
         if self.is_sqlite:
             self._engine_kwargs = {"connect_args": {"timeout": SQLITE_TIMEOUT_S}}
         self._database = parsed.database

@@ -81,11 +81,12 @@ class FlakyProxy:
                 dst.sendall(data)
         except OSError:
             pass
-        for sock in (src, dst):
-            try:
-                sock.close()
+        for sock in (src, dst):  # shutdown sends the FIN (close alone would not, while the other
+            try:                 # pump thread still sits in recv on the socket)
+                sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+            sock.close()
 
 
 def _through(proxy: FlakyProxy) -> str:
@@ -116,16 +117,21 @@ def test_three_workers_ride_out_a_20s_postgresql_outage(tmp_path, synthetic_csv)
             return conn.execute(sa.text("SELECT count(*) FROM c5snn_claims WHERE study = :s AND "
                                         "state = 'done'"), {"s": name}).scalar_one()
 
-    deadline = time.time() + 300
-    while done() < 10:
-        assert time.time() < deadline and all(w.poll() is None for w in workers)
-        time.sleep(0.2)
-    proxy.outage()
-    time.sleep(OUTAGE_S)
-    assert all(w.poll() is None for w in workers), "a worker died in the outage"
-    proxy.restore()
-    outputs = [w.communicate(timeout=600)[0] for w in workers]
-    proxy.outage()
+    try:
+        deadline = time.time() + 300
+        while done() < 10:
+            assert time.time() < deadline and all(w.poll() is None for w in workers)
+            time.sleep(0.2)
+        proxy.outage()
+        time.sleep(OUTAGE_S)
+        assert all(w.poll() is None for w in workers), "a worker died in the outage"
+        proxy.restore()
+        outputs = [w.communicate(timeout=600)[0] for w in workers]
+        proxy.outage()
+    finally:  # a failing test must not leave workers behind
+        for w in workers:
+            if w.poll() is None:
+                w.kill()
     for w, out in zip(workers, outputs, strict=True):
         assert w.returncode == 0, out[-3000:]
     assert any("database unreachable" in out and "database back after" in out for out in outputs)

@@ -117,3 +117,17 @@ def test_hostile_study_name_is_only_ever_a_bound_parameter(tmp_path):
     assert "c5snn_claims" in tables and studies == [name]
     created = [p for p in (tmp_path / "art").rglob("*") if p.is_file()]
     assert created and all(tmp_path / "art" in p.parents for p in created)
+
+
+def test_postgresql_sessions_cannot_hold_locks_idle_in_a_transaction():
+    """A client that vanishes mid-transaction (a partition, no FIN) must not hold Optuna's study
+    row lock -- which every trial creation takes -- until TCP keepalive: the server ends such a
+    session after a minute, on c5snn's engine and Optuna's alike."""
+    from conftest import PG_URL, require_pg
+
+    require_pg()
+    store = Store(PG_URL)
+    for engine in (store.engine, store.optuna.engine):
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("SHOW idle_in_transaction_session_timeout").scalar() == "1min"
+    store.close()
