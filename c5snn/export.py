@@ -152,6 +152,9 @@ def promote_models(config: StudyConfig, promote: PhaseState,
         lo, hi = _bootstrap_ci(per_window)
         first = trials[0]
         params = config.model_params(first.params)
+        runtime = {"python": platform.python_version(), "torch": torch.__version__,
+                   "devices": sorted({t.user_attrs["device"] for t in trials}),
+                   "hosts": sorted({t.user_attrs["host"] for t in trials})}
         model = {
             "name": f"spiking_transformer_top{rank_}",
             "type": "learned",
@@ -162,12 +165,8 @@ def promote_models(config: StudyConfig, promote: PhaseState,
                             for k in METRIC_KEYS},
             "n_seeds": len(per_seed),
             "training_time_s": statistics.fmean(s["training_time_s"] for s in per_seed),
-            "environment": environment_summary(trials),
-            "runtime": {
-                "python": platform.python_version(), "torch": torch.__version__,
-                "devices": sorted({t.user_attrs["device"] for t in trials}),
-                "hosts": sorted({t.user_attrs["host"] for t in trials}),
-            },
+            "environment": environment_summary(runtime),
+            "runtime": runtime,
             "config": {"config_id": group[0]["config_id"], "model_type": "spiking_transformer",
                        **params.__dict__, "window_size": config.window_size,
                        "screening_val_recall_at_20": group[0]["screening_val_recall_at_20"]},
@@ -187,12 +186,10 @@ def promote_models(config: StudyConfig, promote: PhaseState,
     return models, {"baseline": baseline, "chance": chance, "best": best, "n_windows": n_windows}
 
 
-def environment_summary(trials: list[FrozenTrial]) -> str:
+def environment_summary(runtime: dict) -> str:
     """Where a model's runs ran, as the one string the original comparison format holds
     (it wrote "local" or "runpod"): hosts and devices, e.g. "gpubox: cuda, cuda:1"."""
-    hosts = ", ".join(sorted({t.user_attrs["host"] for t in trials}))
-    devices = ", ".join(sorted({t.user_attrs["device"] for t in trials}))
-    return f"{hosts}: {devices}"
+    return f"{', '.join(runtime['hosts'])}: {', '.join(runtime['devices'])}"
 
 
 def _wall(trials: list[FrozenTrial]) -> dict:
