@@ -7,8 +7,9 @@ ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
 WORKDIR /app
 
-# jemalloc: CPU workers restart themselves on it (c5snn/runtime.py; a third less peak memory)
-RUN apt-get update && apt-get install -y --no-install-recommends libjemalloc2 && \
+# jemalloc: CPU workers restart themselves on it (c5snn/runtime.py; a third less peak memory);
+# g++: CPU workers compile c5snn/native.cpp for the CPU they run on (cached per user and CPU)
+RUN apt-get update && apt-get install -y --no-install-recommends libjemalloc2 g++ && \
     rm -rf /var/lib/apt/lists/*
 RUN pip install torch --index-url "${TORCH_INDEX}"
 COPY pyproject.toml README.md ./
@@ -20,5 +21,6 @@ RUN pip install ".[dashboard]"
 RUN useradd --create-home c5snn && mkdir -p /artifacts /app/results && \
     chown c5snn /artifacts /app/results
 USER c5snn
+RUN python -c "from c5snn import native; native.available()"  # prebuilt for the build machine's CPU
 ENTRYPOINT ["c5snn"]
 CMD ["--help"]

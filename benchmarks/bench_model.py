@@ -4,16 +4,20 @@ The baseline is `c5snn.reference.ReferenceSpikingTransformer`: the straightforwa
 (one `snntorch.Leaky` per LIF, heads batched, a Python loop over T only), the structure of the
 original project's model. Both sides run under the same conditions: the same allocator (the one
 c5snn's CPU workers use: jemalloc where installed, else glibc tuned by `tune_cpu_allocator`), the
-same threads, each (model, configuration) in its own subprocess so that its peak RSS is its own.
-One training step = forward, BCEWithLogits loss, backward, Adam step at B=64, W=90,
-dropout 0.1, fp32.
+same threads, the same denormal setting (flushed to zero, as in c5snn's training processes:
+`c5snn.runtime.configure_threads`; `--denormals keep` for both sides shows what that is worth),
+each (model, configuration) in its own subprocess so that its peak RSS is its own. One training
+step = forward, BCEWithLogits loss, backward, Adam step at B=64, W=90, dropout 0.1, fp32.
 
 Efficiency: the fast path's step FLOPs (`torch.utils.flop_counter`, the matmuls it actually
 runs) over its step time, as a fraction of the fp32 matmul rate measured in the same process
-(a 2048 x 2048 GEMM). Kernels: profiler events (aten ops) per step. Also times
+(a 2048 x 2048 GEMM). GEMM share: the step's GEMM time (profiler self time of mm, addmm, bmm,
+baddbmm) over its step time; efficiency ceiling: the efficiency if everything but those GEMMs
+took no time, i.e. what the model's GEMM shapes (K = 32..128, W = 90) reach on this CPU.
+Kernels: profiler events (aten ops and c5snn's compiled operators) per step. Also times
 `compute_metrics` on 1,741 x 39 logits (the size of the real val split).
 
-    .venv/bin/python benchmarks/bench_model.py [--repeats 5] [--threads 2]
+    .venv/bin/python benchmarks/bench_model.py [--repeats 5] [--threads 2] [--denormals keep]
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 from c5snn.runtime import allocator_environments  # noqa: E402
 
+GEMMS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
 CONFIGS = {
     "d64_h2_l2_direct": dict(d_model=64, n_heads=2, n_layers=2, encoding="direct"),
     "d64_h2_l6_rate": dict(d_model=64, n_heads=2, n_layers=6, encoding="rate_coded"),
@@ -41,17 +46,20 @@ CONFIGS = {
 }
 
 
-def one(kind: str, name: str, repeats: int, threads: int) -> dict:
+def one(kind: str, name: str, repeats: int, threads: int, denormals: str) -> dict:
     import torch
 
     sys.path.insert(0, str(ROOT / "tests"))
     sys.path.insert(0, str(ROOT))
     from c5snn.model import SpikingTransformer
     from c5snn.reference import ReferenceSpikingTransformer
-    from c5snn.runtime import tune_cpu_allocator
+    from c5snn.runtime import configure_threads, tune_cpu_allocator
 
     tune_cpu_allocator()  # glibc's setting (a no-op for allocation under jemalloc)
-    torch.set_num_threads(threads)
+    if denormals == "flush":
+        configure_threads(threads)  # as c5snn's training processes: threads, denormals flushed
+    else:
+        torch.set_num_threads(threads)
     torch.manual_seed(0)
     cfg = CONFIGS[name]
     kw = dict(cfg, d_ffn=2 * cfg["d_model"], beta=0.8, dropout=0.1)
@@ -86,7 +94,9 @@ def one(kind: str, name: str, repeats: int, threads: int) -> dict:
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         step()
     result["gflop"] = counter.get_total_flops() / 1e9
-    result["events"] = sum(1 for e in prof.events() if e.name.startswith("aten::"))
+    result["events"] = sum(1 for e in prof.events() if e.name.startswith(("aten::", "c5snn::")))
+    result["gemm_ms"] = sum(e.self_cpu_time_total for e in prof.key_averages()
+                            if e.key in GEMMS) / 1000
     result["matmul_gflops"] = matmul_rate()
     return result
 
@@ -129,26 +139,29 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--denormals", choices=("flush", "keep"), default="flush",
+                    help="flush (c5snn's training processes, the default) or keep, for both sides")
     ap.add_argument("--one", nargs=2, metavar=("KIND", "CONFIG"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        print(json.dumps(one(args.one[0], args.one[1], args.repeats, args.threads)))
+        print(json.dumps(one(args.one[0], args.one[1], args.repeats, args.threads,
+                             args.denormals)))
         return
     print(f"machine: {platform.processor() or platform.machine()}, {args.threads} threads, "
           f"python {platform.python_version()}")
     allocators = allocator_environments(os.environ)
     mine = "jemalloc" if "jemalloc" in allocators else "glibc"
-    print(f"both sides on {mine}")
+    print(f"both sides on {mine}, denormals {args.denormals}")
     print("| configuration | reference ms/step | c5snn ms/step | speed-up | c5snn GFLOP/step "
           "| GEMM GFLOP/s | c5snn efficiency | reference / c5snn aten events per step "
-          "| reference / c5snn peak RSS MB | memory ratio |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| reference / c5snn peak RSS MB | memory ratio | c5snn GEMM share | efficiency ceiling |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name in CONFIGS:
 
         def measure(kind: str, name=name) -> dict:
             out = subprocess.run(
                 [sys.executable, __file__, "--one", kind, name, "--repeats", str(args.repeats),
-                 "--threads", str(args.threads)],
+                 "--threads", str(args.threads), "--denormals", args.denormals],
                 check=True, capture_output=True, text=True, env=allocators[mine],
             )
             return json.loads(out.stdout.strip().splitlines()[-1])
@@ -158,7 +171,8 @@ def main() -> None:
         print(f"| {name} | {o['ms']:.0f} | {f['ms']:.0f} | {o['ms'] / f['ms']:.2f}x | "
               f"{f['gflop']:.1f} | {f['matmul_gflops']:.0f} | {efficiency:.0%} | "
               f"{o['events']} / {f['events']} | {o['peak_rss_mb']:.0f} / {f['peak_rss_mb']:.0f} | "
-              f"{f['peak_rss_mb'] / o['peak_rss_mb']:.2f} |", flush=True)
+              f"{f['peak_rss_mb'] / o['peak_rss_mb']:.2f} | {f['gemm_ms'] / f['ms']:.0%} | "
+              f"{f['gflop'] / (f['gemm_ms'] / 1000) / f['matmul_gflops']:.0%} |", flush=True)
     print(f"\ncompute_metrics on 1741x39 logits: {metrics_ms(args.repeats):.2f} ms (median)")
 
 

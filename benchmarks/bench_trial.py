@@ -10,7 +10,8 @@ Python loop, validation every epoch. Each pipeline runs in its own subprocess of
 Allocators: c5snn runs as its CPU workers do (on jemalloc where libjemalloc is installed, else
 glibc tuned by `tune_cpu_allocator`). The baseline runs under both tuned glibc and jemalloc, and
 c5snn is compared with the baseline's better run in each column: its faster epoch, its smaller
-peak RSS.
+peak RSS. Both flush denormals to zero, as c5snn's training processes do
+(`c5snn.runtime.configure_threads`).
 
     .venv/bin/python benchmarks/bench_trial.py [--data data/CA5_matrix_binary.csv]
         [--limit-train-batches 20] [--threads 2]
@@ -75,10 +76,10 @@ def run(kind: str, name: str, data_path: str, limit: int | None, threads: int) -
     sys.path.insert(0, str(ROOT / "tests"))
     sys.path.insert(0, str(ROOT))
     from c5snn.data import load_events, make_splits
-    from c5snn.runtime import set_seed, tune_cpu_allocator
+    from c5snn.runtime import configure_threads, set_seed, tune_cpu_allocator
 
     tune_cpu_allocator()  # glibc's setting (a no-op for allocation under jemalloc)
-    torch.set_num_threads(threads)
+    configure_threads(threads)  # both pipelines: c5snn's thread and denormal settings
     set_seed(42)
     cfg = CONFIGS[name]
     kw = dict(cfg, d_ffn=2 * cfg["d_model"], beta=0.8, dropout=0.1)

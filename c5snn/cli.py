@@ -169,7 +169,7 @@ def worker(
     if device == "cpu":
         reexec_with_jemalloc()  # before anything is allocated; returns when not possible
 
-    from c5snn.runs import configure_threads
+    from c5snn.runtime import configure_threads
     from c5snn.worker import StopFlag, Timing, Worker
 
     configure_threads(threads)

@@ -13,26 +13,37 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from c5snn import native
 from c5snn.data import N_PARTS
 from c5snn.lif import lif_torch
 from c5snn.ops import dropout_spikes, spike_attention, spike_linear
 from c5snn.reference import BlockWeights, ReferenceSpikingTransformer
 
 
-def lif_function(kernel: str) -> Callable[[torch.Tensor, float], torch.Tensor]:
-    """The multi-step LIF of a `training.lif_kernel`: spikes `(T, ...)` from currents `(T, ...)`.
+def lif_function(kernel: str) -> Callable[..., torch.Tensor]:
+    """The multi-step LIF of a `training.lif_kernel`: `fire(x, beta, residual=None)` gives the
+    spikes `(T, ...)` of neurons driven by currents `x` (+ `residual`), both `(T, ...)`.
 
-    Membranes are always fp32: under bf16 autocast the input current is upcast first, since a
-    bf16 membrane (8-bit mantissa) would move spikes across the threshold. "triton" is one fused
-    CUDA kernel each way (the optional `triton` package, imported only when chosen).
+    "torch" runs the compiled CPU operator (`c5snn.native`, bitwise the same spikes) on CPU
+    tensors where it could be built, else the torch recurrence (`c5snn.lif`; also under
+    torch.compile, which traces it). "triton" is one fused CUDA kernel each way (the optional
+    `triton` package, imported only when chosen). Membranes are always fp32: under bf16 autocast
+    the input current is upcast first, since a bf16 membrane (8-bit mantissa) would move spikes
+    across the threshold.
     """
     if kernel == "triton":
         from c5snn.lif_triton import lif_triton as recurrence
     else:
         recurrence = lif_torch
 
-    def fire(x: torch.Tensor, beta: float) -> torch.Tensor:
-        return recurrence(x if x.dtype == torch.float32 else x.float(), beta)
+    def fire(x: torch.Tensor, beta: float, residual: torch.Tensor | None = None) -> torch.Tensor:
+        x = x if x.dtype == torch.float32 else x.float()
+        if residual is not None and residual.dtype != torch.float32:
+            residual = residual.float()
+        if (kernel == "torch" and x.device.type == "cpu" and not torch.compiler.is_compiling()
+                and native.available()):
+            return native.lif(x, beta, residual)
+        return recurrence(x if residual is None else x + residual, beta)
 
     return fire
 
@@ -65,13 +76,13 @@ class SpikingBlock(BlockWeights):
             q, k, v, self.n_heads, self.scale, self.dropout, self.training
         )  # (T, B, W, d)
         o = self._lif(self.o_proj(mixed), self.beta)
-        r1 = self._lif(x + o, self.beta)  # (T, B, W, d)
+        r1 = self._lif(x, self.beta, residual=o)  # LIF(x + o): (T, B, W, d)
         hidden = self._lif(spike_linear(self.ffn1, r1), self.beta)  # (T, B, W, d_ffn)
         dropping = self.training and self.dropout > 0
         hidden = dropout_spikes(hidden, self.dropout, self.training)  # 0 or 1/(1-p)
         f = self._lif(spike_linear(self.ffn2, hidden, 1 / (1 - self.dropout) if dropping else 1.0),
                 self.beta)
-        return self._lif(r1 + f, self.beta)  # (T, B, W, d) spikes
+        return self._lif(r1, self.beta, residual=f)  # LIF(r1 + f): (T, B, W, d) spikes
 
 
 class SpikingTransformer(nn.Module):

@@ -9,7 +9,14 @@ from __future__ import annotations
 
 import torch
 
+from c5snn import native
+
 MAX_COUNT = 255  # attention counts are kept as uint8
+
+
+def _native(device: torch.device) -> bool:
+    """Whether the compiled CPU operators (`c5snn.native`) serve this device here."""
+    return device.type == "cpu" and not torch.compiler.is_compiling() and native.available()
 
 
 def keep_mask(shape, p: float, device: torch.device) -> torch.Tensor:
@@ -21,9 +28,12 @@ def keep_mask(shape, p: float, device: torch.device) -> torch.Tensor:
     1.3-2.2x faster on CPU than masked_fill/where with a bool mask or a mixed-dtype multiply
     (benchmarks/bench_masks.py).
     Under torch.compile (which cannot trace in-place `random_`) the 16-bit integers are drawn
-    directly: same distribution, another random stream.
+    directly: same distribution, another random stream. On the CPU the compiled operator draws
+    them from a counter-based generator (`c5snn.native.keep_mask`): same rule, another stream.
     """
     threshold = int(round(p * 65536)) - 32768
+    if _native(device):
+        return native.keep_mask(shape, p)
     if torch.compiler.is_compiling():
         bits = torch.randint(-32768, 32768, tuple(shape), dtype=torch.int16, device=device)
         return (bits >= threshold).view(torch.uint8)
@@ -48,12 +58,19 @@ class _Dropout(torch.autograd.Function):
         keep = keep_mask(x.shape, p, x.device)
         ctx.save_for_backward(keep)
         ctx.factor = 1.0 / (1.0 - p)
-        return keep.to(x.dtype).mul_(ctx.factor).mul_(x)
+        return _masked_scale(x, keep, ctx.factor)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (keep,) = ctx.saved_tensors
-        return keep.to(grad.dtype).mul_(ctx.factor).mul_(grad), None
+        return _masked_scale(grad, keep, ctx.factor), None
+
+
+def _masked_scale(x: torch.Tensor, keep: torch.Tensor, factor: float) -> torch.Tensor:
+    """`x * factor` where `keep` is 1, else 0 (the same floats either way)."""
+    if x.dtype == torch.float32 and _native(x.device):
+        return native.masked_scale(x, keep, factor)
+    return keep.to(x.dtype).mul_(factor).mul_(x)
 
 
 class SpikeAttention(torch.autograd.Function):

@@ -5,22 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-
 from c5snn.artifacts import write_run_dir
 from c5snn.config import GRID_KEYS, check_seed, load_config, snapshot
 from c5snn.data import prepare
-from c5snn.errors import OptionError, StudyFileError
-from c5snn.runtime import allocator, check_device, tune_cpu_allocator
+from c5snn.errors import StudyFileError
+from c5snn.runtime import allocator, check_device, configure_threads, tune_cpu_allocator
 from c5snn.train import RunResult, train_run
-
-
-def configure_threads(threads: int | None) -> None:
-    """Torch CPU threads for this process; workers sharing a CPU should use 1 each."""
-    if threads is not None:
-        if threads < 1:
-            raise OptionError(f"--threads must be >= 1, got {threads}")
-        torch.set_num_threads(threads)
 
 
 def train_one(
@@ -34,6 +24,7 @@ def train_one(
     echo: Callable[[str], None],
 ) -> RunResult:
     """Train the single grid point that `overrides` pin and write its run directory."""
+    configure_threads(threads)  # first: torch's threads copy its settings when they start
     config = load_config(config_path, overrides)
     points = config.grid_points()
     if len(points) != 1:
@@ -44,7 +35,6 @@ def train_one(
     params = config.model_params(points[0])
     check_seed(seed, "--seed")
     check_device(config.training, device)  # before the data is put on it
-    configure_threads(threads)
     if device == "cpu":
         tune_cpu_allocator()
     data = prepare(config.data_path, config.window_size, config.split_ratios, device)

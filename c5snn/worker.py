@@ -25,6 +25,7 @@ import torch
 from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState
 
+from c5snn import native
 from c5snn.artifacts import DEFAULT_ARTIFACTS, point_dir, write_run_dir
 from c5snn.config import GRID_KEYS, StudyConfig, snapshot
 from c5snn.dashboard import write_note
@@ -309,6 +310,8 @@ class Worker:
         folder takes a file and has room to spare. Raises DeviceError / DataError /
         EnvironmentFault, so a misconfigured worker stops instead of burning the study."""
         check_device(self.config.training, self.device)
+        if torch.device(self.device).type == "cpu" and self.config.training.lif_kernel == "torch":
+            native.available()  # build or load the compiled CPU kernels now, not inside a lease
         self.store.call(lambda: open_screening(self.config, self.store))
         self.data  # noqa: B018 - loads and validates the data file on the device
         try:

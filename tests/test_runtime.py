@@ -86,3 +86,21 @@ def test_environment_faults_are_the_machines_and_the_rest_the_trials():
              ValueError("nan"), RuntimeError("mat1 and mat2 shapes cannot be multiplied")]
     assert all(environment_fault(e) for e in machine)
     assert not any(environment_fault(e) for e in trial)
+
+
+DENORMALS = """
+import torch
+{setup}
+x = torch.full((1 << 22,), 1e-39)  # denormal fp32; the multiply below runs on 2 threads
+print(int((x * 1.5).count_nonzero()))
+"""
+
+
+@pytest.mark.parametrize("setup, nonzero", [
+    ("from c5snn.runtime import configure_threads; configure_threads(2)", 0),
+    ("torch.set_num_threads(2)", 1 << 22),  # what the check would see without it
+])
+def test_configure_threads_flushes_denormals_in_every_torch_thread(setup, nonzero):
+    out = subprocess.run([sys.executable, "-c", DENORMALS.format(setup=setup)],
+                         capture_output=True, text=True, check=True)
+    assert int(out.stdout) == nonzero

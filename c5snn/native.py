@@ -1,0 +1,130 @@
+"""c5snn's compiled CPU operators (`native.cpp`), built on first use and cached.
+
+On a CPU, after the GEMMs, a training step's time went to elementwise passes over memory: the
+pure-torch LIF recurrence (`c5snn.lif.LIFMultiStep`, ~4 ops per time step), dropout's random
+numbers (`torch.Tensor.random_`, a Mersenne Twister) and its mask arithmetic. `native.cpp` does
+each in one pass: the LIF walks all T steps per block of neurons each way (and takes a residual,
+`LIF(a + b)`, so the block's sums are not materialised); dropout masks come from a counter-based
+generator seeded from torch's; a masked scale applies them. LIF spikes and membranes are bitwise
+the torch path's (tests/test_native.py); the dropout stream differs from the torch path's, with
+the same drop probability.
+
+Build: `torch.utils.cpp_extension` compiles it with the machine's C++ compiler (g++, ninja from
+the `ninja` package) the first time a process needs it, into torch's extension cache
+(`TORCH_EXTENSIONS_DIR`, default `~/.cache/torch_extensions`); later processes load the cached
+library. The library's name hashes the source, flags, torch version and this CPU's instruction
+set, so a cache shared between machines never hands one machine another's build. Where it
+cannot be built (no compiler), or with `C5SNN_NATIVE=0`, c5snn logs one line and uses the
+torch paths.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from c5snn.errors import first_line
+
+SOURCE = Path(__file__).with_name("native.cpp")
+# -ffp-contract=off: no fused multiply-add, so the arithmetic rounds as the torch path's does
+CFLAGS = ["-O3", "-march=native", "-ffp-contract=off"]
+ENV_SWITCH = "C5SNN_NATIVE"
+
+
+def _cpu_flags() -> str:
+    """This CPU's instruction-set flags (the build uses -march=native)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def library_name() -> str:
+    """The extension's name: one per (source, flags, torch version, instruction set)."""
+    digest = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), " ".join(CFLAGS).encode(), torch.__version__.encode(),
+                 _cpu_flags().encode()):
+        digest.update(part)
+    return f"c5snn_native_{digest.hexdigest()[:16]}"
+
+
+@functools.cache
+def available() -> bool:
+    """True once the operators are loaded into this process (building them if needed)."""
+    if os.environ.get(ENV_SWITCH, "1") == "0":
+        return False
+    try:
+        _build()
+    except Exception as exc:  # no compiler, a failed build: the torch path still works
+        print(f"c5snn: compiled CPU kernels unavailable ({first_line(exc) or type(exc).__name__});"
+              " using the torch paths", file=sys.stderr, flush=True)
+        return False
+    return True
+
+
+def _build() -> None:
+    from torch.utils import cpp_extension
+
+    if shutil.which("ninja") is None:  # the venv's ninja, when the venv is not activated
+        os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]
+    name = library_name()
+    cache = os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions"
+    root = Path(cache) / name
+    if not (root / f"{name}.so").exists():
+        print(f"c5snn: building the compiled CPU kernels into {root} (once per machine) ...",
+              file=sys.stderr, flush=True)
+    root.mkdir(parents=True, exist_ok=True)
+    cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=CFLAGS,
+                       build_directory=str(root), is_python_module=False, verbose=False)
+
+
+class LIF(torch.autograd.Function):
+    """Spikes `(T, ...)` of LIF neurons driven by `x` (+ `residual`), both fp32 `(T, ...)`.
+
+    Backward keeps the membranes (fp32, one `(T, ...)` tensor) and returns the same dL/dX to
+    `x` and `residual`.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, residual: torch.Tensor | None, beta: float):
+        keep = any(ctx.needs_input_grad[:2])
+        spikes, mem = torch.ops.c5snn.lif_forward(x, residual, beta, keep)
+        if keep:
+            ctx.save_for_backward(mem)
+        ctx.beta = beta
+        return spikes
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (mem,) = ctx.saved_tensors
+        grad_x = torch.ops.c5snn.lif_backward(grad, mem, ctx.beta)
+        return (grad_x if ctx.needs_input_grad[0] else None,
+                grad_x if ctx.needs_input_grad[1] else None, None)
+
+
+def lif(x: torch.Tensor, beta: float, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """Spikes `(T, ...)` of LIF neurons driven by fp32 currents `x` (+ `residual`) on the CPU."""
+    return LIF.apply(x, residual, beta)
+
+
+def keep_mask(shape, p: float) -> torch.Tensor:
+    """uint8 dropout mask on the CPU, 1 where kept, P(drop) = round(p * 2^16) / 2^16, seeded
+    from torch's default generator (so `torch.manual_seed` makes it reproducible)."""
+    seed = int(torch.empty((), dtype=torch.int64).random_())
+    return torch.ops.c5snn.keep_mask(list(shape), seed, int(round(p * 65536)) - 32768)
+
+
+def masked_scale(x: torch.Tensor, keep: torch.Tensor, factor: float) -> torch.Tensor:
+    """`x * factor` where `keep` (uint8) is 1, else 0, in one pass."""
+    return torch.ops.c5snn.masked_scale(x, keep, factor)

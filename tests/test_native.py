@@ -1,0 +1,124 @@
+"""The compiled CPU operators (c5snn/native.cpp) against the torch paths they replace, and the
+fallback when they cannot be built."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from c5snn import native
+from c5snn.lif import lif_torch
+from c5snn.ops import keep_mask
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="no C++ compiler on this machine")
+
+
+def _currents(*shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g) * 1.5 + 0.3  # (T, ...), many spikes and many not
+
+
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("shape", [(10, 4, 9, 16), (1, 3, 700), (7, 1001)])
+def test_lif_spikes_are_bitwise_the_torch_recurrence_and_gradients_agree(shape, residual):
+    x = _currents(*shape).requires_grad_()
+    r = _currents(*shape, seed=1).requires_grad_() if residual else None
+    x_ref = x.detach().clone().requires_grad_()
+    r_ref = r.detach().clone().requires_grad_() if residual else None
+    spikes = native.lif(x, 0.8, r)
+    expected = lif_torch(x_ref + r_ref if residual else x_ref, 0.8)
+    assert 0 < spikes.mean() < 1
+    assert torch.equal(spikes, expected)
+    w = _currents(*shape, seed=2)
+    (spikes * w).sum().backward()
+    (expected * w).sum().backward()
+    for got, ref in [(x, x_ref)] + ([(r, r_ref)] if residual else []):
+        assert (got.grad - ref.grad).norm() <= 1e-6 * ref.grad.norm()
+
+
+def test_lif_reads_time_constant_and_strided_input_as_the_torch_path_does():
+    base = _currents(1, 5, 8, 6)
+    constant = base.expand(10, 5, 8, 6)  # T-stride 0: the first block's input
+    assert torch.equal(native.lif(constant, 0.5), lif_torch(constant.contiguous(), 0.5))
+    strided = _currents(10, 5, 8, 12)[..., ::2]  # neurons not contiguous: copied first
+    assert torch.equal(native.lif(strided, 0.5), lif_torch(strided.contiguous(), 0.5))
+    assert native.lif(torch.empty(0, 3), 0.5).shape == (0, 3)
+
+
+def test_lif_without_grad_keeps_no_membranes():
+    x = _currents(6, 50)
+    spikes, mem = torch.ops.c5snn.lif_forward(x, None, 0.9, False)
+    assert torch.equal(spikes, lif_torch(x, 0.9)) and mem is None  # an undefined tensor
+    _, mem = torch.ops.c5snn.lif_forward(x, None, 0.9, True)
+    assert mem.shape == x.shape
+
+
+def test_keep_mask_rate_and_reproducibility_independent_of_threads():
+    threads = torch.get_num_threads()
+    try:
+        masks = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            torch.manual_seed(11)
+            masks.append(keep_mask((300, 1001), 0.25, torch.device("cpu")))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(masks[0], masks[1])
+    mask = masks[0]
+    assert mask.dtype == torch.uint8 and set(mask.unique().tolist()) == {0, 1}
+    assert abs(1 - mask.float().mean().item() - 0.25) < 0.004
+    assert not torch.equal(mask, keep_mask((300, 1001), 0.25, torch.device("cpu")))  # moves on
+    # neighbouring elements are independent: P(both dropped) = p^2
+    both = ((mask[:, :-1] == 0) & (mask[:, 1:] == 0)).float().mean().item()
+    assert abs(both - 0.25**2) < 0.004
+
+
+def test_masked_scale_is_the_torch_formula():
+    x = _currents(10, 3, 7, 33)
+    keep = keep_mask(x.shape, 0.1, torch.device("cpu"))
+    factor = 1 / 0.9
+    assert torch.equal(native.masked_scale(x, keep, factor), keep.float().mul_(factor).mul_(x))
+
+
+def _run(code: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, **env}, cwd=ROOT, timeout=300)
+
+
+TRAIN_STEP = """
+import torch
+from c5snn import native
+from c5snn.model import SpikingTransformer
+torch.manual_seed(0)
+model = SpikingTransformer(d_model=16, n_heads=2, n_layers=2, d_ffn=32, beta=0.8,
+                           encoding="rate_coded", timesteps=3, dropout=0.1)
+loss = model((torch.rand(4, 10, 39) < 0.2).float()).square().sum()
+loss.backward()
+print("native", native.available(), "grad", model.input_proj.weight.grad.norm().item() >= 0)
+"""
+
+
+def test_switched_off_the_model_trains_on_the_torch_paths():
+    out = _run(TRAIN_STEP, C5SNN_NATIVE="0")
+    assert out.returncode == 0, out.stderr
+    assert "native False grad True" in out.stdout
+
+
+def test_a_failed_build_is_one_line_and_the_torch_paths_take_over(tmp_path):
+    """No working compiler (CXX points at `false`), empty cache: one stderr line, still trains."""
+    out = _run(TRAIN_STEP, CXX="false", TORCH_EXTENSIONS_DIR=str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    assert "native False grad True" in out.stdout
+    lines = [line for line in out.stderr.splitlines() if "c5snn:" in line]
+    assert any("unavailable" in line and "using the torch paths" in line for line in lines), lines
+    assert "Traceback" not in out.stderr
+
+
+def test_the_library_name_follows_the_source_and_this_cpu():
+    name = native.library_name()
+    assert name.startswith("c5snn_native_") and name == native.library_name()
