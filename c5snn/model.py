@@ -48,11 +48,13 @@ def lif_function(kernel: str) -> Callable[..., torch.Tensor]:
     return fire
 
 
-def _linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """Apply `layer` to `(T, ...)` input; input constant over T (stride 0) is projected once."""
+def _project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """`x @ weightᵀ + bias` for `(T, ...)` input; input constant over T (stride 0) is projected
+    once and the result repeated (again stride 0)."""
     if x.shape[0] > 1 and x.stride(0) == 0:
-        return layer(x[0]).unsqueeze(0).expand(x.shape[0], *x.shape[1:-1], layer.out_features)
-    return layer(x)
+        out = nn.functional.linear(x[0], weight, bias)
+        return out.unsqueeze(0).expand(x.shape[0], *out.shape)
+    return nn.functional.linear(x, weight, bias)
 
 
 class SpikingBlock(BlockWeights):
@@ -69,11 +71,13 @@ class SpikingBlock(BlockWeights):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # (T, B, W, d); the first block's input may be constant over T (stride 0)
-        q = self._lif(_linear(self.q_proj, x), self.beta)  # (T, B, W, d) spikes
-        k = self._lif(_linear(self.k_proj, x), self.beta)
-        v = self._lif(_linear(self.v_proj, x), self.beta)
-        mixed = spike_attention(  # heads (B, h, W, d/h) are column slices of d
-            q, k, v, self.n_heads, self.scale, self.dropout, self.training
+        # Q, K and V as one GEMM (d -> 3d, K = d) and one LIF: fewer, larger kernels; the
+        # weights stay three nn.Linear (the reference's state-dict keys) and are joined here.
+        weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+        bias = torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
+        qkv = self._lif(_project(x, weight, bias), self.beta)  # (T, B, W, 3d) spikes
+        mixed = spike_attention(  # heads (B, h, W, d/h) are column slices of each third
+            qkv, self.n_heads, self.scale, self.dropout, self.training
         )  # (T, B, W, d)
         o = self._lif(self.o_proj(mixed), self.beta)
         r1 = self._lif(x, self.beta, residual=o)  # LIF(x + o): (T, B, W, d)
@@ -81,7 +85,7 @@ class SpikingBlock(BlockWeights):
         dropping = self.training and self.dropout > 0
         hidden = dropout_spikes(hidden, self.dropout, self.training)  # 0 or 1/(1-p)
         f = self._lif(spike_linear(self.ffn2, hidden, 1 / (1 - self.dropout) if dropping else 1.0),
-                self.beta)
+                      self.beta)
         return self._lif(r1, self.beta, residual=f)  # LIF(r1 + f): (T, B, W, d) spikes
 
 

@@ -74,69 +74,78 @@ def _masked_scale(x: torch.Tensor, keep: torch.Tensor, factor: float) -> torch.T
 
 
 class SpikeAttention(torch.autograd.Function):
-    """`dropout(q @ kᵀ * scale) @ v` per head, without softmax, on `(N, W, d)` binary spikes.
+    """`dropout(q @ kᵀ * scale) @ v` per head, without softmax, on binary spikes.
 
-    `N` is T*B folded; heads are strided column slices of `d`, so no head transpose is copied.
-    Because q and k are 0/1, `q @ kᵀ` is a small integer count: backward keeps the counts (with
-    dropped entries zeroed), q, k, v and the keep mask as uint8, a quarter of the
-    float tensors autograd would keep, and folds the scale into its GEMMs' alpha.
+    Input: `qkv` `(N, W, 3d)`, the spikes of the fused Q/K/V projection (q, k, v are its column
+    thirds; `N` is T*B folded). Heads are strided column slices, so no head transpose is copied,
+    and the gradient comes back in the same `(N, W, 3d)` layout, written head by head into one
+    tensor (no concatenation). Because q and k are 0/1, `q @ kᵀ` is a small integer count:
+    backward keeps the counts (with dropped entries zeroed), qkv and the keep mask as uint8, a
+    quarter of the float tensors autograd would keep, and folds the scale into its GEMMs' alpha.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, n_heads: int, scale: float, p: float, training: bool):
+    def forward(ctx, qkv, n_heads: int, scale: float, p: float, training: bool):
         # Under autocast the GEMMs run in its dtype: counts <= d/h are exact in bf16 too.
-        kind = q.device.type
+        kind = qkv.device.type
         if torch.is_autocast_enabled(kind):
-            dtype = torch.get_autocast_dtype(kind)
-            q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-        n, w, d = q.shape
+            qkv = qkv.to(torch.get_autocast_dtype(kind))
+        n, w, d3 = qkv.shape
+        d = d3 // 3
         dh = d // n_heads
         if dh > MAX_COUNT:
             raise ValueError(f"head size {dh} too large for uint8 attention counts")
         dropping = training and p > 0.0
         alpha = scale / (1.0 - p) if dropping else scale
-        scores = torch.empty(n_heads, n, w, w, dtype=q.dtype, device=q.device)  # (h, N, W, W)
+        scores = torch.empty(n_heads, n, w, w, dtype=qkv.dtype, device=qkv.device)  # (h, N, W, W)
         for i in range(n_heads):
-            cols = slice(i * dh, (i + 1) * dh)
-            torch.bmm(q[..., cols], k[..., cols].transpose(1, 2), out=scores[i])  # exact counts
+            q, k, _ = _head(qkv, i, d, dh)
+            torch.bmm(q, k.transpose(1, 2), out=scores[i])  # exact counts
         counts = scores.to(torch.uint8)
         keep = None
         if dropping:  # drop on the 1-byte counts, not the 4-byte scores
-            keep = keep_mask(scores.shape, p, q.device)
+            keep = keep_mask(scores.shape, p, qkv.device)
             counts.mul_(keep)
         scores.copy_(counts).mul_(alpha)  # one rounding of an exact integer, as (q@kᵀ)*scale
-        out = torch.empty_like(q)  # (N, W, d)
+        out = torch.empty(n, w, d, dtype=qkv.dtype, device=qkv.device)  # (N, W, d)
         for i in range(n_heads):
-            cols = slice(i * dh, (i + 1) * dh)
-            out[..., cols] = torch.bmm(scores[i], v[..., cols])
-        ctx.save_for_backward(q.to(torch.uint8), k.to(torch.uint8), v.to(torch.uint8), counts, keep)
+            _, _, v = _head(qkv, i, d, dh)
+            out[..., i * dh:(i + 1) * dh] = torch.bmm(scores[i], v)
+        ctx.save_for_backward(qkv.to(torch.uint8), counts, keep)
         ctx.n_heads, ctx.alpha = n_heads, alpha
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q8, k8, v8, counts, keep = ctx.saved_tensors
+        qkv8, counts, keep = ctx.saved_tensors
         dtype = grad_out.dtype
-        q, k, v = q8.to(dtype), k8.to(dtype), v8.to(dtype)  # (N, W, d) spikes again
-        n, w, d = q.shape
+        qkv = qkv8.to(dtype)  # (N, W, 3d) spikes again
+        n, w, d3 = qkv.shape
+        d = d3 // 3
         dh = d // ctx.n_heads
-        gq, gk, gv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        tmp = torch.empty(n, w, dh, dtype=dtype, device=q.device)
+        grad = torch.empty_like(qkv)  # (N, W, 3d): gq | gk | gv
+        tmp = torch.empty(n, w, dh, dtype=dtype, device=qkv.device)
         for i in range(ctx.n_heads):
-            cols = slice(i * dh, (i + 1) * dh)
+            q, k, v = _head(qkv, i, d, dh)
+            gq, gk, gv = _head(grad, i, d, dh)
             dropped_counts = counts[i].to(dtype)  # (N, W, W); scores = alpha * this
-            g = grad_out[..., cols]  # (N, W, dh)
+            g = grad_out[..., i * dh:(i + 1) * dh]  # (N, W, dh)
             torch.baddbmm(tmp, dropped_counts.transpose(1, 2), g, beta=0.0, alpha=ctx.alpha, out=tmp)
-            gv[..., cols] = tmp
-            g_scores = torch.bmm(g, v[..., cols].transpose(1, 2))  # (N, W, W)
+            gv.copy_(tmp)
+            g_scores = torch.bmm(g, v.transpose(1, 2))  # (N, W, W)
             if keep is not None:
-                g_scores.mul_(keep[i].to(dtype))
-            torch.baddbmm(tmp, g_scores, k[..., cols], beta=0.0, alpha=ctx.alpha, out=tmp)
-            gq[..., cols] = tmp
-            torch.baddbmm(tmp, g_scores.transpose(1, 2), q[..., cols], beta=0.0, alpha=ctx.alpha,
-                          out=tmp)
-            gk[..., cols] = tmp
-        return gq, gk, gv, None, None, None, None
+                g_scores = _masked_scale(g_scores, keep[i], 1.0)
+            torch.baddbmm(tmp, g_scores, k, beta=0.0, alpha=ctx.alpha, out=tmp)
+            gq.copy_(tmp)
+            torch.baddbmm(tmp, g_scores.transpose(1, 2), q, beta=0.0, alpha=ctx.alpha, out=tmp)
+            gk.copy_(tmp)
+        return grad, None, None, None, None
+
+
+def _head(qkv: torch.Tensor, i: int, d: int, dh: int):
+    """Head i's q, k, v `(N, W, dh)`: strided column slices of `qkv` `(N, W, 3d)`."""
+    return (qkv[..., i * dh:(i + 1) * dh], qkv[..., d + i * dh:d + (i + 1) * dh],
+            qkv[..., 2 * d + i * dh:2 * d + (i + 1) * dh])
 
 
 class SpikeLinear(torch.autograd.Function):
@@ -167,11 +176,9 @@ def spike_linear(layer: torch.nn.Linear, x: torch.Tensor, value: float = 1.0) ->
     return SpikeLinear.apply(x, layer.weight, layer.bias, value)
 
 
-def spike_attention(q, k, v, n_heads: int, scale: float, p: float, training: bool):
-    """See `SpikeAttention`; `q, k, v` are `(..., W, d)` and the result has the same shape."""
-    lead = q.shape[:-2]
-    w, d = q.shape[-2:]
-    out = SpikeAttention.apply(
-        q.reshape(-1, w, d), k.reshape(-1, w, d), v.reshape(-1, w, d), n_heads, scale, p, training
-    )
-    return out.view(*lead, w, d)
+def spike_attention(qkv, n_heads: int, scale: float, p: float, training: bool):
+    """See `SpikeAttention`; `qkv` is `(..., W, 3d)` and the result `(..., W, d)`."""
+    lead = qkv.shape[:-2]
+    w, d3 = qkv.shape[-2:]
+    out = SpikeAttention.apply(qkv.reshape(-1, w, d3), n_heads, scale, p, training)
+    return out.view(*lead, w, d3 // 3)

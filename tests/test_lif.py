@@ -26,25 +26,35 @@ def test_dropout_backward_uses_the_forward_mask():
     assert torch.equal(dropout_spikes(x, 0.3, training=False), x)
 
 
+def _qkv():
+    """q, k, v `(3, 10, 8)` spikes and their fused `(3, 10, 24)` tensor (a leaf)."""
+    qkv = (torch.rand(3, 10, 24) < 0.4).float().requires_grad_()
+    return qkv, qkv.detach().split(8, dim=-1)
+
+
+def _grads(qkv):
+    return qkv.grad.split(8, dim=-1)
+
+
 def test_spike_attention_matches_reference_with_dropout_off():
     torch.manual_seed(0)
-    q, k, v = ((torch.rand(3, 10, 8) < 0.4).float().requires_grad_() for _ in range(3))
-    out = spike_attention(q, k, v, 2, 0.5, 0.1, training=False)
+    qkv, (q, k, v) = _qkv()
+    out = spike_attention(qkv, 2, 0.5, 0.1, training=False)
     heads = [t.detach().view(3, 10, 2, 4).transpose(1, 2).requires_grad_() for t in (q, k, v)]
     ref = ((heads[0] @ heads[1].transpose(-2, -1)) * 0.5) @ heads[2]
     assert torch.allclose(out, ref.transpose(1, 2).reshape(3, 10, 8))
     w = torch.randn_like(out)
     (out * w).sum().backward()
     (ref.transpose(1, 2).reshape(3, 10, 8) * w).sum().backward()
-    for fast, slow in zip((q, k, v), heads, strict=True):
-        assert torch.allclose(fast.grad, slow.grad.transpose(1, 2).reshape(3, 10, 8), atol=1e-5)
+    for fast, slow in zip(_grads(qkv), heads, strict=True):
+        assert torch.allclose(fast, slow.grad.transpose(1, 2).reshape(3, 10, 8), atol=1e-5)
 
 
 def test_spike_attention_dropout_matches_reference_with_the_same_mask():
     torch.manual_seed(0)
-    q, k, v = ((torch.rand(3, 10, 8) < 0.4).float().requires_grad_() for _ in range(3))
+    qkv, (q, k, v) = _qkv()
     torch.manual_seed(5)
-    out = spike_attention(q, k, v, 2, 0.5, 0.3, training=True)
+    out = spike_attention(qkv, 2, 0.5, 0.3, training=True)
     torch.manual_seed(5)
     drop = keep_mask((2, 3, 10, 10), 0.3, torch.device("cpu")).transpose(0, 1) == 0  # (N,h,W,W)
     heads = [t.detach().view(3, 10, 2, 4).transpose(1, 2).requires_grad_() for t in (q, k, v)]
@@ -54,8 +64,8 @@ def test_spike_attention_dropout_matches_reference_with_the_same_mask():
     w = torch.randn_like(out)
     (out * w).sum().backward()
     (ref * w).sum().backward()
-    for fast, slow in zip((q, k, v), heads, strict=True):
-        assert torch.allclose(fast.grad, slow.grad.transpose(1, 2).reshape(3, 10, 8), atol=1e-5)
+    for fast, slow in zip(_grads(qkv), heads, strict=True):
+        assert torch.allclose(fast, slow.grad.transpose(1, 2).reshape(3, 10, 8), atol=1e-5)
 
 
 def test_spike_linear_matches_linear_on_scaled_spikes():
