@@ -2,10 +2,11 @@
 
 c5snn: the package's device-resident `WindowData` (index-gather batches from the (rows, 39)
 matrix), `SpikingTransformer` and `evaluate` (vectorized metrics). Baseline: what a
-straightforward pipeline does, the original's way: the tests' step-by-step snntorch oracle, a
-`torch.utils.data.DataLoader` over materialized (N, W, 39) windows, per-sample metrics in a
-Python loop, validation every epoch. Each pipeline runs in its own subprocess of this command
-(so each peak RSS is its own) on the same machine, data, batch size and thread count.
+straightforward pipeline does, the original's way: the step-by-step snntorch reference model
+(`c5snn/reference.py`), a `torch.utils.data.DataLoader` over materialized (N, W, 39) windows,
+per-sample metrics in a Python loop, validation every epoch. Each pipeline runs in its own
+subprocess of this command (so each peak RSS is its own) on the same machine, data, batch size
+and thread count.
 
 Allocators: c5snn runs as its CPU workers do (on jemalloc where libjemalloc is installed, else
 glibc tuned by `tune_cpu_allocator`). The baseline runs under both tuned glibc and jemalloc, and

@@ -13,18 +13,22 @@ Build: `torch.utils.cpp_extension` compiles it with the machine's C++ compiler (
 the `ninja` package) the first time a process needs it, into torch's extension cache
 (`TORCH_EXTENSIONS_DIR`, default `~/.cache/torch_extensions`); later processes load the cached
 library. The library's name hashes the source, flags, torch version and this CPU's instruction
-set, so a cache shared between machines never hands one machine another's build. Where it
-cannot be built (no compiler), or with `C5SNN_NATIVE=0`, c5snn logs one line and uses the
-torch paths.
+set, so a cache shared between machines never hands one machine another's build. A build lock
+left by a build killed midway is cleared after 5 minutes (torch would wait for it forever), and
+a cached library that fails to load is rebuilt once. Where it cannot be built (no compiler), or
+with `C5SNN_NATIVE=0`, c5snn logs one line and uses the torch paths.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
 import shutil
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -35,6 +39,7 @@ SOURCE = Path(__file__).with_name("native.cpp")
 # -ffp-contract=off: no fused multiply-add, so the arithmetic rounds as the torch path's does
 CFLAGS = ["-O3", "-march=native", "-ffp-contract=off"]
 ENV_SWITCH = "C5SNN_NATIVE"
+STALE_LOCK_S = 300.0
 
 
 def _cpu_flags() -> str:
@@ -73,19 +78,47 @@ def available() -> bool:
     return True
 
 
-def _build() -> None:
-    from torch.utils import cpp_extension
+def build_directory() -> Path:
+    """Where this machine's build of the operators lives (torch's extension cache)."""
+    cache = os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions"
+    return Path(cache) / library_name()
 
+
+def _build() -> None:
+    """Load the cached build, or build it; a damaged cached build is rebuilt once."""
     if shutil.which("ninja") is None:  # the venv's ninja, when the venv is not activated
         os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]
-    name = library_name()
-    cache = os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions"
-    root = Path(cache) / name
-    if not (root / f"{name}.so").exists():
+    root = build_directory()
+    cached = (root / f"{root.name}.so").exists()
+    if not cached:
         print(f"c5snn: building the compiled CPU kernels into {root} (once per machine) ...",
               file=sys.stderr, flush=True)
+    try:
+        _load(root)
+    except Exception:
+        if not cached:
+            raise
+        # A cached library that does not load (damaged on disk): rebuild it from scratch. torch
+        # builds an extension at most once per process, so a fresh process builds it.
+        print(f"c5snn: the cached build in {root} does not load; rebuilding it ...",
+              file=sys.stderr, flush=True)
+        shutil.rmtree(root, ignore_errors=True)
+        subprocess.run([sys.executable, "-c", "from c5snn import native; native._build()"],
+                       check=True, capture_output=True)
+        torch.ops.load_library(str(root / f"{root.name}.so"))
+
+
+def _load(root: Path) -> None:
+    from torch.utils import cpp_extension
+
     root.mkdir(parents=True, exist_ok=True)
-    cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=CFLAGS,
+    # torch's build lock is a file that a build killed midway leaves behind, and torch would
+    # wait for it forever; a build takes seconds, so a lock this old has no owner.
+    lock = root / "lock"
+    with contextlib.suppress(OSError):
+        if time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+            lock.unlink()
+    cpp_extension.load(name=root.name, sources=[str(SOURCE)], extra_cflags=CFLAGS,
                        build_directory=str(root), is_python_module=False, verbose=False)
 
 

@@ -2,6 +2,7 @@ import pytest
 import torch
 from helpers import make_it_fire
 
+from c5snn import native
 from c5snn.config import ModelParams
 from c5snn.model import SpikingTransformer, build_model, count_parameters
 from c5snn.reference import ReferenceSpikingTransformer
@@ -17,15 +18,22 @@ def _pair(encoding, n_layers, d_model=64, n_heads=2):
     return fast.train(), oracle.train()
 
 
+@pytest.mark.parametrize("kernels", ["native", "torch"])
 @pytest.mark.parametrize("encoding", ["direct", "rate_coded"])
 @pytest.mark.parametrize("n_layers", [2, 6])
-def test_fast_model_matches_snntorch_oracle(encoding, n_layers):
+def test_fast_model_matches_snntorch_oracle(encoding, n_layers, kernels, monkeypatch):
+    """Both CPU paths of the fast model: the compiled operators and their torch fallback."""
+    if kernels == "native" and not native.available():
+        pytest.skip("no C++ compiler on this machine")
+    if kernels == "torch":
+        monkeypatch.setattr(native, "available", lambda: False)
     fast, oracle = _pair(encoding, n_layers)
     x = (torch.rand(6, 20, 39, generator=torch.Generator().manual_seed(1)) < 5 / 39).float()
     out_fast, rates = fast(x, return_spike_rates=True)
     out_oracle = oracle(x)
     assert (rates > 0).all(), f"some block never fired: {rates}"
-    assert (out_fast - out_oracle).norm() / out_oracle.norm() <= 1e-5
+    # bitwise on the machines measured; 1e-6 leaves BLAS its choice of summation order
+    assert (out_fast - out_oracle).norm() / out_oracle.norm() <= 1e-6
     out_fast.square().sum().backward()
     out_oracle.square().sum().backward()
     oracle_params = dict(oracle.named_parameters())

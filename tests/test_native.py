@@ -119,6 +119,23 @@ def test_a_failed_build_is_one_line_and_the_torch_paths_take_over(tmp_path):
     assert "Traceback" not in out.stderr
 
 
+def test_a_dead_builds_lock_and_a_damaged_library_cost_a_rebuild_not_a_hang(tmp_path, monkeypatch):
+    """A build killed midway leaves torch's lock file (torch would wait for it forever); a crash
+    can leave a truncated library. Both end in a working build."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    root = native.build_directory()
+    root.mkdir(parents=True)
+    (root / "lock").touch()
+    os.utime(root / "lock", (0, 0))  # last touched long ago: its builder is gone
+    out = _run(TRAIN_STEP, TORCH_EXTENSIONS_DIR=str(tmp_path))
+    assert out.returncode == 0 and "native True" in out.stdout, out.stderr
+    library = root / f"{root.name}.so"
+    library.write_bytes(library.read_bytes()[:100])
+    out = _run(TRAIN_STEP, TORCH_EXTENSIONS_DIR=str(tmp_path))
+    assert out.returncode == 0 and "native True" in out.stdout, out.stderr
+    assert library.stat().st_size > 100_000
+
+
 def test_the_library_name_follows_the_source_and_this_cpu():
     name = native.library_name()
     assert name.startswith("c5snn_native_") and name == native.library_name()
