@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from c5snn.errors import first_line
+from c5snn.files import atomic_path
 
 SOURCE = Path(__file__).with_name("native.cpp")
 # -ffp-contract=off: no fused multiply-add, so the arithmetic rounds as the torch path's does
@@ -118,7 +119,13 @@ def _load(root: Path) -> None:
     with contextlib.suppress(OSError):
         if time.time() - lock.stat().st_mtime > STALE_LOCK_S:
             lock.unlink()
-    cpp_extension.load(name=root.name, sources=[str(SOURCE)], extra_cflags=CFLAGS,
+    # Compile a copy kept beside the build: every checkout with this source (the name hashes
+    # it) then shares one build, where the checkout's own path would make ninja rebuild.
+    source = root / SOURCE.name
+    if not source.exists() or source.read_bytes() != SOURCE.read_bytes():
+        with atomic_path(source) as tmp:
+            tmp.write_bytes(SOURCE.read_bytes())
+    cpp_extension.load(name=root.name, sources=[str(source)], extra_cflags=CFLAGS,
                        build_directory=str(root), is_python_module=False, verbose=False)
 
 

@@ -136,6 +136,11 @@ def test_a_dead_builds_lock_and_a_damaged_library_cost_a_rebuild_not_a_hang(tmp_
     assert library.stat().st_size > 100_000
 
 
-def test_the_library_name_follows_the_source_and_this_cpu():
-    name = native.library_name()
-    assert name.startswith("c5snn_native_") and name == native.library_name()
+def test_the_build_is_keyed_by_content_and_shared_by_checkouts():
+    """The library's name hashes the source (and flags, torch, CPU); the build compiles a copy
+    kept in its own folder, so two checkouts of one source never make ninja rebuild it."""
+    root = native.build_directory()
+    assert root.name == native.library_name() and root.name.startswith("c5snn_native_")
+    assert (root / "native.cpp").read_bytes() == native.SOURCE.read_bytes()
+    ninja = (root / "build.ninja").read_text()
+    assert str(root / "native.cpp") in ninja and str(native.SOURCE) not in ninja
