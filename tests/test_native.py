@@ -136,6 +136,17 @@ def test_a_dead_builds_lock_and_a_damaged_library_cost_a_rebuild_not_a_hang(tmp_
     assert library.stat().st_size > 100_000
 
 
+def test_processes_starting_together_on_an_empty_cache_share_one_build(tmp_path):
+    """`c5snn workers -n 2` on a new machine: both children need the build at once."""
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path)}
+    procs = [subprocess.Popen([sys.executable, "-c", TRAIN_STEP], cwd=ROOT, env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0 and "native True" in out, err
+    assert len(list(tmp_path.glob("c5snn_native_*/*.so"))) == 1
+
+
 def test_the_build_is_keyed_by_content_and_shared_by_checkouts():
     """The library's name hashes the source (and flags, torch, CPU); the build compiles a copy
     kept in its own folder, so two checkouts of one source never make ninja rebuild it."""
