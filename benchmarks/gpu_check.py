@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from c5snn.data import WindowData, load_events, make_splits, write_synthetic  # noqa: E402
 from c5snn.model import SpikingTransformer  # noqa: E402
-from c5snn.runtime import precision  # noqa: E402
+from c5snn.runtime import configure_threads, precision  # noqa: E402
 from c5snn.train import evaluate  # noqa: E402
 
 CONFIGS = {
@@ -207,6 +207,7 @@ def main() -> None:
     ap.add_argument("--variant", choices=sorted(VARIANTS), help=argparse.SUPPRESS)
     args = ap.parse_args()
     device = args.device
+    configure_threads(None)  # as c5snn's training processes (denormals flushed on the CPU side)
     if args.variant:
         print(json.dumps(one_variant(args.variant, device, args.quick)))
         return
