@@ -11,8 +11,9 @@
 //   U[t] = beta * U[t-1] + X[t] - S[t-1]      S[t] = H(U[t] - 1)
 //   dL/dU[t] = dL/dS[t] / (25|U[t]-1| + 1)^2 + beta * dL/dU[t+1]
 //
-// The float operations are those of the torch path, in its order, and the build disables FMA
-// contraction (-ffp-contract=off), so spikes and membranes are bitwise the torch path's.
+// The forward's float operations are those of the torch path, in its order, and the build
+// disables FMA contraction (-ffp-contract=off), so spikes and membranes are bitwise the torch
+// path's. The backward agrees to rounding (torch's `add_(alpha=beta)` may fuse its multiply).
 // Tensors are (T, M): M neurons, contiguous; the currents may be constant over T (T-stride 0,
 // the first block's input) and may be the sum of two tensors (a residual, X = a + b).
 
