@@ -1,5 +1,5 @@
-// c5snn's compiled CPU operators (loaded by c5snn/native.py): the LIF recurrence, the dropout
-// keep mask and the masked scale, each one pass over memory.
+// c5snn's compiled CPU operators (loaded by c5snn/native.py): the LIF recurrence and the
+// dropout keep mask, each one pass over memory.
 //
 // LIF.
 // The pure-torch recurrence (c5snn/lif.py) runs ~4 elementwise ops per time step over a
@@ -190,41 +190,17 @@ at::Tensor keep_mask(at::IntArrayRef size, int64_t seed, int64_t threshold) {
   return keep;
 }
 
-// x * factor where keep is 1, else 0: inverted dropout's forward and backward in one pass.
-at::Tensor masked_scale(const at::Tensor& x_in, const at::Tensor& keep_in, double factor) {
-  check_input(x_in, "x");
-  TORCH_CHECK(keep_in.scalar_type() == at::kByte && keep_in.sizes() == x_in.sizes(),
-              "keep must be a uint8 mask with the shape of x");
-  const at::Tensor x = x_in.contiguous();
-  const at::Tensor keep = keep_in.contiguous();
-  at::Tensor out = at::empty_like(x);
-  const float f = static_cast<float>(factor);
-  const float* xs = x.data_ptr<float>();
-  const uint8_t* ks = keep.data_ptr<uint8_t>();
-  float* os = out.data_ptr<float>();
-  at::parallel_for(0, x.numel(), 16384, [&](int64_t begin, int64_t end) {
-    const float* __restrict__ xp = xs + begin;
-    const uint8_t* __restrict__ kp = ks + begin;
-    float* __restrict__ op = os + begin;
-    // (keep * factor) * x: the torch path's order, so the same floats
-    for (int64_t i = 0; i < end - begin; ++i) op[i] = (static_cast<float>(kp[i]) * f) * xp[i];
-  });
-  return out;
-}
-
 }  // namespace
 
 TORCH_LIBRARY(c5snn, m) {
   m.def("lif_forward(Tensor x, Tensor? residual, float beta, bool keep) -> (Tensor, Tensor)");
   m.def("lif_backward(Tensor grad, Tensor mem, float beta) -> Tensor");
   m.def("keep_mask(int[] size, int seed, int threshold) -> Tensor");
-  m.def("masked_scale(Tensor x, Tensor keep, float factor) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(c5snn, CPU, m) {
   m.impl("lif_forward", &lif_forward);
   m.impl("lif_backward", &lif_backward);
-  m.impl("masked_scale", &masked_scale);
 }
 
 TORCH_LIBRARY_IMPL(c5snn, CompositeExplicitAutograd, m) {

@@ -1,13 +1,13 @@
 """c5snn's compiled CPU operators (`native.cpp`), built on first use and cached.
 
 On a CPU, after the GEMMs, a training step's time went to elementwise passes over memory: the
-pure-torch LIF recurrence (`c5snn.lif.LIFMultiStep`, ~4 ops per time step), dropout's random
-numbers (`torch.Tensor.random_`, a Mersenne Twister) and its mask arithmetic. `native.cpp` does
-each in one pass: the LIF walks all T steps per block of neurons each way (and takes a residual,
-`LIF(a + b)`, so the block's sums are not materialised); dropout masks come from a counter-based
-generator seeded from torch's; a masked scale applies them. LIF spikes and membranes are bitwise
-the torch path's (tests/test_native.py); the dropout stream differs from the torch path's, with
-the same drop probability.
+pure-torch LIF recurrence (`c5snn.lif.LIFMultiStep`, ~4 ops per time step) and dropout's random
+numbers (`torch.Tensor.random_`, a Mersenne Twister). `native.cpp` does each in one pass: the LIF
+walks all T steps per block of neurons each way (and takes a residual, `LIF(a + b)`, so the
+block's sums are not materialised); dropout masks come from a counter-based generator seeded
+from torch's. LIF spikes and membranes are bitwise the torch path's (tests/test_native.py); the
+dropout stream differs from the torch path's, with the same drop probability. (A one-pass masked
+scale was measured no faster than torch's three passes in a training step, and dropped.)
 
 Build: `torch.utils.cpp_extension` compiles it with the machine's C++ compiler (g++, ninja from
 the `ninja` package) the first time a process needs it, into torch's extension cache
@@ -164,7 +164,3 @@ def keep_mask(shape, p: float) -> torch.Tensor:
     seed = int(torch.empty((), dtype=torch.int64).random_())
     return torch.ops.c5snn.keep_mask(list(shape), seed, int(round(p * 65536)) - 32768)
 
-
-def masked_scale(x: torch.Tensor, keep: torch.Tensor, factor: float) -> torch.Tensor:
-    """`x * factor` where `keep` (uint8) is 1, else 0, in one pass."""
-    return torch.ops.c5snn.masked_scale(x, keep, factor)

@@ -58,19 +58,12 @@ class _Dropout(torch.autograd.Function):
         keep = keep_mask(x.shape, p, x.device)
         ctx.save_for_backward(keep)
         ctx.factor = 1.0 / (1.0 - p)
-        return _masked_scale(x, keep, ctx.factor)
+        return keep.to(x.dtype).mul_(ctx.factor).mul_(x)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (keep,) = ctx.saved_tensors
-        return _masked_scale(grad, keep, ctx.factor), None
-
-
-def _masked_scale(x: torch.Tensor, keep: torch.Tensor, factor: float) -> torch.Tensor:
-    """`x * factor` where `keep` is 1, else 0 (the same floats either way)."""
-    if x.dtype == torch.float32 and _native(x.device):
-        return native.masked_scale(x, keep, factor)
-    return keep.to(x.dtype).mul_(factor).mul_(x)
+        return keep.to(grad.dtype).mul_(ctx.factor).mul_(grad), None
 
 
 class SpikeAttention(torch.autograd.Function):
@@ -134,7 +127,7 @@ class SpikeAttention(torch.autograd.Function):
             gv.copy_(tmp)
             g_scores = torch.bmm(g, v.transpose(1, 2))  # (N, W, W)
             if keep is not None:
-                g_scores = _masked_scale(g_scores, keep[i], 1.0)
+                g_scores.mul_(keep[i].to(dtype))
             torch.baddbmm(tmp, g_scores, k, beta=0.0, alpha=ctx.alpha, out=tmp)
             gq.copy_(tmp)
             torch.baddbmm(tmp, g_scores.transpose(1, 2), q, beta=0.0, alpha=ctx.alpha, out=tmp)

@@ -1,0 +1,109 @@
+"""The pieces behind the training-step numbers: denormal GEMMs, and each compiled CPU operator
+(`c5snn/native.cpp`) against the torch path it replaces.
+
+1. A (57600, 64) @ (64, 64) fp32 GEMM (a d64 projection's input gradient at B=64, W=90, T=10) on
+   normal and on denormal inputs, with denormals kept and flushed
+   (`c5snn.runtime.configure_threads`). Each row runs in a fresh process, because the flush
+   setting must precede torch's thread pool.
+2. The LIF recurrence on a (10, 64, 90, 64) tensor: forward alone, and forward + backward through
+   autograd; the dropout keep mask of a (2, 640, 90, 90) attention-score tensor. Best of 10
+   after a warm-up, in this process (flushed).
+
+    .venv/bin/python benchmarks/bench_kernels.py [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def best_ms(fn, repeats: int = 10) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best * 1000
+
+
+def gemm_row(flush: bool, denormal: bool, threads: int) -> float:
+    import torch
+
+    from c5snn.runtime import configure_threads
+
+    if flush:
+        configure_threads(threads)
+    else:
+        torch.set_num_threads(threads)
+    g = torch.randn(57600, 64) * (1e-39 if denormal else 1.0)  # 1e-39: below fp32's 1.2e-38
+    w = torch.randn(64, 64) * 0.1
+    return best_ms(lambda: g @ w, repeats=3 if denormal and not flush else 10)
+
+
+def kernels(threads: int) -> list[tuple[str, float, float]]:
+    import torch
+
+    from c5snn import native
+    from c5snn.lif import lif_torch
+    from c5snn.runtime import configure_threads
+
+    configure_threads(threads)
+    if not native.available():
+        raise SystemExit("the compiled CPU operators are not available here")
+    x = torch.randn(10, 64, 90, 64) * 1.5
+    g = torch.randn_like(x)
+    xg = x.clone().requires_grad_()
+    rows = []
+    with torch.no_grad():
+        rows.append(("LIF forward (10, 64, 90, 64)", best_ms(lambda: lif_torch(x, 0.8)),
+                     best_ms(lambda: native.lif(x, 0.8))))
+    rows.append(("LIF forward + backward, autograd", best_ms(lambda: lif_torch(xg, 0.8).backward(g)),
+                 best_ms(lambda: native.lif(xg, 0.8).backward(g))))
+    shape = (2, 640, 90, 90)
+
+    def torch_mask():  # ops.keep_mask's torch path: 16-bit draws carved from random_ words
+        n = 2 * 640 * 90 * 90
+        words = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(2**63), None)
+        return (words.view(torch.int16)[:n].view(shape) >= 6554 - 32768).view(torch.uint8)
+
+    rows.append(("keep mask (2, 640, 90, 90), p=0.1", best_ms(torch_mask),
+                 best_ms(lambda: native.keep_mask(shape, 0.1))))
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--gemm", nargs=2, metavar=("FLUSH", "DENORMAL"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.gemm:
+        print(json.dumps(gemm_row(args.gemm[0] == "1", args.gemm[1] == "1", args.threads)))
+        return
+    print(f"{args.threads} threads")
+    print("| (57600, 64) @ (64, 64) GEMM | normal inputs ms | denormal inputs ms |")
+    print("|---|---|---|")
+    for flush in (False, True):
+        cells = []
+        for denormal in (False, True):
+            out = subprocess.run([sys.executable, __file__, "--gemm", str(int(flush)),
+                                  str(int(denormal)), "--threads", str(args.threads)],
+                                 check=True, capture_output=True, text=True)
+            cells.append(float(out.stdout.strip().splitlines()[-1]))
+        print(f"| denormals {'flushed' if flush else 'kept'} | {cells[0]:.1f} | {cells[1]:.1f} |")
+    print("\n| operator | torch path ms | compiled ms | speed-up |")
+    print("|---|---|---|---|")
+    for name, slow, fast in kernels(args.threads):
+        print(f"| {name} | {slow:.2f} | {fast:.2f} | {slow / fast:.1f}x |")
+
+
+if __name__ == "__main__":
+    main()
