@@ -13,7 +13,7 @@ Efficiency: the fast path's step FLOPs (`torch.utils.flop_counter`, the matmuls 
 runs) over its step time, as a fraction of the fp32 matmul rate measured in the same process
 (a 2048 x 2048 GEMM). GEMM share: the step's GEMM time (profiler self time of mm, addmm, bmm,
 baddbmm) over its step time; efficiency ceiling: the efficiency if everything but those GEMMs
-took no time, i.e. what the model's GEMM shapes (K = 32..128, W = 90) reach on this CPU.
+took no time, i.e. what the model's GEMM shapes (K = 32..192, W = 90) reach on this CPU.
 Kernels: profiler events (aten ops and c5snn's compiled operators) per step. Also times
 `compute_metrics` on 1,741 x 39 logits (the size of the real val split).
 

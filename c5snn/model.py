@@ -40,8 +40,7 @@ def lif_function(kernel: str) -> Callable[..., torch.Tensor]:
         x = x if x.dtype == torch.float32 else x.float()
         if residual is not None and residual.dtype != torch.float32:
             residual = residual.float()
-        if (kernel == "torch" and x.device.type == "cpu" and not torch.compiler.is_compiling()
-                and native.available()):
+        if kernel == "torch" and native.serves(x.device):
             return native.lif(x, beta, residual)
         return recurrence(x if residual is None else x + residual, beta)
 

@@ -79,6 +79,12 @@ def available() -> bool:
     return True
 
 
+def serves(device: torch.device) -> bool:
+    """Whether the compiled operators run on `device` here: CPU tensors, outside torch.compile
+    (which traces the torch paths instead), and built or loadable on this machine."""
+    return device.type == "cpu" and not torch.compiler.is_compiling() and available()
+
+
 def build_directory() -> Path:
     """Where this machine's build of the operators lives (torch's extension cache)."""
     cache = os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions"
@@ -158,9 +164,10 @@ def lif(x: torch.Tensor, beta: float, residual: torch.Tensor | None = None) -> t
     return LIF.apply(x, residual, beta)
 
 
-def keep_mask(shape, p: float) -> torch.Tensor:
-    """uint8 dropout mask on the CPU, 1 where kept, P(drop) = round(p * 2^16) / 2^16, seeded
-    from torch's default generator (so `torch.manual_seed` makes it reproducible)."""
+def keep_mask(shape, threshold: int) -> torch.Tensor:
+    """uint8 dropout mask on the CPU, 1 where the element's int16 draw is >= `threshold` (see
+    `c5snn.ops.keep_mask`), seeded from torch's default generator (so `torch.manual_seed` makes
+    it reproducible)."""
     seed = int(torch.empty((), dtype=torch.int64).random_())
-    return torch.ops.c5snn.keep_mask(list(shape), seed, int(round(p * 65536)) - 32768)
+    return torch.ops.c5snn.keep_mask(list(shape), seed, threshold)
 

@@ -14,11 +14,6 @@ from c5snn import native
 MAX_COUNT = 255  # attention counts are kept as uint8
 
 
-def _native(device: torch.device) -> bool:
-    """Whether the compiled CPU operators (`c5snn.native`) serve this device here."""
-    return device.type == "cpu" and not torch.compiler.is_compiling() and native.available()
-
-
 def keep_mask(shape, p: float, device: torch.device) -> torch.Tensor:
     """uint8 mask, 1 where an element is kept, with P(drop) = round(p * 2^16) / 2^16.
 
@@ -32,8 +27,8 @@ def keep_mask(shape, p: float, device: torch.device) -> torch.Tensor:
     them from a counter-based generator (`c5snn.native.keep_mask`): same rule, another stream.
     """
     threshold = int(round(p * 65536)) - 32768
-    if _native(device):
-        return native.keep_mask(shape, p)
+    if native.serves(device):
+        return native.keep_mask(shape, threshold)
     if torch.compiler.is_compiling():
         bits = torch.randint(-32768, 32768, tuple(shape), dtype=torch.int16, device=device)
         return (bits >= threshold).view(torch.uint8)
