@@ -30,8 +30,9 @@ def configure_threads(threads: int | None) -> None:
 
     Flushing matters for speed, not results: this model's gradients shrink by up to ~1e4 per LIF
     (the surrogate's denominator) and reach the denormal range (< 1.2e-38) in the lower blocks,
-    and on x86 CPUs an fp32 GEMM over denormals is ~100x slower (measured: a (57600, 64) @
-    (64, 64) GEMM, 3.7 ms normal, 522 ms denormal). A flushed value differs from the unflushed
+    and an fp32 GEMM over denormals can be ~150x slower (benchmarks/bench_kernels.py on an
+    Intel Xeon: a (57600, 64) @ (64, 64) GEMM, 1.7 ms normal, 262 ms denormal, 1.9 ms flushed).
+    A flushed value differs from the unflushed
     one by < 1.2e-38. The setting is per thread and torch's worker threads copy it when they are
     created, so this runs before the first parallel op (commands call it first thing).
     """
