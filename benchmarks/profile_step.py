@@ -1,7 +1,8 @@
 """Where one training step's time goes: torch profiler table of a c5snn step.
 
 One warm-up step, then one profiled step (forward, BCEWithLogits, backward, Adam) at B=64, W=90,
-dropout 0.1, on the allocator the process was started with.
+dropout 0.1, on the allocator the process was started with, threads and denormals set as in
+c5snn's training processes (`c5snn.runtime.configure_threads`).
 
     .venv/bin/python benchmarks/profile_step.py [--config d64_h2_l6_rate] [--rows 20]
 """
@@ -21,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 from bench_model import CONFIGS  # noqa: E402
 
 from c5snn.model import SpikingTransformer  # noqa: E402
-from c5snn.runtime import tune_cpu_allocator  # noqa: E402
+from c5snn.runtime import configure_threads, tune_cpu_allocator  # noqa: E402
 
 
 def main() -> None:
@@ -31,7 +32,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     tune_cpu_allocator()
-    torch.set_num_threads(args.threads)
+    configure_threads(args.threads)  # as c5snn's training processes: denormals flushed
     torch.manual_seed(0)
     cfg = CONFIGS[args.config]
     model = SpikingTransformer(**cfg, d_ffn=2 * cfg["d_model"], beta=0.8, dropout=0.1).train()

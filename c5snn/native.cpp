@@ -1,5 +1,6 @@
-// c5snn's compiled CPU operators (loaded by c5snn/native.py): the LIF recurrence and the
-// dropout keep mask, each one pass over memory.
+// c5snn's compiled CPU operators (loaded by c5snn/native.py): the LIF recurrence, the dropout
+// keep mask and spike attention, each one pass over memory. Built with OpenMP, so at::parallel_for
+// runs on torch's threads (without it, ATen's inline parallel_for is a serial loop).
 //
 // LIF.
 // The pure-torch recurrence (c5snn/lif.py) runs ~4 elementwise ops per time step over a
@@ -25,6 +26,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 namespace {
 
@@ -172,14 +174,18 @@ at::Tensor keep_mask(at::IntArrayRef size, int64_t seed, int64_t threshold) {
   const int16_t limit = static_cast<int16_t>(threshold);
   const int64_t words = n / 4;  // whole words; the last partial one below
   at::parallel_for(0, words, 4096, [&](int64_t begin, int64_t end) {
+    // locals, not the closure's references: the byte stores below may alias those
+    uint8_t* const kp_ = kp;
+    const uint64_t base_ = base;
+    const int16_t limit_ = limit;
     for (int64_t w = begin; w < end; ++w) {
-      const uint64_t word = splitmix64(base + static_cast<uint64_t>(w));
+      const uint64_t word = splitmix64(base_ + static_cast<uint64_t>(w));
       uint32_t packed = 0;
       for (int lane = 0; lane < 4; ++lane) {
         const int16_t bits = static_cast<int16_t>(word >> (16 * lane));
-        packed |= static_cast<uint32_t>(bits >= limit) << (8 * lane);
+        packed |= static_cast<uint32_t>(bits >= limit_) << (8 * lane);
       }
-      std::memcpy(kp + 4 * w, &packed, 4);  // bytes in memory order on little-endian x86
+      std::memcpy(kp_ + 4 * w, &packed, 4);  // bytes in memory order on little-endian x86
     }
   });
   if (n % 4) {
@@ -190,17 +196,277 @@ at::Tensor keep_mask(at::IntArrayRef size, int64_t seed, int64_t threshold) {
   return keep;
 }
 
+
+// Spike attention, one head of one sequence per task: out = dropout(q @ kᵀ * scale) @ v without
+// softmax (DESIGN §2), q, k, v binary (W, dh) column slices of the fused (N, W, 3d) spikes.
+// Because q and k are 0/1 with dh <= 64, q @ kᵀ is a popcount of the AND of two 64-bit words,
+// an exact integer; the dropout keep mask is drawn inline from keep_mask's stream (same seed,
+// same element numbering over (heads, N, W, W)), so the mask equals keep_mask's. Forward keeps
+// for backward only q, k, v as bits (3, heads, N, W) and the keep mask as bits (heads, N, W,
+// ceil(W/64)); the counts are recomputed from the bits. A task's scores and gradients stay in
+// its thread's cache; no head slice is copied. Every product is a sum of rows weighted by
+// scalars (`weighted_rows`), summed in the rows' order, which the forward shares with the torch
+// path's GEMMs ((count * alpha) * v, v in {0, 1}, is exact, so its sums round alike: bitwise
+// here, tests/test_native.py); the backward agrees with the torch path to rounding.
+constexpr int64_t kMaxHead = 64;
+constexpr int64_t kMaxVectors = 8;  // rows of up to 128 floats in registers (W <= 128)
+
+inline int64_t keep_words(int64_t w) { return (w + 63) / 64; }
+inline int64_t padded(int64_t n) { return (n + 15) / 16 * 16; }
+
+// Keep bits of elements first .. first + w*w - 1 (row i, key j -> word i*kw + j/64): each row's
+// 16-bit draws are cut from whole 64-bit words into `draws` (w + 8 int16) first.
+void draw_keep(uint64_t seed, int16_t limit, int64_t first, int64_t w, int64_t kw,
+               int16_t* __restrict__ draws, uint64_t* __restrict__ out) {
+  for (int64_t i = 0; i < w; ++i) {
+    const int64_t e0 = first + i * w;
+    const int64_t w0 = e0 >> 2, w1 = (e0 + w - 1) >> 2;
+    for (int64_t k = w0; k <= w1; ++k) {
+      const uint64_t word = splitmix64(seed + static_cast<uint64_t>(k));
+      std::memcpy(draws + 4 * (k - w0), &word, sizeof word);  // lanes in order on little-endian
+    }
+    const int16_t* row = draws + (e0 & 3);
+    for (int64_t j0 = 0; j0 < w; j0 += 64) {
+      const int64_t n = std::min<int64_t>(64, w - j0);
+      uint64_t bits = 0;
+      for (int64_t j = 0; j < n; ++j) bits |= static_cast<uint64_t>(row[j0 + j] >= limit) << j;
+      out[i * kw + j0 / 64] = bits;
+    }
+  }
+}
+
+// 1 where element (i, j) of a task is kept: always without dropout (keep == nullptr).
+inline uint64_t keep_bit(const uint64_t* keep, int64_t kw, int64_t i, int64_t j) {
+  return keep == nullptr ? 1 : (keep[i * kw + j / 64] >> (j % 64)) & 1;
+}
+
+// 16 floats: one AVX-512 register, two AVX2 ones (GCC/Clang vector extension, any target);
+// vec16u is the same at any float's alignment, for loads and stores anywhere in a row.
+using vec16 = float __attribute__((vector_size(64)));
+using vec16u = float __attribute__((vector_size(64), aligned(4)));
+#ifdef __AVX512F__
+constexpr int kRegisterBudget = 8;  // vec16 accumulators: 8 of 32 zmm registers
+#else
+constexpr int kRegisterBudget = 4;  // 8 of 16 ymm registers
+#endif
+
+// The attention's sums may fuse their multiply-adds (the file is built without contraction for
+// the LIF's bitwise claim): where a factor is a spike (0 or 1) the product is exact and fusing
+// changes nothing; the backward's other sums differ from unfused ones by rounding only.
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=fast")
+
+// For o < kOut: out_o[0 .. 16 kVec) = scale * sum_{r < count} coef_o[r] * row_r, where
+// out_o = out + o * ostride, coef_o = coef + o * cstride, row_r = rows + r * rstride; summed in
+// r's order, kOut outputs at once so that each row loaded feeds kOut * kVec accumulators.
+template <int kVec, int kOut>
+inline void weighted_rows_block(float* __restrict__ out, int64_t ostride,
+                                const float* __restrict__ coef, int64_t cstride,
+                                const float* __restrict__ rows, int64_t rstride, int64_t count,
+                                float scale) {
+  vec16 acc[kOut][kVec] = {};
+  for (int64_t r = 0; r < count; ++r) {
+    const auto* x = reinterpret_cast<const vec16u*>(rows + r * rstride);
+    for (int o = 0; o < kOut; ++o) {
+      const float a = coef[o * cstride + r];
+      for (int v = 0; v < kVec; ++v) acc[o][v] += a * x[v];
+    }
+  }
+  for (int o = 0; o < kOut; ++o)
+    for (int v = 0; v < kVec; ++v)
+      *reinterpret_cast<vec16u*>(out + o * ostride + 16 * v) = acc[o][v] * scale;
+}
+
+// `weighted_rows_block` for n outputs of 16 kVec floats; kVec = 0: any length `len` (plain loops).
+template <int kVec>
+void weighted_rows(float* out, int64_t ostride, const float* coef, int64_t cstride,
+                   const float* rows, int64_t rstride, int64_t count, int64_t n, int64_t len,
+                   float scale) {
+  if constexpr (kVec > 0) {
+    constexpr int kOut = kRegisterBudget / kVec > 1 ? kRegisterBudget / kVec : 1;
+    int64_t o = 0;
+    for (; o + kOut <= n; o += kOut)
+      weighted_rows_block<kVec, kOut>(out + o * ostride, ostride, coef + o * cstride, cstride,
+                                      rows, rstride, count, scale);
+    for (; o < n; ++o)
+      weighted_rows_block<kVec, 1>(out + o * ostride, ostride, coef + o * cstride, cstride, rows,
+                                   rstride, count, scale);
+  } else {
+    std::vector<float> acc(len);
+    for (int64_t o = 0; o < n; ++o) {
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (int64_t r = 0; r < count; ++r) {
+        const float a = coef[o * cstride + r];
+        const float* row = rows + r * rstride;
+        for (int64_t c = 0; c < len; ++c) acc[c] += a * row[c];
+      }
+      for (int64_t c = 0; c < len; ++c) out[o * ostride + c] = acc[c] * scale;
+    }
+  }
+}
+
+#pragma GCC pop_options
+
+// weighted_rows with rows of `len` floats: compiled lengths 16..128 (len % 16 == 0), else loops.
+void weighted_rows_any(float* out, int64_t ostride, const float* coef, int64_t cstride,
+                       const float* rows, int64_t rstride, int64_t count, int64_t n, int64_t len,
+                       float scale) {
+  const auto run = [&](auto kernel) {
+    kernel(out, ostride, coef, cstride, rows, rstride, count, n, len, scale);
+  };
+  switch (len % 16 == 0 ? len / 16 : 0) {
+    case 1: return run(weighted_rows<1>);
+    case 2: return run(weighted_rows<2>);
+    case 3: return run(weighted_rows<3>);
+    case 4: return run(weighted_rows<4>);
+    case 5: return run(weighted_rows<5>);
+    case 6: return run(weighted_rows<6>);
+    case 7: return run(weighted_rows<7>);
+    case 8: return run(weighted_rows<8>);
+    default: return run(weighted_rows<0>);
+  }
+}
+
+// Spike bits of row i of each third (q, k, v) of one head: bit c = spike in column c.
+inline void pack_bits(const float* seq, int64_t w, int64_t d, int64_t dh, int64_t head,
+                      uint64_t* qb, uint64_t* kb, uint64_t* vb) {
+  for (int64_t i = 0; i < w; ++i) {
+    const float* row = seq + i * 3 * d + head * dh;
+    uint64_t mq = 0, mk = 0, mv = 0;
+    for (int64_t c = 0; c < dh; ++c) {
+      mq |= static_cast<uint64_t>(row[c] > 0.5f) << c;
+      mk |= static_cast<uint64_t>(row[d + c] > 0.5f) << c;
+      mv |= static_cast<uint64_t>(row[2 * d + c] > 0.5f) << c;
+    }
+    qb[i] = mq;
+    kb[i] = mk;
+    vb[i] = mv;
+  }
+}
+
+// (out (N, W, d), bits (3, heads, N, W), keep bits (heads, N, W, ceil(W/64)), or (0, ...)).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(
+    const at::Tensor& qkv_in, int64_t heads, double alpha_in, int64_t seed_in,
+    int64_t threshold, bool dropping) {
+  check_input(qkv_in, "qkv");
+  TORCH_CHECK(qkv_in.dim() == 3 && qkv_in.size(2) % 3 == 0, "qkv must be (N, W, 3d)");
+  const at::Tensor qkv = qkv_in.contiguous();
+  const int64_t n_seq = qkv.size(0), w = qkv.size(1), d = qkv.size(2) / 3;
+  TORCH_CHECK(heads > 0 && d % heads == 0 && d / heads <= kMaxHead,
+              "heads must divide d into heads of at most 64");
+  const int64_t dh = d / heads, d3 = 3 * d, kw = keep_words(w);
+  at::Tensor out = at::empty({n_seq, w, d}, qkv.options());
+  at::Tensor bits = at::empty({3, heads, n_seq, w}, qkv.options().dtype(at::kLong));
+  at::Tensor keep = at::empty({dropping ? heads : 0, n_seq, w, kw}, qkv.options().dtype(at::kLong));
+  if (qkv.numel() == 0) return {out, bits, keep};
+  const float* src = qkv.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  auto* bp = reinterpret_cast<uint64_t*>(bits.data_ptr<int64_t>());
+  auto* kp = dropping ? reinterpret_cast<uint64_t*>(keep.data_ptr<int64_t>()) : nullptr;
+  const float alpha = static_cast<float>(alpha_in);
+  const uint64_t seed = static_cast<uint64_t>(seed_in);
+  const int16_t limit = static_cast<int16_t>(threshold);
+  at::parallel_for(0, heads * n_seq, 8, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(w * w);  // (W, W): alpha * kept count
+    std::vector<int16_t> draws(w + 8);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t head = task / n_seq, n = task % n_seq;
+      const float* seq = src + n * w * d3;  // (W, 3d)
+      uint64_t* qb = bp + ((0 * heads + head) * n_seq + n) * w;
+      uint64_t* kb = bp + ((1 * heads + head) * n_seq + n) * w;
+      uint64_t* vb = bp + ((2 * heads + head) * n_seq + n) * w;
+      pack_bits(seq, w, d, dh, head, qb, kb, vb);
+      uint64_t* kt = dropping ? kp + task * w * kw : nullptr;  // task = head * N + n
+      if (dropping) draw_keep(seed, limit, task * w * w, w, kw, draws.data(), kt);
+      for (int64_t i = 0; i < w; ++i)
+        for (int64_t j = 0; j < w; ++j)
+          scores[i * w + j] = static_cast<float>(__builtin_popcountll(qb[i] & kb[j]) *
+                                                 static_cast<int>(keep_bit(kt, kw, i, j))) * alpha;
+      // out[i] = sum_j scores[i][j] v[j]
+      weighted_rows_any(dst + n * w * d + head * dh, d, scores.data(), w,
+                        seq + 2 * d + head * dh, d3, w, w, dh, 1.0f);
+    }
+  });
+  return {out, bits, keep};
+}
+
+// dL/dqkv (N, W, 3d) from dL/dout (N, W, d) and the forward's bits and keep mask.
+at::Tensor attention_backward(const at::Tensor& grad_in, const at::Tensor& bits,
+                              const at::Tensor& keep, int64_t heads, double alpha_in) {
+  check_input(grad_in, "grad");
+  TORCH_CHECK(grad_in.dim() == 3 && bits.dim() == 4 && bits.size(0) == 3 && bits.size(1) == heads,
+              "grad must be (N, W, d) and bits (3, heads, N, W)");
+  const at::Tensor grad = grad_in.contiguous();
+  const int64_t n_seq = grad.size(0), w = grad.size(1), d = grad.size(2);
+  TORCH_CHECK(d % heads == 0 && d / heads <= kMaxHead && bits.size(2) == n_seq &&
+              bits.size(3) == w, "bits do not match grad");
+  const bool dropping = keep.size(0) > 0;
+  const int64_t dh = d / heads, d3 = 3 * d, kw = keep_words(w), wp = padded(w);
+  at::Tensor out = at::empty({n_seq, w, d3}, grad.options());
+  if (grad.numel() == 0) return out;
+  const float* gp = grad.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const auto* bp = reinterpret_cast<const uint64_t*>(bits.data_ptr<int64_t>());
+  const auto* kp = dropping ? reinterpret_cast<const uint64_t*>(keep.data_ptr<int64_t>()) : nullptr;
+  const float alpha = static_cast<float>(alpha_in);
+  at::parallel_for(0, heads * n_seq, 4, [&](int64_t begin, int64_t end) {
+    // q, k (W, dh) and vᵀ (dh, Wp) as floats; counts and dL/dscores / alpha, each also transposed
+    std::vector<float> qf(w * dh), kf(w * dh), vt(dh * wp, 0.0f), counts_t(w * w), gs(w * wp),
+        gs_t(w * w);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t head = task / n_seq, n = task % n_seq;
+      const uint64_t* qb = bp + ((0 * heads + head) * n_seq + n) * w;
+      const uint64_t* kb = bp + ((1 * heads + head) * n_seq + n) * w;
+      const uint64_t* vb = bp + ((2 * heads + head) * n_seq + n) * w;
+      const uint64_t* kt = dropping ? kp + task * w * kw : nullptr;
+      const float* g = gp + n * w * d + head * dh;  // row i: g + i * d, dh floats
+      float* gq = op + n * w * d3 + head * dh;      // rows of stride 3d
+      float* gk = gq + d;
+      float* gv = gq + 2 * d;
+      for (int64_t i = 0; i < w; ++i)
+        for (int64_t c = 0; c < dh; ++c) {
+          qf[i * dh + c] = static_cast<float>((qb[i] >> c) & 1);
+          kf[i * dh + c] = static_cast<float>((kb[i] >> c) & 1);
+          vt[c * wp + i] = static_cast<float>((vb[i] >> c) & 1);
+        }
+      for (int64_t i = 0; i < w; ++i)  // counts_t[j][i]: the kept count of query i, key j
+        for (int64_t j = 0; j < w; ++j)
+          counts_t[j * w + i] = static_cast<float>(
+              __builtin_popcountll(qb[i] & kb[j]) * static_cast<int>(keep_bit(kt, kw, i, j)));
+      // dL/dv[j] = alpha * sum_i counts[i][j] g[i]
+      weighted_rows_any(gv, d3, counts_t.data(), w, g, d, w, w, dh, alpha);
+      // dL/dscores[i] / alpha = keep[i] * sum_c g[i][c] vᵀ[c]  (rows of Wp, zero past W)
+      weighted_rows_any(gs.data(), wp, g, d, vt.data(), wp, dh, w, wp, 1.0f);
+      for (int64_t i = 0; i < w; ++i)
+        for (int64_t j = 0; j < w; ++j) {
+          float& value = gs[i * wp + j];
+          value = keep_bit(kt, kw, i, j) ? value : 0.0f;
+          gs_t[j * w + i] = value;
+        }
+      // dL/dq[i] = alpha * sum_j gs[i][j] k[j];  dL/dk[j] = alpha * sum_i gs[i][j] q[i]
+      weighted_rows_any(gq, d3, gs.data(), wp, kf.data(), dh, w, w, dh, alpha);
+      weighted_rows_any(gk, d3, gs_t.data(), w, qf.data(), dh, w, w, dh, alpha);
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(c5snn, m) {
   m.def("lif_forward(Tensor x, Tensor? residual, float beta, bool keep) -> (Tensor, Tensor)");
   m.def("lif_backward(Tensor grad, Tensor mem, float beta) -> Tensor");
   m.def("keep_mask(int[] size, int seed, int threshold) -> Tensor");
+  m.def("attention_forward(Tensor qkv, int heads, float alpha, int seed, int threshold, "
+        "bool dropping) -> (Tensor, Tensor, Tensor)");
+  m.def("attention_backward(Tensor grad, Tensor bits, Tensor keep, int heads, float alpha) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(c5snn, CPU, m) {
   m.impl("lif_forward", &lif_forward);
   m.impl("lif_backward", &lif_backward);
+  m.impl("attention_forward", &attention_forward);
+  m.impl("attention_backward", &attention_backward);
 }
 
 TORCH_LIBRARY_IMPL(c5snn, CompositeExplicitAutograd, m) {

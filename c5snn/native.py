@@ -1,13 +1,17 @@
 """c5snn's compiled CPU operators (`native.cpp`), built on first use and cached.
 
 On a CPU, after the GEMMs, a training step's time went to elementwise passes over memory: the
-pure-torch LIF recurrence (`c5snn.lif.LIFMultiStep`, ~4 ops per time step) and dropout's random
-numbers (`torch.Tensor.random_`, a Mersenne Twister). `native.cpp` does each in one pass: the LIF
-walks all T steps per block of neurons each way (and takes a residual, `LIF(a + b)`, so the
-block's sums are not materialised); dropout masks come from a counter-based generator seeded
-from torch's. LIF spikes and membranes are bitwise the torch path's (tests/test_native.py); the
-dropout stream differs from the torch path's, with the same drop probability. (A one-pass masked
-scale was measured no faster than torch's three passes in a training step, and dropped.)
+pure-torch LIF recurrence (`c5snn.lif.LIFMultiStep`, ~4 ops per time step), dropout's random
+numbers (`torch.Tensor.random_`, a Mersenne Twister), and spike attention's small batched GEMMs
+with their head-slice, uint8 and mask copies. `native.cpp` does each in one pass: the LIF walks
+all T steps per block of neurons each way (and takes a residual, `LIF(a + b)`, so the block's
+sums are not materialised); dropout masks come from a counter-based generator seeded from
+torch's; attention runs one task per (head, sequence) in cache, q @ kᵀ as popcounts, its mask
+drawn inline from the same generator (`Attention`). LIF spikes and membranes, and attention
+outputs, equal the torch path's (tests/test_native.py); the dropout stream differs from the torch
+path's, with the same drop probability. (A one-pass masked scale was measured no faster than
+torch's three passes in a training step, and dropped.) The operators run on torch's OpenMP
+threads (`torch.set_num_threads`).
 
 Build: `torch.utils.cpp_extension` compiles it with the machine's C++ compiler (g++, ninja from
 the `ninja` package) the first time a process needs it, into torch's extension cache
@@ -37,8 +41,11 @@ from c5snn.errors import first_line
 from c5snn.files import atomic_path
 
 SOURCE = Path(__file__).with_name("native.cpp")
-# -ffp-contract=off: no fused multiply-add, so the arithmetic rounds as the torch path's does
-CFLAGS = ["-O3", "-march=native", "-ffp-contract=off"]
+# -ffp-contract=off: no fused multiply-add, so the arithmetic rounds as the torch path's does.
+# -fopenmp: ATen's parallel_for is inline and runs serially unless the extension is compiled and
+# linked with OpenMP; linked, it shares torch's libgomp (same soname) and its thread count.
+CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"]
+LDFLAGS = ["-fopenmp"]
 ENV_SWITCH = "C5SNN_NATIVE"
 STALE_LOCK_S = 300.0
 
@@ -59,7 +66,7 @@ def _cpu_flags() -> str:
 def library_name() -> str:
     """The extension's name: one per (source, flags, torch version, instruction set)."""
     digest = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(CFLAGS).encode(), torch.__version__.encode(),
+    for part in (SOURCE.read_bytes(), " ".join(CFLAGS + LDFLAGS).encode(), torch.__version__.encode(),
                  _cpu_flags().encode()):
         digest.update(part)
     return f"c5snn_native_{digest.hexdigest()[:16]}"
@@ -76,7 +83,25 @@ def available() -> bool:
         print(f"c5snn: compiled CPU kernels unavailable ({first_line(exc) or type(exc).__name__});"
               " using the torch paths", file=sys.stderr, flush=True)
         return False
+    _register_flop_formulas()
     return True
+
+
+def _register_flop_formulas() -> None:
+    """Count the attention operators' matmuls in `torch.utils.flop_counter` as the torch path's
+    bmm's are counted (2 per output element and summand): forward q @ kᵀ and scores @ v, backward
+    four products. q @ kᵀ is computed as popcounts, but it is the same product."""
+    from torch.utils.flop_counter import register_flop_formula
+
+    @register_flop_formula(torch.ops.c5snn.attention_forward)
+    def _forward(qkv_shape, *args, **kwargs) -> int:
+        n, w, d3 = qkv_shape
+        return 2 * (2 * n * w * w * (d3 // 3))
+
+    @register_flop_formula(torch.ops.c5snn.attention_backward)
+    def _backward(grad_shape, *args, **kwargs) -> int:
+        n, w, d = grad_shape
+        return 4 * (2 * n * w * w * d)
 
 
 def serves(device: torch.device) -> bool:
@@ -131,8 +156,10 @@ def _load(root: Path) -> None:
     if not source.exists() or source.read_bytes() != SOURCE.read_bytes():
         with atomic_path(source) as tmp:
             tmp.write_bytes(SOURCE.read_bytes())
-    cpp_extension.load(name=root.name, sources=[str(source)], extra_cflags=CFLAGS,
-                       build_directory=str(root), is_python_module=False, verbose=False)
+    # copies: torch appends to the flag lists it is given, and library_name() hashes ours
+    cpp_extension.load(name=root.name, sources=[str(source)], extra_cflags=list(CFLAGS),
+                       extra_ldflags=list(LDFLAGS), build_directory=str(root),
+                       is_python_module=False, verbose=False)
 
 
 class LIF(torch.autograd.Function):
@@ -171,3 +198,40 @@ def keep_mask(shape, threshold: int) -> torch.Tensor:
     seed = int(torch.empty((), dtype=torch.int64).random_())
     return torch.ops.c5snn.keep_mask(list(shape), seed, threshold)
 
+
+MAX_HEAD = 64  # native.cpp's kMaxHead: q @ kᵀ as popcounts of one 64-bit word per row
+
+
+
+
+def _keep_threshold(p: float) -> int:
+    """The int16 threshold of drop probability `p` (`c5snn.ops.keep_mask`'s rule)."""
+    return int(round(p * 65536)) - 32768
+
+
+class Attention(torch.autograd.Function):
+    """`dropout(q @ kᵀ * scale) @ v` per head on the fused `(N, W, 3d)` fp32 spikes, on the CPU.
+
+    One task per (head, sequence), in one pass each way (`attention_forward` and
+    `attention_backward` in native.cpp): q @ kᵀ as popcounts of 64-bit spike words, the dropout
+    mask drawn inline from `keep_mask`'s stream (the same seed draw, so the same mask as
+    `c5snn.ops.SpikeAttention`'s), scores and outputs kept in cache. Backward keeps only the
+    spikes as bits and the keep mask as bits (1/32 and 1/8 of a byte per element).
+    """
+
+    @staticmethod
+    def forward(ctx, qkv: torch.Tensor, n_heads: int, scale: float, p: float, training: bool):
+        dropping = training and p > 0.0
+        alpha = scale / (1.0 - p) if dropping else scale
+        seed = int(torch.empty((), dtype=torch.int64).random_()) if dropping else 0
+        out, bits, keep = torch.ops.c5snn.attention_forward(
+            qkv, n_heads, alpha, seed, _keep_threshold(p), dropping)
+        ctx.save_for_backward(bits, keep)
+        ctx.n_heads, ctx.alpha = n_heads, alpha
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        bits, keep = ctx.saved_tensors
+        grad = torch.ops.c5snn.attention_backward(grad_out, bits, keep, ctx.n_heads, ctx.alpha)
+        return grad, None, None, None, None

@@ -62,7 +62,8 @@ class _Dropout(torch.autograd.Function):
 
 
 class SpikeAttention(torch.autograd.Function):
-    """`dropout(q @ kᵀ * scale) @ v` per head, without softmax, on binary spikes.
+    """`dropout(q @ kᵀ * scale) @ v` per head, without softmax, on binary spikes: the torch path
+    (CUDA, bf16 autocast, no compiler); fp32 CPU spikes use `c5snn.native.Attention`.
 
     Input: `qkv` `(N, W, 3d)`, the spikes of the fused Q/K/V projection (q, k, v are its column
     thirds; `N` is T*B folded). Heads are strided column slices, so no head transpose is copied,
@@ -165,8 +166,15 @@ def spike_linear(layer: torch.nn.Linear, x: torch.Tensor, value: float = 1.0) ->
 
 
 def spike_attention(qkv, n_heads: int, scale: float, p: float, training: bool):
-    """See `SpikeAttention`; `qkv` is `(..., W, 3d)` and the result `(..., W, d)`."""
+    """See `SpikeAttention`; `qkv` is `(..., W, 3d)` and the result `(..., W, d)`.
+
+    fp32 CPU spikes go to the compiled operator (`c5snn.native.Attention`, same outputs and
+    dropout mask) where it serves and a head fits its 64-bit words; the rest to `SpikeAttention`.
+    """
     lead = qkv.shape[:-2]
     w, d3 = qkv.shape[-2:]
-    out = SpikeAttention.apply(qkv.reshape(-1, w, d3), n_heads, scale, p, training)
+    flat = qkv.reshape(-1, w, d3)
+    fast = (qkv.dtype == torch.float32 and d3 // 3 // n_heads <= native.MAX_HEAD
+            and native.serves(qkv.device) and not torch.is_autocast_enabled(qkv.device.type))
+    out = (native.Attention if fast else SpikeAttention).apply(flat, n_heads, scale, p, training)
     return out.view(*lead, w, d3 // 3)

@@ -11,7 +11,7 @@ import torch
 
 from c5snn import native
 from c5snn.lif import lif_torch
-from c5snn.ops import keep_mask
+from c5snn.ops import SpikeAttention, keep_mask, spike_attention
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -76,6 +76,62 @@ def test_keep_mask_rate_and_reproducibility_independent_of_threads():
     # neighbouring elements are independent: P(both dropped) = p^2
     both = ((mask[:, :-1] == 0) & (mask[:, 1:] == 0)).float().mean().item()
     assert abs(both - 0.25**2) < 0.004
+
+
+def _attention(qkv, heads, p, training, seed, operator):
+    """Output and dL/dqkv of one attention call with torch's generator at `seed`."""
+    x = qkv.clone().requires_grad_()
+    torch.manual_seed(seed)
+    out = operator.apply(x, heads, (qkv.shape[-1] // 3 // heads) ** -0.5, p, training)
+    out.backward(_currents(*out.shape, seed=3))
+    return out.detach(), x.grad
+
+
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("n, w, d, heads", [
+    (64, 90, 64, 2),    # the grid: heads of 32 (d64 h2), 16 (d64 h4), 64 (d128 h2)
+    (20, 90, 64, 4),
+    (20, 70, 128, 2),   # W > 64: two keep-mask words per row
+    (9, 13, 96, 2),     # heads of 48
+    (5, 10, 24, 2),     # heads of 12: the plain loops
+])
+def test_attention_operator_agrees_with_the_torch_path_and_draws_the_same_mask(n, w, d, heads,
+                                                                                training):
+    qkv = (torch.rand(n, w, 3 * d, generator=torch.Generator().manual_seed(n)) < 0.3).float()
+    out, grad = _attention(qkv, heads, 0.2, training, 5, native.Attention)
+    ref_out, ref_grad = _attention(qkv, heads, 0.2, training, 5, SpikeAttention)
+    # Outputs: integer counts times alpha, summed over keys; the same mask (dropped entries move
+    # outputs by whole terms, far beyond this tolerance). Bitwise on the machines measured.
+    torch.testing.assert_close(out, ref_out, rtol=1e-6, atol=1e-6)
+    assert (grad - ref_grad).norm() <= 1e-6 * ref_grad.norm()
+    assert out.abs().sum() > 0 and grad.abs().sum() > 0
+
+
+def test_attention_is_the_same_on_any_number_of_threads_and_keeps_only_bits():
+    qkv = (torch.rand(40, 90, 192, generator=torch.Generator().manual_seed(2)) < 0.3).float()
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            results.append(_attention(qkv, 2, 0.1, True, 9, native.Attention))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
+    out = spike_attention(qkv.requires_grad_(), 2, 0.2, 0.1, True)  # the model's entry point
+    node = out.grad_fn.next_functions[0][0]  # behind the view back to (..., W, d)
+    bits, keep = node.saved_tensors
+    assert type(node).__name__ == "AttentionBackward"
+    assert bits.shape == (3, 2, 40, 90) and keep.shape == (2, 40, 90, 2)  # not (2, 40, 90, 90)
+
+
+def test_the_library_runs_on_torchs_openmp_threads():
+    """ATen's parallel_for is inline: compiled without OpenMP it runs every operator on one
+    thread (it did, unnoticed, until the attention operator was profiled). The library must
+    import torch's OpenMP runtime."""
+    assert "OpenMP" in torch.__config__.parallel_info()
+    library = native.build_directory() / f"{native.library_name()}.so"
+    assert b"GOMP_parallel" in library.read_bytes()
 
 
 def _run(code: str, **env) -> subprocess.CompletedProcess:
