@@ -9,11 +9,12 @@ same threads, the same denormal setting (flushed to zero, as in c5snn's training
 each (model, configuration) in its own subprocess so that its peak RSS is its own. One training
 step = forward, BCEWithLogits loss, backward, Adam step at B=64, W=90, dropout 0.1, fp32.
 
-Efficiency: the fast path's step FLOPs (`torch.utils.flop_counter`, the matmuls it actually
-runs) over its step time, as a fraction of the fp32 matmul rate measured in the same process
-(a 2048 x 2048 GEMM). GEMM share: the step's GEMM time (profiler self time of mm, addmm, bmm,
-baddbmm) over its step time; efficiency ceiling: the efficiency if everything but those GEMMs
-took no time, i.e. what the model's GEMM shapes (K = 32..192, W = 90) reach on this CPU.
+Efficiency: the fast path's step FLOPs (`torch.utils.flop_counter`: the matmuls it runs, its
+compiled attention's counted as the torch path's bmm's) over its step time, as a fraction of
+the fp32 matmul rate measured in the same process (a 2048 x 2048 GEMM). GEMM share: the step's
+time in those matmuls (profiler self time of mm, addmm, bmm, baddbmm and the attention
+operators) over its step time; efficiency ceiling: the efficiency if everything else took no
+time, i.e. what the model's matmuls at their shapes (K = 16..256, W = 90) reach on this CPU.
 Kernels: profiler events (aten ops and c5snn's compiled operators) per step. Also times
 `compute_metrics` on 1,741 x 39 logits (the size of the real val split).
 
@@ -38,7 +39,10 @@ sys.path.insert(0, str(ROOT))
 
 from c5snn.runtime import allocator_environments  # noqa: E402
 
-GEMMS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+# The ops that carry the step's counted FLOPs: torch's GEMMs and c5snn's attention operators
+# (whose matmuls FlopCounterMode counts as the torch path's bmm's, `c5snn.native`).
+GEMMS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "c5snn::attention_forward",
+         "c5snn::attention_backward")
 CONFIGS = {
     "d64_h2_l2_direct": dict(d_model=64, n_heads=2, n_layers=2, encoding="direct"),
     "d64_h2_l6_rate": dict(d_model=64, n_heads=2, n_layers=6, encoding="rate_coded"),

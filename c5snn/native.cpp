@@ -256,19 +256,20 @@ constexpr int kRegisterBudget = 4;  // 8 of 16 ymm registers
 #pragma GCC push_options
 #pragma GCC optimize("fp-contract=fast")
 
-// For o < kOut: out_o[0 .. 16 kVec) = scale * sum_{r < count} coef_o[r] * row_r, where
-// out_o = out + o * ostride, coef_o = coef + o * cstride, row_r = rows + r * rstride; summed in
-// r's order, kOut outputs at once so that each row loaded feeds kOut * kVec accumulators.
+// For o < kOut: out_o[0 .. 16 kVec) = scale * sum_{r < count} coef[o * co + r * cr] * row_r,
+// where out_o = out + o * ostride, row_r = rows + r * rstride; summed in r's order, kOut outputs
+// at once so that each row loaded feeds kOut * kVec accumulators. The coefficient strides let
+// a matrix serve as it is or transposed (co = 1), so no transpose is copied.
 template <int kVec, int kOut>
 inline void weighted_rows_block(float* __restrict__ out, int64_t ostride,
-                                const float* __restrict__ coef, int64_t cstride,
+                                const float* __restrict__ coef, int64_t co, int64_t cr,
                                 const float* __restrict__ rows, int64_t rstride, int64_t count,
                                 float scale) {
   vec16 acc[kOut][kVec] = {};
   for (int64_t r = 0; r < count; ++r) {
     const auto* x = reinterpret_cast<const vec16u*>(rows + r * rstride);
     for (int o = 0; o < kOut; ++o) {
-      const float a = coef[o * cstride + r];
+      const float a = coef[o * co + r * cr];
       for (int v = 0; v < kVec; ++v) acc[o][v] += a * x[v];
     }
   }
@@ -279,24 +280,24 @@ inline void weighted_rows_block(float* __restrict__ out, int64_t ostride,
 
 // `weighted_rows_block` for n outputs of 16 kVec floats; kVec = 0: any length `len` (plain loops).
 template <int kVec>
-void weighted_rows(float* out, int64_t ostride, const float* coef, int64_t cstride,
+void weighted_rows(float* out, int64_t ostride, const float* coef, int64_t co, int64_t cr,
                    const float* rows, int64_t rstride, int64_t count, int64_t n, int64_t len,
                    float scale) {
   if constexpr (kVec > 0) {
     constexpr int kOut = kRegisterBudget / kVec > 1 ? kRegisterBudget / kVec : 1;
     int64_t o = 0;
     for (; o + kOut <= n; o += kOut)
-      weighted_rows_block<kVec, kOut>(out + o * ostride, ostride, coef + o * cstride, cstride,
-                                      rows, rstride, count, scale);
+      weighted_rows_block<kVec, kOut>(out + o * ostride, ostride, coef + o * co, co, cr, rows,
+                                      rstride, count, scale);
     for (; o < n; ++o)
-      weighted_rows_block<kVec, 1>(out + o * ostride, ostride, coef + o * cstride, cstride, rows,
+      weighted_rows_block<kVec, 1>(out + o * ostride, ostride, coef + o * co, co, cr, rows,
                                    rstride, count, scale);
   } else {
     std::vector<float> acc(len);
     for (int64_t o = 0; o < n; ++o) {
       std::fill(acc.begin(), acc.end(), 0.0f);
       for (int64_t r = 0; r < count; ++r) {
-        const float a = coef[o * cstride + r];
+        const float a = coef[o * co + r * cr];
         const float* row = rows + r * rstride;
         for (int64_t c = 0; c < len; ++c) acc[c] += a * row[c];
       }
@@ -308,11 +309,11 @@ void weighted_rows(float* out, int64_t ostride, const float* coef, int64_t cstri
 #pragma GCC pop_options
 
 // weighted_rows with rows of `len` floats: compiled lengths 16..128 (len % 16 == 0), else loops.
-void weighted_rows_any(float* out, int64_t ostride, const float* coef, int64_t cstride,
+void weighted_rows_any(float* out, int64_t ostride, const float* coef, int64_t co, int64_t cr,
                        const float* rows, int64_t rstride, int64_t count, int64_t n, int64_t len,
                        float scale) {
   const auto run = [&](auto kernel) {
-    kernel(out, ostride, coef, cstride, rows, rstride, count, n, len, scale);
+    kernel(out, ostride, coef, co, cr, rows, rstride, count, n, len, scale);
   };
   switch (len % 16 == 0 ? len / 16 : 0) {
     case 1: return run(weighted_rows<1>);
@@ -383,7 +384,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(
           scores[i * w + j] = static_cast<float>(__builtin_popcountll(qb[i] & kb[j]) *
                                                  static_cast<int>(keep_bit(kt, kw, i, j))) * alpha;
       // out[i] = sum_j scores[i][j] v[j]
-      weighted_rows_any(dst + n * w * d + head * dh, d, scores.data(), w,
+      weighted_rows_any(dst + n * w * d + head * dh, d, scores.data(), w, 1,
                         seq + 2 * d + head * dh, d3, w, w, dh, 1.0f);
     }
   });
@@ -410,9 +411,9 @@ at::Tensor attention_backward(const at::Tensor& grad_in, const at::Tensor& bits,
   const auto* kp = dropping ? reinterpret_cast<const uint64_t*>(keep.data_ptr<int64_t>()) : nullptr;
   const float alpha = static_cast<float>(alpha_in);
   at::parallel_for(0, heads * n_seq, 4, [&](int64_t begin, int64_t end) {
-    // q, k (W, dh) and vᵀ (dh, Wp) as floats; counts and dL/dscores / alpha, each also transposed
-    std::vector<float> qf(w * dh), kf(w * dh), vt(dh * wp, 0.0f), counts_t(w * w), gs(w * wp),
-        gs_t(w * w);
+    // q, k (W, dh) and vᵀ (dh, Wp) as floats; the keep mask, kept counts and dL/dscores / alpha
+    std::vector<float> qf(w * dh), kf(w * dh), vt(dh * wp, 0.0f), keepf(w * w), counts(w * w),
+        gs(w * wp);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t head = task / n_seq, n = task % n_seq;
       const uint64_t* qb = bp + ((0 * heads + head) * n_seq + n) * w;
@@ -429,23 +430,27 @@ at::Tensor attention_backward(const at::Tensor& grad_in, const at::Tensor& bits,
           kf[i * dh + c] = static_cast<float>((kb[i] >> c) & 1);
           vt[c * wp + i] = static_cast<float>((vb[i] >> c) & 1);
         }
-      for (int64_t i = 0; i < w; ++i)  // counts_t[j][i]: the kept count of query i, key j
-        for (int64_t j = 0; j < w; ++j)
-          counts_t[j * w + i] = static_cast<float>(
-              __builtin_popcountll(qb[i] & kb[j]) * static_cast<int>(keep_bit(kt, kw, i, j)));
-      // dL/dv[j] = alpha * sum_i counts[i][j] g[i]
-      weighted_rows_any(gv, d3, counts_t.data(), w, g, d, w, w, dh, alpha);
-      // dL/dscores[i] / alpha = keep[i] * sum_c g[i][c] vᵀ[c]  (rows of Wp, zero past W)
-      weighted_rows_any(gs.data(), wp, g, d, vt.data(), wp, dh, w, wp, 1.0f);
+      // keepf[i][j]: 1 where kept; counts[i][j]: the kept count of query i and key j
       for (int64_t i = 0; i < w; ++i)
-        for (int64_t j = 0; j < w; ++j) {
-          float& value = gs[i * wp + j];
-          value = keep_bit(kt, kw, i, j) ? value : 0.0f;
-          gs_t[j * w + i] = value;
+        for (int64_t j0 = 0; j0 < w; j0 += 64) {
+          const uint64_t word = dropping ? kt[i * kw + j0 / 64] : ~uint64_t{0};
+          const int64_t m = std::min<int64_t>(64, w - j0);
+          for (int64_t j = 0; j < m; ++j)
+            keepf[i * w + j0 + j] = static_cast<float>((word >> j) & 1);
         }
+      for (int64_t i = 0; i < w; ++i)
+        for (int64_t j = 0; j < w; ++j)
+          counts[i * w + j] =
+              static_cast<float>(__builtin_popcountll(qb[i] & kb[j])) * keepf[i * w + j];
+      // dL/dv[j] = alpha * sum_i counts[i][j] g[i]  (counts read by column)
+      weighted_rows_any(gv, d3, counts.data(), 1, w, g, d, w, w, dh, alpha);
+      // dL/dscores[i] / alpha = keep[i] * sum_c g[i][c] vᵀ[c]  (rows of Wp, zero past W)
+      weighted_rows_any(gs.data(), wp, g, d, 1, vt.data(), wp, dh, w, wp, 1.0f);
+      for (int64_t i = 0; i < w; ++i)
+        for (int64_t j = 0; j < w; ++j) gs[i * wp + j] *= keepf[i * w + j];
       // dL/dq[i] = alpha * sum_j gs[i][j] k[j];  dL/dk[j] = alpha * sum_i gs[i][j] q[i]
-      weighted_rows_any(gq, d3, gs.data(), wp, kf.data(), dh, w, w, dh, alpha);
-      weighted_rows_any(gk, d3, gs_t.data(), w, qf.data(), dh, w, w, dh, alpha);
+      weighted_rows_any(gq, d3, gs.data(), wp, 1, kf.data(), dh, w, w, dh, alpha);
+      weighted_rows_any(gk, d3, gs.data(), 1, wp, qf.data(), dh, w, w, dh, alpha);
     }
   });
   return out;
