@@ -26,7 +26,8 @@ def lif_function(kernel: str) -> Callable[..., torch.Tensor]:
 
     "torch" runs the compiled CPU operator (`c5snn.native`, bitwise the same spikes) on CPU
     tensors where it could be built, else the torch recurrence (`c5snn.lif`; also under
-    torch.compile, which traces it). "triton" is one fused CUDA kernel each way (the optional
+    torch.compile, which traces it). `dropout` > 0 drops the spikes out (0 or 1/(1-p)), in the
+    LIF's own pass on the compiled operator. "triton" is one fused CUDA kernel each way (the optional
     `triton` package, imported only when chosen). Membranes are always fp32: under bf16 autocast
     the input current is upcast first, since a bf16 membrane (8-bit mantissa) would move spikes
     across the threshold.
@@ -36,13 +37,15 @@ def lif_function(kernel: str) -> Callable[..., torch.Tensor]:
     else:
         recurrence = lif_torch
 
-    def fire(x: torch.Tensor, beta: float, residual: torch.Tensor | None = None) -> torch.Tensor:
+    def fire(x: torch.Tensor, beta: float, residual: torch.Tensor | None = None,
+             dropout: float = 0.0) -> torch.Tensor:
         x = x if x.dtype == torch.float32 else x.float()
         if residual is not None and residual.dtype != torch.float32:
             residual = residual.float()
         if kernel == "torch" and native.serves(x.device):
-            return native.lif(x, beta, residual)
-        return recurrence(x if residual is None else x + residual, beta)
+            return native.lif(x, beta, residual, dropout)  # dropout in the same pass
+        spikes = recurrence(x if residual is None else x + residual, beta)
+        return dropout_spikes(spikes, dropout, training=True)
 
     return fire
 
@@ -80,9 +83,9 @@ class SpikingBlock(BlockWeights):
         )  # (T, B, W, d)
         o = self._lif(self.o_proj(mixed), self.beta)
         r1 = self._lif(x, self.beta, residual=o)  # LIF(x + o): (T, B, W, d)
-        hidden = self._lif(spike_linear(self.ffn1, r1), self.beta)  # (T, B, W, d_ffn)
         dropping = self.training and self.dropout > 0
-        hidden = dropout_spikes(hidden, self.dropout, self.training)  # 0 or 1/(1-p)
+        hidden = self._lif(spike_linear(self.ffn1, r1), self.beta,  # (T, B, W, d_ffn)
+                           dropout=self.dropout if dropping else 0.0)  # 0 or 1/(1-p)
         f = self._lif(spike_linear(self.ffn2, hidden, 1 / (1 - self.dropout) if dropping else 1.0),
                       self.beta)
         return self._lif(r1, self.beta, residual=f)  # LIF(r1 + f): (T, B, W, d) spikes

@@ -34,6 +34,38 @@ constexpr float kThreshold = 1.0f;
 constexpr float kSlope = 25.0f;
 constexpr int64_t kChunk = 256;  // neurons whose membranes a thread keeps on its stack
 
+// Dropout. The keep mask of element i comes from a counter-based generator: 64-bit word i/4 is
+// splitmix64(seed + i/4), and its (i%4)-th 16-bit lane, read as int16, keeps the element when
+// >= threshold (P(drop) = (threshold + 32768) / 65536, the torch path's rule). The stream
+// depends on the seed (drawn from torch's generator) only, not on the thread count.
+inline uint64_t splitmix64(uint64_t z) {
+  z += 0x9E3779B97F4A7C15ull;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+// The 16-bit draws of elements e0 .. e0 + n - 1 (draws must hold n + 7): whole words from the
+// stream, cut in memory order (little-endian); returns where element e0's draw lies.
+inline const int16_t* cut_draws(uint64_t seed, int64_t e0, int64_t n, int16_t* draws) {
+  const int64_t w0 = e0 >> 2, w1 = (e0 + n - 1) >> 2;
+  for (int64_t k = w0; k <= w1; ++k) {
+    const uint64_t word = splitmix64(seed + static_cast<uint64_t>(k));
+    std::memcpy(draws + 4 * (k - w0), &word, sizeof word);
+  }
+  return draws + (e0 & 3);
+}
+
+// Dropout applied to a LIF's spikes inside its pass: element e of the (T, M) output keeps
+// keep_mask's draw e (same seed, same numbering), so the spikes equal dropout(LIF(x)) with the
+// mask keep_mask(x.shape) would draw; kept spikes become `factor` (1 / (1 - p)).
+struct Dropout {
+  bool on = false;
+  uint64_t seed = 0;
+  int16_t limit = 0;
+  float factor = 1.0f;
+};
+
 void check_input(const at::Tensor& x, const char* name) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat,
               name, " must be a float32 CPU tensor");
@@ -51,12 +83,14 @@ int64_t time_stride(const at::Tensor& x, int64_t neurons) {
   return x.size(0) > 1 && x.stride(0) == 0 ? 0 : neurons;
 }
 
-template <bool kResidual, bool kKeepMembranes>
+template <bool kResidual, bool kKeepMembranes, bool kDrop>
 void forward_chunks(const float* a, int64_t sa, const float* b, int64_t sb, float* spikes,
-                    float* mem, float beta, int64_t steps, int64_t neurons) {
+                    float* mem, float beta, int64_t steps, int64_t neurons, Dropout drop) {
   at::parallel_for(0, neurons, 4 * kChunk, [&](int64_t begin, int64_t end) {
     float u[kChunk];
     float s[kChunk];
+    int16_t draws[kChunk + 8];
+    const Dropout dr = drop;  // a local copy: the stores below may not alias it
     for (int64_t i0 = begin; i0 < end; i0 += kChunk) {
       const int64_t n = std::min(kChunk, end - i0);
       for (int64_t t = 0; t < steps; ++t) {
@@ -64,6 +98,8 @@ void forward_chunks(const float* a, int64_t sa, const float* b, int64_t sb, floa
         const float* __restrict__ bt = kResidual ? b + t * sb + i0 : nullptr;
         float* __restrict__ st = spikes + t * neurons + i0;
         float* __restrict__ mt = kKeepMembranes ? mem + t * neurons + i0 : nullptr;
+        const int16_t* __restrict__ dt =
+            kDrop ? cut_draws(dr.seed, t * neurons + i0, n, draws) : nullptr;
         // t = 0: U = X (zero membrane, no reset), as the torch path's first step
         const float decay = t == 0 ? 0.0f : beta;
         for (int64_t j = 0; j < n; ++j) {
@@ -72,7 +108,7 @@ void forward_chunks(const float* a, int64_t sa, const float* b, int64_t sb, floa
           const float spike = v > kThreshold ? 1.0f : 0.0f;
           u[j] = v;
           s[j] = spike;
-          st[j] = spike;
+          st[j] = kDrop ? (dt[j] >= dr.limit ? dr.factor : 0.0f) * spike : spike;
           if (kKeepMembranes) mt[j] = v;
         }
       }
@@ -80,10 +116,12 @@ void forward_chunks(const float* a, int64_t sa, const float* b, int64_t sb, floa
   });
 }
 
-// (spikes, membranes) of LIF neurons driven by x (+ residual); membranes only when keep.
+// (spikes, membranes) of LIF neurons driven by x (+ residual); membranes only when keep. With
+// dropping, the spikes are dropped out (0 or factor) with keep_mask's stream at `seed`.
 std::tuple<at::Tensor, at::Tensor> lif_forward(const at::Tensor& x_in,
                                                const std::optional<at::Tensor>& residual_in,
-                                               double beta, bool keep) {
+                                               double beta, bool keep, bool dropping,
+                                               int64_t seed, int64_t threshold, double factor) {
   check_input(x_in, "x");
   const at::Tensor x = time_major(x_in);
   std::optional<at::Tensor> residual;
@@ -97,30 +135,62 @@ std::tuple<at::Tensor, at::Tensor> lif_forward(const at::Tensor& x_in,
   at::Tensor spikes = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor mem = keep ? at::empty_like(spikes) : at::Tensor();
   if (x.numel() == 0) return {spikes, mem};
+  const float* ap = x.data_ptr<float>();
   const int64_t sa = time_stride(x, neurons);
-  const float b = static_cast<float>(beta);
+  const float* bp = residual.has_value() ? residual->data_ptr<float>() : nullptr;
+  const int64_t sb = residual.has_value() ? time_stride(*residual, neurons) : 0;
+  float* sp = spikes.data_ptr<float>();
   float* mp = keep ? mem.data_ptr<float>() : nullptr;
-  if (residual.has_value()) {
-    const int64_t sb = time_stride(*residual, neurons);
-    if (keep)
-      forward_chunks<true, true>(x.data_ptr<float>(), sa, residual->data_ptr<float>(), sb,
-                                 spikes.data_ptr<float>(), mp, b, steps, neurons);
-    else
-      forward_chunks<true, false>(x.data_ptr<float>(), sa, residual->data_ptr<float>(), sb,
-                                  spikes.data_ptr<float>(), mp, b, steps, neurons);
+  const float b = static_cast<float>(beta);
+  const Dropout drop{dropping, static_cast<uint64_t>(seed), static_cast<int16_t>(threshold),
+                     static_cast<float>(factor)};
+  const auto run = [&](auto kernel) { kernel(ap, sa, bp, sb, sp, mp, b, steps, neurons, drop); };
+  const bool r = residual.has_value();
+  if (dropping) {  // the FFN's hidden layer: no residual
+    TORCH_CHECK(!r, "dropout is fused only without a residual");
+    keep ? run(forward_chunks<false, true, true>) : run(forward_chunks<false, false, true>);
+  } else if (r) {
+    keep ? run(forward_chunks<true, true, false>) : run(forward_chunks<true, false, false>);
   } else {
-    if (keep)
-      forward_chunks<false, true>(x.data_ptr<float>(), sa, nullptr, 0, spikes.data_ptr<float>(),
-                                  mp, b, steps, neurons);
-    else
-      forward_chunks<false, false>(x.data_ptr<float>(), sa, nullptr, 0, spikes.data_ptr<float>(),
-                                   mp, b, steps, neurons);
+    keep ? run(forward_chunks<false, true, false>) : run(forward_chunks<false, false, false>);
   }
   return {spikes, mem};
 }
 
-// dL/dX from dL/dS (grad) and the forward's membranes, walking time backwards.
-at::Tensor lif_backward(const at::Tensor& grad_in, const at::Tensor& mem, double beta) {
+// dL/dX from dL/dS (grad) and the forward's membranes, walking time backwards. With dropping,
+// grad is dL/d(dropped spikes): the forward's mask is drawn again and dL/dS = grad * factor
+// where kept, else 0.
+template <bool kDrop>
+void backward_chunks(const float* gp, const float* up, float* op, float b, int64_t steps,
+                     int64_t neurons, Dropout drop) {
+  at::parallel_for(0, neurons, 4 * kChunk, [&](int64_t begin, int64_t end) {
+    float next[kChunk];  // dL/dU[t+1]
+    int16_t draws[kChunk + 8];
+    const Dropout dr = drop;
+    for (int64_t i0 = begin; i0 < end; i0 += kChunk) {
+      const int64_t n = std::min(kChunk, end - i0);
+      for (int64_t t = steps - 1; t >= 0; --t) {
+        const float* __restrict__ gt = gp + t * neurons + i0;
+        const float* __restrict__ ut = up + t * neurons + i0;
+        float* __restrict__ ot = op + t * neurons + i0;
+        const int16_t* __restrict__ dt =
+            kDrop ? cut_draws(dr.seed, t * neurons + i0, n, draws) : nullptr;
+        const float decay = t == steps - 1 ? 0.0f : b;  // nothing flows back from after T
+        for (int64_t j = 0; j < n; ++j) {
+          float d = std::fabs(ut[j] - kThreshold) * kSlope + 1.0f;
+          d = d * d;
+          const float gs = kDrop ? (dt[j] >= dr.limit ? gt[j] * dr.factor : 0.0f) : gt[j];
+          const float g = t == steps - 1 ? gs / d : gs / d + decay * next[j];
+          next[j] = g;
+          ot[j] = g;
+        }
+      }
+    }
+  });
+}
+
+at::Tensor lif_backward(const at::Tensor& grad_in, const at::Tensor& mem, double beta,
+                        bool dropping, int64_t seed, int64_t threshold, double factor) {
   check_input(mem, "membranes");
   const at::Tensor grad = grad_in.contiguous();
   TORCH_CHECK(grad.sizes() == mem.sizes() && grad.scalar_type() == at::kFloat,
@@ -129,41 +199,14 @@ at::Tensor lif_backward(const at::Tensor& grad_in, const at::Tensor& mem, double
   const int64_t steps = mem.size(0);
   const int64_t neurons = steps ? mem.numel() / steps : 0;
   if (mem.numel() == 0) return out;
-  const float b = static_cast<float>(beta);
-  const float* gp = grad.data_ptr<float>();
-  const float* up = mem.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  at::parallel_for(0, neurons, 4 * kChunk, [&](int64_t begin, int64_t end) {
-    float next[kChunk];  // dL/dU[t+1]
-    for (int64_t i0 = begin; i0 < end; i0 += kChunk) {
-      const int64_t n = std::min(kChunk, end - i0);
-      for (int64_t t = steps - 1; t >= 0; --t) {
-        const float* __restrict__ gt = gp + t * neurons + i0;
-        const float* __restrict__ ut = up + t * neurons + i0;
-        float* __restrict__ ot = op + t * neurons + i0;
-        const float decay = t == steps - 1 ? 0.0f : b;  // nothing flows back from after T
-        for (int64_t j = 0; j < n; ++j) {
-          float d = std::fabs(ut[j] - kThreshold) * kSlope + 1.0f;
-          d = d * d;
-          const float g = t == steps - 1 ? gt[j] / d : gt[j] / d + decay * next[j];
-          next[j] = g;
-          ot[j] = g;
-        }
-      }
-    }
-  });
+  const Dropout drop{dropping, static_cast<uint64_t>(seed), static_cast<int16_t>(threshold),
+                     static_cast<float>(factor)};
+  const auto run = [&](auto kernel) {
+    kernel(grad.data_ptr<float>(), mem.data_ptr<float>(), out.data_ptr<float>(),
+           static_cast<float>(beta), steps, neurons, drop);
+  };
+  dropping ? run(backward_chunks<true>) : run(backward_chunks<false>);
   return out;
-}
-
-// Dropout. The keep mask of element i comes from a counter-based generator: 64-bit word i/4 is
-// splitmix64(seed + i/4), and its (i%4)-th 16-bit lane, read as int16, keeps the element when
-// >= threshold (P(drop) = (threshold + 32768) / 65536, the torch path's rule). The stream
-// depends on the seed (drawn from torch's generator) only, not on the thread count.
-inline uint64_t splitmix64(uint64_t z) {
-  z += 0x9E3779B97F4A7C15ull;
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  return z ^ (z >> 31);
 }
 
 at::Tensor keep_mask(at::IntArrayRef size, int64_t seed, int64_t threshold) {
@@ -219,13 +262,7 @@ inline int64_t padded(int64_t n) { return (n + 15) / 16 * 16; }
 void draw_keep(uint64_t seed, int16_t limit, int64_t first, int64_t w, int64_t kw,
                int16_t* __restrict__ draws, uint64_t* __restrict__ out) {
   for (int64_t i = 0; i < w; ++i) {
-    const int64_t e0 = first + i * w;
-    const int64_t w0 = e0 >> 2, w1 = (e0 + w - 1) >> 2;
-    for (int64_t k = w0; k <= w1; ++k) {
-      const uint64_t word = splitmix64(seed + static_cast<uint64_t>(k));
-      std::memcpy(draws + 4 * (k - w0), &word, sizeof word);  // lanes in order on little-endian
-    }
-    const int16_t* row = draws + (e0 & 3);
+    const int16_t* row = cut_draws(seed, first + i * w, w, draws);
     for (int64_t j0 = 0; j0 < w; j0 += 64) {
       const int64_t n = std::min<int64_t>(64, w - j0);
       uint64_t bits = 0;
@@ -459,8 +496,10 @@ at::Tensor attention_backward(const at::Tensor& grad_in, const at::Tensor& bits,
 }  // namespace
 
 TORCH_LIBRARY(c5snn, m) {
-  m.def("lif_forward(Tensor x, Tensor? residual, float beta, bool keep) -> (Tensor, Tensor)");
-  m.def("lif_backward(Tensor grad, Tensor mem, float beta) -> Tensor");
+  m.def("lif_forward(Tensor x, Tensor? residual, float beta, bool keep, bool dropping, int seed, "
+        "int threshold, float factor) -> (Tensor, Tensor)");
+  m.def("lif_backward(Tensor grad, Tensor mem, float beta, bool dropping, int seed, "
+        "int threshold, float factor) -> Tensor");
   m.def("keep_mask(int[] size, int seed, int threshold) -> Tensor");
   m.def("attention_forward(Tensor qkv, int heads, float alpha, int seed, int threshold, "
         "bool dropping) -> (Tensor, Tensor, Tensor)");

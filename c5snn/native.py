@@ -163,16 +163,19 @@ def _load(root: Path) -> None:
 
 
 class LIF(torch.autograd.Function):
-    """Spikes `(T, ...)` of LIF neurons driven by `x` (+ `residual`), both fp32 `(T, ...)`.
+    """Spikes `(T, ...)` of LIF neurons driven by `x` (+ `residual`), both fp32 `(T, ...)`;
+    with `p` > 0, dropped out in the same pass (0 or 1/(1-p), `keep_mask`'s rule and stream).
 
-    Backward keeps the membranes (fp32, one `(T, ...)` tensor) and returns the same dL/dX to
-    `x` and `residual`.
+    Backward keeps the membranes (fp32, one `(T, ...)` tensor) and the dropout seed (the mask
+    is drawn again), and returns the same dL/dX to `x` and `residual`.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, residual: torch.Tensor | None, beta: float):
+    def forward(ctx, x: torch.Tensor, residual: torch.Tensor | None, beta: float, p: float):
         keep = any(ctx.needs_input_grad[:2])
-        spikes, mem = torch.ops.c5snn.lif_forward(x, residual, beta, keep)
+        ctx.dropout = (p > 0.0, _seed() if p > 0.0 else 0, keep_threshold(p),
+                       1.0 / (1.0 - p))
+        spikes, mem = torch.ops.c5snn.lif_forward(x, residual, beta, keep, *ctx.dropout)
         if keep:
             ctx.save_for_backward(mem)
         ctx.beta = beta
@@ -181,22 +184,29 @@ class LIF(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (mem,) = ctx.saved_tensors
-        grad_x = torch.ops.c5snn.lif_backward(grad, mem, ctx.beta)
+        grad_x = torch.ops.c5snn.lif_backward(grad, mem, ctx.beta, *ctx.dropout)
         return (grad_x if ctx.needs_input_grad[0] else None,
-                grad_x if ctx.needs_input_grad[1] else None, None)
+                grad_x if ctx.needs_input_grad[1] else None, None, None)
 
 
-def lif(x: torch.Tensor, beta: float, residual: torch.Tensor | None = None) -> torch.Tensor:
-    """Spikes `(T, ...)` of LIF neurons driven by fp32 currents `x` (+ `residual`) on the CPU."""
-    return LIF.apply(x, residual, beta)
+def lif(x: torch.Tensor, beta: float, residual: torch.Tensor | None = None,
+        dropout: float = 0.0) -> torch.Tensor:
+    """Spikes `(T, ...)` of LIF neurons driven by fp32 currents `x` (+ `residual`) on the CPU,
+    dropped out with probability `dropout` (no residual then)."""
+    return LIF.apply(x, residual, beta, dropout)
+
+
+def _seed() -> int:
+    """A seed for the counter-based stream, drawn from torch's default generator (so
+    `torch.manual_seed` makes the masks reproducible)."""
+    return int(torch.empty((), dtype=torch.int64).random_())
 
 
 def keep_mask(shape, threshold: int) -> torch.Tensor:
     """uint8 dropout mask on the CPU, 1 where the element's int16 draw is >= `threshold` (see
     `c5snn.ops.keep_mask`), seeded from torch's default generator (so `torch.manual_seed` makes
     it reproducible)."""
-    seed = int(torch.empty((), dtype=torch.int64).random_())
-    return torch.ops.c5snn.keep_mask(list(shape), seed, threshold)
+    return torch.ops.c5snn.keep_mask(list(shape), _seed(), threshold)
 
 
 MAX_HEAD = 64  # native.cpp's kMaxHead: q @ kᵀ as popcounts of one 64-bit word per row
@@ -204,8 +214,9 @@ MAX_HEAD = 64  # native.cpp's kMaxHead: q @ kᵀ as popcounts of one 64-bit word
 
 
 
-def _keep_threshold(p: float) -> int:
-    """The int16 threshold of drop probability `p` (`c5snn.ops.keep_mask`'s rule)."""
+def keep_threshold(p: float) -> int:
+    """The int16 threshold of drop probability `p`: an element whose 16-bit draw, read as int16,
+    is >= it is kept, so P(drop) = round(p * 2^16) / 2^16 (`c5snn.ops.keep_mask`)."""
     return int(round(p * 65536)) - 32768
 
 
@@ -223,9 +234,8 @@ class Attention(torch.autograd.Function):
     def forward(ctx, qkv: torch.Tensor, n_heads: int, scale: float, p: float, training: bool):
         dropping = training and p > 0.0
         alpha = scale / (1.0 - p) if dropping else scale
-        seed = int(torch.empty((), dtype=torch.int64).random_()) if dropping else 0
         out, bits, keep = torch.ops.c5snn.attention_forward(
-            qkv, n_heads, alpha, seed, _keep_threshold(p), dropping)
+            qkv, n_heads, alpha, _seed() if dropping else 0, keep_threshold(p), dropping)
         ctx.save_for_backward(bits, keep)
         ctx.n_heads, ctx.alpha = n_heads, alpha
         return out

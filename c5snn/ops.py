@@ -26,7 +26,7 @@ def keep_mask(shape, p: float, device: torch.device) -> torch.Tensor:
     directly: same distribution, another random stream. On the CPU the compiled operator draws
     them from a counter-based generator (`c5snn.native.keep_mask`): same rule, another stream.
     """
-    threshold = int(round(p * 65536)) - 32768
+    threshold = native.keep_threshold(p)
     if native.serves(device):
         return native.keep_mask(shape, threshold)
     if torch.compiler.is_compiling():

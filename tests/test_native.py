@@ -11,7 +11,7 @@ import torch
 
 from c5snn import native
 from c5snn.lif import lif_torch
-from c5snn.ops import SpikeAttention, keep_mask, spike_attention
+from c5snn.ops import SpikeAttention, dropout_spikes, keep_mask, spike_attention
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,10 +52,30 @@ def test_lif_reads_time_constant_and_strided_input_as_the_torch_path_does():
 
 def test_lif_without_grad_keeps_no_membranes():
     x = _currents(6, 50)
-    spikes, mem = torch.ops.c5snn.lif_forward(x, None, 0.9, False)
+    no_dropout = (False, 0, 0, 1.0)
+    spikes, mem = torch.ops.c5snn.lif_forward(x, None, 0.9, False, *no_dropout)
     assert torch.equal(spikes, lif_torch(x, 0.9)) and mem is None  # an undefined tensor
-    _, mem = torch.ops.c5snn.lif_forward(x, None, 0.9, True)
+    _, mem = torch.ops.c5snn.lif_forward(x, None, 0.9, True, *no_dropout)
     assert mem.shape == x.shape
+
+
+@pytest.mark.parametrize("shape", [(10, 4, 9, 16), (7, 1001), (3, 5, 90, 128)])
+def test_lif_with_dropout_in_its_pass_is_dropout_of_the_lif_with_the_same_mask(shape):
+    """The FFN's hidden spikes: LIF and dropout in one pass must equal LIF, then dropout with
+    keep_mask's mask at the same seed (element numbering across chunks, steps and words), and
+    give the same gradient."""
+    x = _currents(*shape).requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    torch.manual_seed(4)
+    dropped = native.lif(x, 0.8, dropout=0.3)
+    torch.manual_seed(4)
+    expected = dropout_spikes(lif_torch(x_ref, 0.8), 0.3, training=True)
+    assert torch.equal(dropped, expected)
+    assert dropped.unique().tolist() == [0.0, torch.tensor(1 / 0.7).item()]  # fp32 1/(1-p)
+    w = _currents(*shape, seed=2)
+    (dropped * w).sum().backward()
+    (expected * w).sum().backward()
+    assert (x.grad - x_ref.grad).norm() <= 1e-6 * x_ref.grad.norm()
 
 
 def test_keep_mask_rate_and_reproducibility_independent_of_threads():
