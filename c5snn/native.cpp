@@ -245,8 +245,8 @@ at::Tensor keep_mask(at::IntArrayRef size, int64_t seed, int64_t threshold) {
 // Because q and k are 0/1 with dh <= 64, q @ kᵀ is a popcount of the AND of two 64-bit words,
 // an exact integer; the dropout keep mask is drawn inline from keep_mask's stream (same seed,
 // same element numbering over (heads, N, W, W)), so the mask equals keep_mask's. Forward keeps
-// for backward only q, k, v as bits (3, heads, N, W) and the keep mask as bits (heads, N, W,
-// ceil(W/64)); the counts are recomputed from the bits. A task's scores and gradients stay in
+// for backward only q, k, v as bits (3, heads, N, W); the counts are recomputed from the bits
+// and the mask drawn again from its seed. A task's scores and gradients stay in
 // its thread's cache; no head slice is copied. Every product is a sum of rows weighted by
 // scalars (`weighted_rows`), summed in the rows' order, which the forward shares with the torch
 // path's GEMMs ((count * alpha) * v, v in {0, 1}, is exact, so its sums round alike: bitwise
@@ -254,27 +254,13 @@ at::Tensor keep_mask(at::IntArrayRef size, int64_t seed, int64_t threshold) {
 constexpr int64_t kMaxHead = 64;
 constexpr int64_t kMaxVectors = 8;  // rows of up to 128 floats in registers (W <= 128)
 
-inline int64_t keep_words(int64_t w) { return (w + 63) / 64; }
 inline int64_t padded(int64_t n) { return (n + 15) / 16 * 16; }
 
-// Keep bits of elements first .. first + w*w - 1 (row i, key j -> word i*kw + j/64): each row's
-// 16-bit draws are cut from whole 64-bit words into `draws` (w + 8 int16) first.
-void draw_keep(uint64_t seed, int16_t limit, int64_t first, int64_t w, int64_t kw,
-               int16_t* __restrict__ draws, uint64_t* __restrict__ out) {
-  for (int64_t i = 0; i < w; ++i) {
-    const int16_t* row = cut_draws(seed, first + i * w, w, draws);
-    for (int64_t j0 = 0; j0 < w; j0 += 64) {
-      const int64_t n = std::min<int64_t>(64, w - j0);
-      uint64_t bits = 0;
-      for (int64_t j = 0; j < n; ++j) bits |= static_cast<uint64_t>(row[j0 + j] >= limit) << j;
-      out[i * kw + j0 / 64] = bits;
-    }
-  }
-}
-
-// 1 where element (i, j) of a task is kept: always without dropout (keep == nullptr).
-inline uint64_t keep_bit(const uint64_t* keep, int64_t kw, int64_t i, int64_t j) {
-  return keep == nullptr ? 1 : (keep[i * kw + j / 64] >> (j % 64)) & 1;
+// keep[j] = 1 where element e0 + j of keep_mask's stream is kept, else 0, for j < n (draws
+// must hold n + 7).
+inline void keep_floats(const Dropout& dr, int64_t e0, int64_t n, int16_t* draws, float* keep) {
+  const int16_t* d = cut_draws(dr.seed, e0, n, draws);
+  for (int64_t j = 0; j < n; ++j) keep[j] = d[j] >= dr.limit ? 1.0f : 0.0f;
 }
 
 // 16 floats: one AVX-512 register, two AVX2 ones (GCC/Clang vector extension, any target);
@@ -382,8 +368,9 @@ inline void pack_bits(const float* seq, int64_t w, int64_t d, int64_t dh, int64_
   }
 }
 
-// (out (N, W, d), bits (3, heads, N, W), keep bits (heads, N, W, ceil(W/64)), or (0, ...)).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(
+// (out (N, W, d), bits (3, heads, N, W)); with dropping, the scores are dropped out with
+// keep_mask's stream at `seed` over (heads, N, W, W).
+std::tuple<at::Tensor, at::Tensor> attention_forward(
     const at::Tensor& qkv_in, int64_t heads, double alpha_in, int64_t seed_in,
     int64_t threshold, bool dropping) {
   check_input(qkv_in, "qkv");
@@ -392,20 +379,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(
   const int64_t n_seq = qkv.size(0), w = qkv.size(1), d = qkv.size(2) / 3;
   TORCH_CHECK(heads > 0 && d % heads == 0 && d / heads <= kMaxHead,
               "heads must divide d into heads of at most 64");
-  const int64_t dh = d / heads, d3 = 3 * d, kw = keep_words(w);
+  const int64_t dh = d / heads, d3 = 3 * d;
   at::Tensor out = at::empty({n_seq, w, d}, qkv.options());
   at::Tensor bits = at::empty({3, heads, n_seq, w}, qkv.options().dtype(at::kLong));
-  at::Tensor keep = at::empty({dropping ? heads : 0, n_seq, w, kw}, qkv.options().dtype(at::kLong));
-  if (qkv.numel() == 0) return {out, bits, keep};
+  if (qkv.numel() == 0) return {out, bits};
   const float* src = qkv.data_ptr<float>();
   float* dst = out.data_ptr<float>();
   auto* bp = reinterpret_cast<uint64_t*>(bits.data_ptr<int64_t>());
-  auto* kp = dropping ? reinterpret_cast<uint64_t*>(keep.data_ptr<int64_t>()) : nullptr;
   const float alpha = static_cast<float>(alpha_in);
-  const uint64_t seed = static_cast<uint64_t>(seed_in);
-  const int16_t limit = static_cast<int16_t>(threshold);
+  const Dropout drop{dropping, static_cast<uint64_t>(seed_in), static_cast<int16_t>(threshold)};
   at::parallel_for(0, heads * n_seq, 8, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(w * w);  // (W, W): alpha * kept count
+    std::vector<float> scores(w * w), keep(w, 1.0f);  // (W, W): alpha * kept count; a mask row
     std::vector<int16_t> draws(w + 8);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t head = task / n_seq, n = task % n_seq;
@@ -414,23 +398,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(
       uint64_t* kb = bp + ((1 * heads + head) * n_seq + n) * w;
       uint64_t* vb = bp + ((2 * heads + head) * n_seq + n) * w;
       pack_bits(seq, w, d, dh, head, qb, kb, vb);
-      uint64_t* kt = dropping ? kp + task * w * kw : nullptr;  // task = head * N + n
-      if (dropping) draw_keep(seed, limit, task * w * w, w, kw, draws.data(), kt);
-      for (int64_t i = 0; i < w; ++i)
+      for (int64_t i = 0; i < w; ++i) {  // task = head * N + n: elements from task * W * W
+        if (dropping) keep_floats(drop, (task * w + i) * w, w, draws.data(), keep.data());
         for (int64_t j = 0; j < w; ++j)
-          scores[i * w + j] = static_cast<float>(__builtin_popcountll(qb[i] & kb[j]) *
-                                                 static_cast<int>(keep_bit(kt, kw, i, j))) * alpha;
+          scores[i * w + j] =
+              static_cast<float>(__builtin_popcountll(qb[i] & kb[j])) * keep[j] * alpha;
+      }
       // out[i] = sum_j scores[i][j] v[j]
       weighted_rows_any(dst + n * w * d + head * dh, d, scores.data(), w, 1,
                         seq + 2 * d + head * dh, d3, w, w, dh, 1.0f);
     }
   });
-  return {out, bits, keep};
+  return {out, bits};
 }
 
-// dL/dqkv (N, W, 3d) from dL/dout (N, W, d) and the forward's bits and keep mask.
-at::Tensor attention_backward(const at::Tensor& grad_in, const at::Tensor& bits,
-                              const at::Tensor& keep, int64_t heads, double alpha_in) {
+// dL/dqkv (N, W, 3d) from dL/dout (N, W, d), the forward's bits and its dropout seed.
+at::Tensor attention_backward(const at::Tensor& grad_in, const at::Tensor& bits, int64_t heads,
+                              double alpha_in, bool dropping, int64_t seed, int64_t threshold) {
   check_input(grad_in, "grad");
   TORCH_CHECK(grad_in.dim() == 3 && bits.dim() == 4 && bits.size(0) == 3 && bits.size(1) == heads,
               "grad must be (N, W, d) and bits (3, heads, N, W)");
@@ -438,25 +422,24 @@ at::Tensor attention_backward(const at::Tensor& grad_in, const at::Tensor& bits,
   const int64_t n_seq = grad.size(0), w = grad.size(1), d = grad.size(2);
   TORCH_CHECK(d % heads == 0 && d / heads <= kMaxHead && bits.size(2) == n_seq &&
               bits.size(3) == w, "bits do not match grad");
-  const bool dropping = keep.size(0) > 0;
-  const int64_t dh = d / heads, d3 = 3 * d, kw = keep_words(w), wp = padded(w);
+  const int64_t dh = d / heads, d3 = 3 * d, wp = padded(w);
   at::Tensor out = at::empty({n_seq, w, d3}, grad.options());
   if (grad.numel() == 0) return out;
   const float* gp = grad.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const auto* bp = reinterpret_cast<const uint64_t*>(bits.data_ptr<int64_t>());
-  const auto* kp = dropping ? reinterpret_cast<const uint64_t*>(keep.data_ptr<int64_t>()) : nullptr;
   const float alpha = static_cast<float>(alpha_in);
+  const Dropout drop{dropping, static_cast<uint64_t>(seed), static_cast<int16_t>(threshold)};
   at::parallel_for(0, heads * n_seq, 4, [&](int64_t begin, int64_t end) {
     // q, k (W, dh) and vᵀ (dh, Wp) as floats; the keep mask, kept counts and dL/dscores / alpha
-    std::vector<float> qf(w * dh), kf(w * dh), vt(dh * wp, 0.0f), keepf(w * w), counts(w * w),
-        gs(w * wp);
+    std::vector<float> qf(w * dh), kf(w * dh), vt(dh * wp, 0.0f), keepf(w * w, 1.0f),
+        counts(w * w), gs(w * wp);
+    std::vector<int16_t> draws(w + 8);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t head = task / n_seq, n = task % n_seq;
       const uint64_t* qb = bp + ((0 * heads + head) * n_seq + n) * w;
       const uint64_t* kb = bp + ((1 * heads + head) * n_seq + n) * w;
       const uint64_t* vb = bp + ((2 * heads + head) * n_seq + n) * w;
-      const uint64_t* kt = dropping ? kp + task * w * kw : nullptr;
       const float* g = gp + n * w * d + head * dh;  // row i: g + i * d, dh floats
       float* gq = op + n * w * d3 + head * dh;      // rows of stride 3d
       float* gk = gq + d;
@@ -468,13 +451,9 @@ at::Tensor attention_backward(const at::Tensor& grad_in, const at::Tensor& bits,
           vt[c * wp + i] = static_cast<float>((vb[i] >> c) & 1);
         }
       // keepf[i][j]: 1 where kept; counts[i][j]: the kept count of query i and key j
-      for (int64_t i = 0; i < w; ++i)
-        for (int64_t j0 = 0; j0 < w; j0 += 64) {
-          const uint64_t word = dropping ? kt[i * kw + j0 / 64] : ~uint64_t{0};
-          const int64_t m = std::min<int64_t>(64, w - j0);
-          for (int64_t j = 0; j < m; ++j)
-            keepf[i * w + j0 + j] = static_cast<float>((word >> j) & 1);
-        }
+      if (dropping)  // the forward's mask, drawn again
+        for (int64_t i = 0; i < w; ++i)
+          keep_floats(drop, (task * w + i) * w, w, draws.data(), keepf.data() + i * w);
       for (int64_t i = 0; i < w; ++i)
         for (int64_t j = 0; j < w; ++j)
           counts[i * w + j] =
@@ -502,8 +481,9 @@ TORCH_LIBRARY(c5snn, m) {
         "int threshold, float factor) -> Tensor");
   m.def("keep_mask(int[] size, int seed, int threshold) -> Tensor");
   m.def("attention_forward(Tensor qkv, int heads, float alpha, int seed, int threshold, "
-        "bool dropping) -> (Tensor, Tensor, Tensor)");
-  m.def("attention_backward(Tensor grad, Tensor bits, Tensor keep, int heads, float alpha) -> Tensor");
+        "bool dropping) -> (Tensor, Tensor)");
+  m.def("attention_backward(Tensor grad, Tensor bits, int heads, float alpha, bool dropping, "
+        "int seed, int threshold) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(c5snn, CPU, m) {

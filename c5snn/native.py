@@ -227,21 +227,24 @@ class Attention(torch.autograd.Function):
     `attention_backward` in native.cpp): q @ kᵀ as popcounts of 64-bit spike words, the dropout
     mask drawn inline from `keep_mask`'s stream (the same seed draw, so the same mask as
     `c5snn.ops.SpikeAttention`'s), scores and outputs kept in cache. Backward keeps only the
-    spikes as bits and the keep mask as bits (1/32 and 1/8 of a byte per element).
+    spikes as bits (1/32 of a byte per element) and draws the mask again from its seed.
     """
 
     @staticmethod
     def forward(ctx, qkv: torch.Tensor, n_heads: int, scale: float, p: float, training: bool):
         dropping = training and p > 0.0
         alpha = scale / (1.0 - p) if dropping else scale
-        out, bits, keep = torch.ops.c5snn.attention_forward(
-            qkv, n_heads, alpha, _seed() if dropping else 0, keep_threshold(p), dropping)
-        ctx.save_for_backward(bits, keep)
+        ctx.dropout = (dropping, _seed() if dropping else 0, keep_threshold(p))
+        seed, threshold = ctx.dropout[1:]
+        out, bits = torch.ops.c5snn.attention_forward(qkv, n_heads, alpha, seed, threshold,
+                                                      dropping)
+        ctx.save_for_backward(bits)
         ctx.n_heads, ctx.alpha = n_heads, alpha
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        bits, keep = ctx.saved_tensors
-        grad = torch.ops.c5snn.attention_backward(grad_out, bits, keep, ctx.n_heads, ctx.alpha)
+        (bits,) = ctx.saved_tensors
+        grad = torch.ops.c5snn.attention_backward(grad_out, bits, ctx.n_heads, ctx.alpha,
+                                                  *ctx.dropout)
         return grad, None, None, None, None
