@@ -6,8 +6,11 @@
    (`c5snn.runtime.configure_threads`). Each row runs in a fresh process, because the flush
    setting must precede torch's thread pool.
 2. The LIF recurrence on a (10, 64, 90, 64) tensor: forward alone, and forward + backward through
-   autograd; the dropout keep mask of a (2, 640, 90, 90) attention-score tensor. Best of 10
-   after a warm-up, in this process (flushed).
+   autograd; the LIF with the FFN's dropout in its pass against LIF then dropout; spike
+   attention (`c5snn.native.Attention` against `c5snn.ops.SpikeAttention`, the torch path) at
+   the two 6-layer configurations' shapes; the dropout keep mask of a (2, 640, 90, 90)
+   attention-score tensor. Best of 10 after a warm-up, in this process (flushed), on the
+   allocator it was started with (jemalloc, as c5snn's workers, in docs/benchmarks.md).
 
     .venv/bin/python benchmarks/bench_kernels.py [--threads 2]
 """
@@ -54,7 +57,7 @@ def kernels(threads: int) -> list[tuple[str, float, float]]:
 
     from c5snn import native
     from c5snn.lif import lif_torch
-    from c5snn.ops import keep_mask
+    from c5snn.ops import dropout_spikes, keep_mask
     from c5snn.runtime import configure_threads
 
     configure_threads(threads)
@@ -69,6 +72,13 @@ def kernels(threads: int) -> list[tuple[str, float, float]]:
                      best_ms(lambda: native.lif(x, 0.8))))
     rows.append(("LIF forward + backward, autograd", best_ms(lambda: lif_torch(xg, 0.8).backward(g)),
                  best_ms(lambda: native.lif(xg, 0.8).backward(g))))
+    h = torch.randn(10, 64, 90, 128).requires_grad_()  # the d64 FFN's hidden currents
+    gh = torch.randn_like(h)
+    rows.append(("LIF + dropout p=0.1 (10, 64, 90, 128), forward + backward",
+                 best_ms(lambda: dropout_spikes(lif_torch(h, 0.8), 0.1, True).backward(gh)),
+                 best_ms(lambda: native.lif(h, 0.8, dropout=0.1).backward(gh))))
+    for d, heads in ((64, 2), (128, 4)):
+        rows += attention_rows(d, heads)
     shape, cpu = (2, 640, 90, 90), torch.device("cpu")
     compiled = best_ms(lambda: keep_mask(shape, 0.1, cpu))
     serves, native.serves = native.serves, lambda device: False  # ops.keep_mask's torch path
@@ -77,6 +87,27 @@ def kernels(threads: int) -> list[tuple[str, float, float]]:
                      compiled))
     finally:
         native.serves = serves
+    return rows
+
+
+def attention_rows(d: int, heads: int) -> list[tuple[str, float, float]]:
+    """Spike attention at a 6-layer configuration's shape: the torch path and the compiled one."""
+    import torch
+
+    from c5snn import native
+    from c5snn.ops import SpikeAttention
+
+    qkv = (torch.rand(640, 90, 3 * d) < 0.3).float().requires_grad_()  # (T*B, W, 3d) spikes
+    go = torch.randn(640, 90, d)
+    args = (qkv, heads, (d // heads) ** -0.5, 0.1, True)
+    name = f"attention (640, 90, {3 * d}), {heads} heads, p=0.1"
+    rows = []
+    with torch.no_grad():
+        rows.append((f"{name}, forward", best_ms(lambda: SpikeAttention.apply(*args)),
+                     best_ms(lambda: native.Attention.apply(*args))))
+    rows.append((f"{name}, forward + backward",
+                 best_ms(lambda: SpikeAttention.apply(*args).backward(go)),
+                 best_ms(lambda: native.Attention.apply(*args).backward(go))))
     return rows
 
 
