@@ -16,7 +16,7 @@ from torch import nn
 from c5snn import native
 from c5snn.data import N_PARTS
 from c5snn.lif import lif_torch
-from c5snn.ops import dropout_spikes, spike_attention, spike_linear
+from c5snn.ops import dropout_spikes, spike_attention
 from c5snn.reference import BlockWeights, ReferenceSpikingTransformer
 
 
@@ -84,10 +84,9 @@ class SpikingBlock(BlockWeights):
         o = self._lif(self.o_proj(mixed), self.beta)
         r1 = self._lif(x, self.beta, residual=o)  # LIF(x + o): (T, B, W, d)
         dropping = self.training and self.dropout > 0
-        hidden = self._lif(spike_linear(self.ffn1, r1), self.beta,  # (T, B, W, d_ffn)
+        hidden = self._lif(self.ffn1(r1), self.beta,  # (T, B, W, d_ffn)
                            dropout=self.dropout if dropping else 0.0)  # 0 or 1/(1-p)
-        f = self._lif(spike_linear(self.ffn2, hidden, 1 / (1 - self.dropout) if dropping else 1.0),
-                      self.beta)
+        f = self._lif(self.ffn2(hidden), self.beta)
         return self._lif(r1, self.beta, residual=f)  # LIF(r1 + f): (T, B, W, d) spikes
 
 

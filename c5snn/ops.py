@@ -1,8 +1,13 @@
-"""Spike-form ops as small autograd Functions: dropout, spike attention, linear on spikes.
+"""Spike-form ops as small autograd Functions: dropout and spike attention (the torch paths), and
+the dropout keep mask every path draws with one rule.
 
 Each keeps for backward what a spike allows: masks, spikes and attention counts as uint8 (a
 quarter of the float tensors autograd would keep). Dropout draws its uint8 keep mask in forward
-and keeps it for backward (see `keep_mask` for how it is drawn cheaply).
+and keeps it for backward (see `keep_mask` for how it is drawn cheaply). On the CPU the compiled
+operators (`c5snn.native`) replace both: attention keeps bits, and the FFN's dropout runs inside
+its LIF. Linear maps on spikes are plain `nn.Linear`: keeping their fp32 input for backward
+(rather than a uint8 copy converted back) was measured 8-9% faster per step for 14-18% more peak
+memory (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -135,34 +140,6 @@ def _head(qkv: torch.Tensor, i: int, d: int, dh: int):
     """Head i's q, k, v `(N, W, dh)`: strided column slices of `qkv` `(N, W, 3d)`."""
     return (qkv[..., i * dh:(i + 1) * dh], qkv[..., d + i * dh:d + (i + 1) * dh],
             qkv[..., 2 * d + i * dh:2 * d + (i + 1) * dh])
-
-
-class SpikeLinear(torch.autograd.Function):
-    """`x @ Wᵀ + b` for `x` whose entries are 0 or `value` (spikes, or dropped-out spikes).
-
-    Autograd's linear would keep `x` as floats for the weight gradient; this keeps it as uint8.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, value: float):
-        ctx.save_for_backward(x.to(torch.uint8), weight)  # 0 or value -> 0 or 1 (truncation)
-        ctx.value = value
-        return torch.nn.functional.linear(x, weight, bias)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x8, weight = ctx.saved_tensors
-        dtype = grad_out.dtype  # bf16 under autocast; autograd casts the grads back to fp32
-        flat = grad_out.reshape(-1, grad_out.shape[-1])  # (rows, out)
-        x = x8.reshape(-1, x8.shape[-1]).to(dtype)  # (rows, in)
-        grad_w = (flat.t() @ x).mul_(ctx.value) if ctx.value != 1.0 else flat.t() @ x
-        grad_b = flat.sum(dim=0, dtype=torch.float32)
-        return grad_out @ weight.to(dtype), grad_w, grad_b, None
-
-
-def spike_linear(layer: torch.nn.Linear, x: torch.Tensor, value: float = 1.0) -> torch.Tensor:
-    """`layer(x)` for 0/`value` input, keeping a quarter of the memory for backward."""
-    return SpikeLinear.apply(x, layer.weight, layer.bias, value)
 
 
 def spike_attention(qkv, n_heads: int, scale: float, p: float, training: bool):

@@ -1,7 +1,7 @@
 import torch
 
 from c5snn.lif import lif_torch as lif
-from c5snn.ops import dropout_spikes, keep_mask, spike_attention, spike_linear
+from c5snn.ops import dropout_spikes, keep_mask, spike_attention
 
 
 def test_keep_mask_rate():
@@ -66,19 +66,3 @@ def test_spike_attention_dropout_matches_reference_with_the_same_mask():
     (ref * w).sum().backward()
     for fast, slow in zip(_grads(qkv), heads, strict=True):
         assert torch.allclose(fast, slow.grad.transpose(1, 2).reshape(3, 10, 8), atol=1e-5)
-
-
-def test_spike_linear_matches_linear_on_scaled_spikes():
-    torch.manual_seed(0)
-    layer = torch.nn.Linear(6, 4)
-    x = (torch.rand(2, 5, 6) < 0.5).float() / 0.9
-    out = spike_linear(layer, x, 1 / 0.9)
-    w = torch.randn_like(out)
-    (out * w).sum().backward()
-    grads = [p.grad.clone() for p in layer.parameters()]
-    layer.zero_grad()
-    ref = layer(x)
-    (ref * w).sum().backward()
-    assert torch.allclose(out, ref)
-    for got, p in zip(grads, layer.parameters(), strict=True):
-        assert torch.allclose(got, p.grad, atol=1e-6)
