@@ -21,8 +21,9 @@ from c5snn.reference import BlockWeights, ReferenceSpikingTransformer
 
 
 def lif_function(kernel: str) -> Callable[..., torch.Tensor]:
-    """The multi-step LIF of a `training.lif_kernel`: `fire(x, beta, residual=None)` gives the
-    spikes `(T, ...)` of neurons driven by currents `x` (+ `residual`), both `(T, ...)`.
+    """The multi-step LIF of a `training.lif_kernel`: `fire(x, beta, residual=None, bias=None,
+    dropout=0.0)` gives the spikes `(T, ...)` of neurons driven by currents `x` (+ `residual`,
+    both `(T, ...)`, or + a linear layer's `bias` over the last dimension).
 
     "torch" runs the compiled CPU operator (`c5snn.native`, bitwise the same spikes) on CPU
     tensors where it could be built, else the torch recurrence (`c5snn.lif`; also under
@@ -38,25 +39,28 @@ def lif_function(kernel: str) -> Callable[..., torch.Tensor]:
         recurrence = lif_torch
 
     def fire(x: torch.Tensor, beta: float, residual: torch.Tensor | None = None,
-             dropout: float = 0.0) -> torch.Tensor:
+             bias: torch.Tensor | None = None, dropout: float = 0.0) -> torch.Tensor:
         x = x if x.dtype == torch.float32 else x.float()
         if residual is not None and residual.dtype != torch.float32:
             residual = residual.float()
         if kernel == "torch" and native.serves(x.device):
-            return native.lif(x, beta, residual, dropout)  # dropout in the same pass
-        spikes = recurrence(x if residual is None else x + residual, beta)
+            return native.lif(x, beta, residual, dropout, bias)  # bias, dropout in its pass
+        current = x if residual is None else x + residual
+        spikes = recurrence(current if bias is None else current + bias, beta)
         return dropout_spikes(spikes, dropout, training=True)
 
     return fire
 
 
-def _project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """`x @ weightᵀ + bias` for `(T, ...)` input; input constant over T (stride 0) is projected
-    once and the result repeated (again stride 0)."""
+def _project(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`x @ weightᵀ` for `(T, ...)` input, the bias left to the LIF that reads it (added in its
+    pass, its gradient summed in its backward's; MKL's addmm adds it after the same sum, so the
+    currents are the same); input constant over T (stride 0) is projected once and the result
+    repeated (again stride 0)."""
     if x.shape[0] > 1 and x.stride(0) == 0:
-        out = nn.functional.linear(x[0], weight, bias)
+        out = nn.functional.linear(x[0], weight)
         return out.unsqueeze(0).expand(x.shape[0], *out.shape)
-    return nn.functional.linear(x, weight, bias)
+    return nn.functional.linear(x, weight)
 
 
 class SpikingBlock(BlockWeights):
@@ -77,16 +81,16 @@ class SpikingBlock(BlockWeights):
         # weights stay three nn.Linear (the reference's state-dict keys) and are joined here.
         weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
         bias = torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
-        qkv = self._lif(_project(x, weight, bias), self.beta)  # (T, B, W, 3d) spikes
+        qkv = self._lif(_project(x, weight), self.beta, bias=bias)  # (T, B, W, 3d) spikes
         mixed = spike_attention(  # heads (B, h, W, d/h) are column slices of each third
             qkv, self.n_heads, self.scale, self.dropout, self.training
         )  # (T, B, W, d)
-        o = self._lif(self.o_proj(mixed), self.beta)
+        o = self._lif(_project(mixed, self.o_proj.weight), self.beta, bias=self.o_proj.bias)
         r1 = self._lif(x, self.beta, residual=o)  # LIF(x + o): (T, B, W, d)
         dropping = self.training and self.dropout > 0
-        hidden = self._lif(self.ffn1(r1), self.beta,  # (T, B, W, d_ffn)
-                           dropout=self.dropout if dropping else 0.0)  # 0 or 1/(1-p)
-        f = self._lif(self.ffn2(hidden), self.beta)
+        hidden = self._lif(_project(r1, self.ffn1.weight), self.beta, bias=self.ffn1.bias,
+                           dropout=self.dropout if dropping else 0.0)  # (T, B, W, d_ffn): 0 or 1/(1-p)
+        f = self._lif(_project(hidden, self.ffn2.weight), self.beta, bias=self.ffn2.bias)
         return self._lif(r1, self.beta, residual=f)  # LIF(r1 + f): (T, B, W, d) spikes
 
 

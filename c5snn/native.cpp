@@ -83,19 +83,36 @@ int64_t time_stride(const at::Tensor& x, int64_t neurons) {
   return x.size(0) > 1 && x.stride(0) == 0 ? 0 : neurons;
 }
 
-template <bool kResidual, bool kKeepMembranes, bool kDrop>
-void forward_chunks(const float* a, int64_t sa, const float* b, int64_t sb, float* spikes,
-                    float* mem, float beta, int64_t steps, int64_t neurons, Dropout drop) {
+// What is added to the currents a: nothing, a residual (T, M) tensor, or a bias over the last
+// dimension (columns), broadcast over the rest: LIF(a + residual), LIF(a + bias).
+enum Addend { kNone, kResidual, kBias };
+
+// The bias of neurons i0 .. i0 + n - 1 (neuron m is column m % columns), laid out contiguously.
+inline void tile_bias(const float* bias, int64_t columns, int64_t i0, int64_t n, float* out) {
+  int64_t c = i0 % columns;
+  for (int64_t j = 0; j < n; ++j) {
+    out[j] = bias[c];
+    c = c + 1 == columns ? 0 : c + 1;
+  }
+}
+
+template <Addend kAdd, bool kKeepMembranes, bool kDrop>
+void forward_chunks(const float* a, int64_t sa, const float* b, int64_t sb, int64_t columns,
+                    float* spikes, float* mem, float beta, int64_t steps, int64_t neurons,
+                    Dropout drop) {
   at::parallel_for(0, neurons, 4 * kChunk, [&](int64_t begin, int64_t end) {
     float u[kChunk];
     float s[kChunk];
+    float bias[kChunk];
     int16_t draws[kChunk + 8];
     const Dropout dr = drop;  // a local copy: the stores below may not alias it
     for (int64_t i0 = begin; i0 < end; i0 += kChunk) {
       const int64_t n = std::min(kChunk, end - i0);
+      if (kAdd == kBias) tile_bias(b, columns, i0, n, bias);
       for (int64_t t = 0; t < steps; ++t) {
         const float* __restrict__ at_ = a + t * sa + i0;
-        const float* __restrict__ bt = kResidual ? b + t * sb + i0 : nullptr;
+        const float* __restrict__ bt =
+            kAdd == kResidual ? b + t * sb + i0 : (kAdd == kBias ? bias : nullptr);
         float* __restrict__ st = spikes + t * neurons + i0;
         float* __restrict__ mt = kKeepMembranes ? mem + t * neurons + i0 : nullptr;
         const int16_t* __restrict__ dt =
@@ -103,7 +120,7 @@ void forward_chunks(const float* a, int64_t sa, const float* b, int64_t sb, floa
         // t = 0: U = X (zero membrane, no reset), as the torch path's first step
         const float decay = t == 0 ? 0.0f : beta;
         for (int64_t j = 0; j < n; ++j) {
-          const float x = kResidual ? at_[j] + bt[j] : at_[j];
+          const float x = kAdd != kNone ? at_[j] + bt[j] : at_[j];
           const float v = t == 0 ? x : (u[j] * decay + x) - s[j];
           const float spike = v > kThreshold ? 1.0f : 0.0f;
           u[j] = v;
@@ -116,10 +133,12 @@ void forward_chunks(const float* a, int64_t sa, const float* b, int64_t sb, floa
   });
 }
 
-// (spikes, membranes) of LIF neurons driven by x (+ residual); membranes only when keep. With
-// dropping, the spikes are dropped out (0 or factor) with keep_mask's stream at `seed`.
+// (spikes, membranes) of LIF neurons driven by x (+ residual, or + bias over x's last
+// dimension); membranes only when keep. With dropping, the spikes are dropped out (0 or
+// factor) with keep_mask's stream at `seed`.
 std::tuple<at::Tensor, at::Tensor> lif_forward(const at::Tensor& x_in,
                                                const std::optional<at::Tensor>& residual_in,
+                                               const std::optional<at::Tensor>& bias_in,
                                                double beta, bool keep, bool dropping,
                                                int64_t seed, int64_t threshold, double factor) {
   check_input(x_in, "x");
@@ -130,6 +149,13 @@ std::tuple<at::Tensor, at::Tensor> lif_forward(const at::Tensor& x_in,
     TORCH_CHECK(residual_in->sizes() == x.sizes(), "residual must have the shape of x");
     residual = time_major(*residual_in);
   }
+  at::Tensor bias;
+  if (bias_in.has_value()) {
+    check_input(*bias_in, "bias");
+    TORCH_CHECK(!residual.has_value() && x.dim() >= 2 && bias_in->dim() == 1 &&
+                bias_in->size(0) == x.size(-1), "bias must be (C,) for x (T, ..., C), no residual");
+    bias = bias_in->contiguous();
+  }
   const int64_t steps = x.size(0);
   const int64_t neurons = steps ? x.numel() / steps : 0;
   at::Tensor spikes = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
@@ -137,38 +163,51 @@ std::tuple<at::Tensor, at::Tensor> lif_forward(const at::Tensor& x_in,
   if (x.numel() == 0) return {spikes, mem};
   const float* ap = x.data_ptr<float>();
   const int64_t sa = time_stride(x, neurons);
-  const float* bp = residual.has_value() ? residual->data_ptr<float>() : nullptr;
+  const float* bp = residual.has_value() ? residual->data_ptr<float>()
+                    : bias.defined()     ? bias.data_ptr<float>()
+                                         : nullptr;
   const int64_t sb = residual.has_value() ? time_stride(*residual, neurons) : 0;
+  const int64_t columns = x.size(-1);
   float* sp = spikes.data_ptr<float>();
   float* mp = keep ? mem.data_ptr<float>() : nullptr;
   const float b = static_cast<float>(beta);
   const Dropout drop{dropping, static_cast<uint64_t>(seed), static_cast<int16_t>(threshold),
                      static_cast<float>(factor)};
-  const auto run = [&](auto kernel) { kernel(ap, sa, bp, sb, sp, mp, b, steps, neurons, drop); };
-  const bool r = residual.has_value();
-  if (dropping) {  // the FFN's hidden layer: no residual
-    TORCH_CHECK(!r, "dropout is fused only without a residual");
-    keep ? run(forward_chunks<false, true, true>) : run(forward_chunks<false, false, true>);
-  } else if (r) {
-    keep ? run(forward_chunks<true, true, false>) : run(forward_chunks<true, false, false>);
+  const auto run = [&](auto kernel) {
+    kernel(ap, sa, bp, sb, columns, sp, mp, b, steps, neurons, drop);
+  };
+  if (dropping) {  // the FFN's hidden layer: a bias, no residual
+    TORCH_CHECK(!residual.has_value(), "dropout is fused only without a residual");
+    if (bias.defined())
+      keep ? run(forward_chunks<kBias, true, true>) : run(forward_chunks<kBias, false, true>);
+    else
+      keep ? run(forward_chunks<kNone, true, true>) : run(forward_chunks<kNone, false, true>);
+  } else if (residual.has_value()) {
+    keep ? run(forward_chunks<kResidual, true, false>) : run(forward_chunks<kResidual, false, false>);
+  } else if (bias.defined()) {
+    keep ? run(forward_chunks<kBias, true, false>) : run(forward_chunks<kBias, false, false>);
   } else {
-    keep ? run(forward_chunks<false, true, false>) : run(forward_chunks<false, false, false>);
+    keep ? run(forward_chunks<kNone, true, false>) : run(forward_chunks<kNone, false, false>);
   }
   return {spikes, mem};
 }
 
 // dL/dX from dL/dS (grad) and the forward's membranes, walking time backwards. With dropping,
 // grad is dL/d(dropped spikes): the forward's mask is drawn again and dL/dS = grad * factor
-// where kept, else 0.
-template <bool kDrop>
+// where kept, else 0. With kColumnSums, also dL/dbias: dL/dX summed over time per neuron here,
+// then per column into this thread's row of `sums` (threads x columns).
+template <bool kDrop, bool kColumnSums>
 void backward_chunks(const float* gp, const float* up, float* op, float b, int64_t steps,
-                     int64_t neurons, Dropout drop) {
+                     int64_t neurons, Dropout drop, int64_t columns, float* sums) {
   at::parallel_for(0, neurons, 4 * kChunk, [&](int64_t begin, int64_t end) {
     float next[kChunk];  // dL/dU[t+1]
+    float total[kChunk];  // dL/dX summed over time
     int16_t draws[kChunk + 8];
     const Dropout dr = drop;
+    float* const mine = kColumnSums ? sums + at::get_thread_num() * columns : nullptr;
     for (int64_t i0 = begin; i0 < end; i0 += kChunk) {
       const int64_t n = std::min(kChunk, end - i0);
+      if (kColumnSums) std::fill(total, total + n, 0.0f);
       for (int64_t t = steps - 1; t >= 0; --t) {
         const float* __restrict__ gt = gp + t * neurons + i0;
         const float* __restrict__ ut = up + t * neurons + i0;
@@ -183,30 +222,57 @@ void backward_chunks(const float* gp, const float* up, float* op, float b, int64
           const float g = t == steps - 1 ? gs / d : gs / d + decay * next[j];
           next[j] = g;
           ot[j] = g;
+          if (kColumnSums) total[j] += g;
+        }
+      }
+      if (kColumnSums) {
+        int64_t c = i0 % columns;
+        for (int64_t j = 0; j < n; ++j) {
+          mine[c] += total[j];
+          c = c + 1 == columns ? 0 : c + 1;
         }
       }
     }
   });
 }
 
-at::Tensor lif_backward(const at::Tensor& grad_in, const at::Tensor& mem, double beta,
-                        bool dropping, int64_t seed, int64_t threshold, double factor) {
+// (dL/dX, dL/dbias): dL/dbias (columns,) summed over all but the last dimension when
+// bias_columns > 0, else undefined.
+std::tuple<at::Tensor, at::Tensor> lif_backward(const at::Tensor& grad_in, const at::Tensor& mem,
+                                                double beta, bool dropping, int64_t seed,
+                                                int64_t threshold, double factor,
+                                                int64_t bias_columns) {
   check_input(mem, "membranes");
   const at::Tensor grad = grad_in.contiguous();
   TORCH_CHECK(grad.sizes() == mem.sizes() && grad.scalar_type() == at::kFloat,
               "grad must be float32 with the membranes' shape");
   at::Tensor out = at::empty_like(mem);
+  const int64_t columns = bias_columns;
+  TORCH_CHECK(columns == 0 || (mem.dim() >= 2 && mem.size(-1) == columns),
+              "bias_columns must be the membranes' last dimension");
+  at::Tensor grad_bias = columns > 0 ? at::zeros({columns}, mem.options()) : at::Tensor();
   const int64_t steps = mem.size(0);
   const int64_t neurons = steps ? mem.numel() / steps : 0;
-  if (mem.numel() == 0) return out;
+  if (mem.numel() == 0) return {out, grad_bias};
   const Dropout drop{dropping, static_cast<uint64_t>(seed), static_cast<int16_t>(threshold),
                      static_cast<float>(factor)};
+  // per-thread column sums, added in thread order: the same result for the same thread count
+  const int64_t threads = at::get_num_threads();
+  std::vector<float> sums(columns > 0 ? threads * columns : 0, 0.0f);
   const auto run = [&](auto kernel) {
     kernel(grad.data_ptr<float>(), mem.data_ptr<float>(), out.data_ptr<float>(),
-           static_cast<float>(beta), steps, neurons, drop);
+           static_cast<float>(beta), steps, neurons, drop, columns, sums.data());
   };
-  dropping ? run(backward_chunks<true>) : run(backward_chunks<false>);
-  return out;
+  if (columns > 0)
+    dropping ? run(backward_chunks<true, true>) : run(backward_chunks<false, true>);
+  else
+    dropping ? run(backward_chunks<true, false>) : run(backward_chunks<false, false>);
+  if (columns > 0) {
+    float* gb = grad_bias.data_ptr<float>();
+    for (int64_t t = 0; t < threads; ++t)
+      for (int64_t c = 0; c < columns; ++c) gb[c] += sums[t * columns + c];
+  }
+  return {out, grad_bias};
 }
 
 at::Tensor keep_mask(at::IntArrayRef size, int64_t seed, int64_t threshold) {
@@ -475,10 +541,10 @@ at::Tensor attention_backward(const at::Tensor& grad_in, const at::Tensor& bits,
 }  // namespace
 
 TORCH_LIBRARY(c5snn, m) {
-  m.def("lif_forward(Tensor x, Tensor? residual, float beta, bool keep, bool dropping, int seed, "
-        "int threshold, float factor) -> (Tensor, Tensor)");
+  m.def("lif_forward(Tensor x, Tensor? residual, Tensor? bias, float beta, bool keep, "
+        "bool dropping, int seed, int threshold, float factor) -> (Tensor, Tensor)");
   m.def("lif_backward(Tensor grad, Tensor mem, float beta, bool dropping, int seed, "
-        "int threshold, float factor) -> Tensor");
+        "int threshold, float factor, int bias_columns) -> (Tensor, Tensor)");
   m.def("keep_mask(int[] size, int seed, int threshold) -> Tensor");
   m.def("attention_forward(Tensor qkv, int heads, float alpha, int seed, int threshold, "
         "bool dropping) -> (Tensor, Tensor)");

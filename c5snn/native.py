@@ -163,19 +163,22 @@ def _load(root: Path) -> None:
 
 
 class LIF(torch.autograd.Function):
-    """Spikes `(T, ...)` of LIF neurons driven by `x` (+ `residual`), both fp32 `(T, ...)`;
-    with `p` > 0, dropped out in the same pass (0 or 1/(1-p), `keep_mask`'s rule and stream).
+    """Spikes `(T, ...)` of LIF neurons driven by `x` (+ `residual`, or + `bias` over the last
+    dimension), fp32; with `p` > 0, dropped out in the same pass (0 or 1/(1-p), `keep_mask`'s
+    rule and stream).
 
     Backward keeps the membranes (fp32, one `(T, ...)` tensor) and the dropout seed (the mask
-    is drawn again), and returns the same dL/dX to `x` and `residual`.
+    is drawn again), returns the same dL/dX to `x` and `residual`, and sums it into dL/dbias in
+    the same pass (the sum a linear layer's backward would otherwise make over dL/dX).
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, residual: torch.Tensor | None, beta: float, p: float):
-        keep = any(ctx.needs_input_grad[:2])
+    def forward(ctx, x: torch.Tensor, residual: torch.Tensor | None, bias: torch.Tensor | None,
+                beta: float, p: float):
+        keep = any(ctx.needs_input_grad[:3])
         ctx.dropout = (p > 0.0, _seed() if p > 0.0 else 0, keep_threshold(p),
                        1.0 / (1.0 - p))
-        spikes, mem = torch.ops.c5snn.lif_forward(x, residual, beta, keep, *ctx.dropout)
+        spikes, mem = torch.ops.c5snn.lif_forward(x, residual, bias, beta, keep, *ctx.dropout)
         if keep:
             ctx.save_for_backward(mem)
         ctx.beta = beta
@@ -184,16 +187,20 @@ class LIF(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (mem,) = ctx.saved_tensors
-        grad_x = torch.ops.c5snn.lif_backward(grad, mem, ctx.beta, *ctx.dropout)
+        columns = mem.shape[-1] if ctx.needs_input_grad[2] else 0
+        grad_x, grad_bias = torch.ops.c5snn.lif_backward(grad, mem, ctx.beta, *ctx.dropout,
+                                                         columns)
         return (grad_x if ctx.needs_input_grad[0] else None,
-                grad_x if ctx.needs_input_grad[1] else None, None, None)
+                grad_x if ctx.needs_input_grad[1] else None,
+                grad_bias if ctx.needs_input_grad[2] else None, None, None)
 
 
 def lif(x: torch.Tensor, beta: float, residual: torch.Tensor | None = None,
-        dropout: float = 0.0) -> torch.Tensor:
-    """Spikes `(T, ...)` of LIF neurons driven by fp32 currents `x` (+ `residual`) on the CPU,
-    dropped out with probability `dropout` (no residual then)."""
-    return LIF.apply(x, residual, beta, dropout)
+        dropout: float = 0.0, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Spikes `(T, ...)` of LIF neurons driven by fp32 currents `x` (+ `residual`, or + `bias`
+    `(C,)` over the last dimension) on the CPU, dropped out with probability `dropout` (no
+    residual then)."""
+    return LIF.apply(x, residual, bias, beta, dropout)
 
 
 def _seed() -> int:

@@ -53,10 +53,30 @@ def test_lif_reads_time_constant_and_strided_input_as_the_torch_path_does():
 def test_lif_without_grad_keeps_no_membranes():
     x = _currents(6, 50)
     no_dropout = (False, 0, 0, 1.0)
-    spikes, mem = torch.ops.c5snn.lif_forward(x, None, 0.9, False, *no_dropout)
+    spikes, mem = torch.ops.c5snn.lif_forward(x, None, None, 0.9, False, *no_dropout)
     assert torch.equal(spikes, lif_torch(x, 0.9)) and mem is None  # an undefined tensor
-    _, mem = torch.ops.c5snn.lif_forward(x, None, 0.9, True, *no_dropout)
+    _, mem = torch.ops.c5snn.lif_forward(x, None, None, 0.9, True, *no_dropout)
     assert mem.shape == x.shape
+
+
+@pytest.mark.parametrize("constant", [False, True])
+@pytest.mark.parametrize("shape", [(10, 4, 9, 16), (3, 5, 90, 192), (7, 3, 1001)])
+def test_lif_adds_a_bias_in_its_pass_and_sums_its_gradient(shape, constant):
+    """A linear layer's bias, added by the LIF that reads the layer (its columns repeat across
+    chunks of 256 neurons that do not align with them), and dL/dbias summed in its backward."""
+    x = _currents(1 if constant else shape[0], *shape[1:])
+    x = (x.expand(*shape) if constant else x).requires_grad_()  # T-stride 0: the first block
+    bias = _currents(shape[-1], seed=5).requires_grad_()
+    x_ref = x.detach().clone().requires_grad_()
+    bias_ref = bias.detach().clone().requires_grad_()
+    spikes = native.lif(x, 0.8, bias=bias)
+    expected = lif_torch(x_ref + bias_ref, 0.8)
+    assert torch.equal(spikes, expected) and 0 < spikes.mean() < 1
+    w = _currents(*shape, seed=2)
+    (spikes * w).sum().backward()
+    (expected * w).sum().backward()
+    assert (x.grad - x_ref.grad).norm() <= 1e-6 * x_ref.grad.norm()
+    assert (bias.grad - bias_ref.grad).norm() <= 1e-5 * bias_ref.grad.norm()
 
 
 @pytest.mark.parametrize("shape", [(10, 4, 9, 16), (7, 1001), (3, 5, 90, 128)])
@@ -66,10 +86,11 @@ def test_lif_with_dropout_in_its_pass_is_dropout_of_the_lif_with_the_same_mask(s
     give the same gradient."""
     x = _currents(*shape).requires_grad_()
     x_ref = x.detach().clone().requires_grad_()
+    bias = _currents(shape[-1], seed=5)  # and the layer's bias, as the FFN has
     torch.manual_seed(4)
-    dropped = native.lif(x, 0.8, dropout=0.3)
+    dropped = native.lif(x, 0.8, dropout=0.3, bias=bias)
     torch.manual_seed(4)
-    expected = dropout_spikes(lif_torch(x_ref, 0.8), 0.3, training=True)
+    expected = dropout_spikes(lif_torch(x_ref + bias, 0.8), 0.3, training=True)
     assert torch.equal(dropped, expected)
     assert dropped.unique().tolist() == [0.0, torch.tensor(1 / 0.7).item()]  # fp32 1/(1-p)
     w = _currents(*shape, seed=2)
