@@ -16,14 +16,15 @@ from torch import nn
 from c5snn import native
 from c5snn.data import N_PARTS
 from c5snn.lif import lif_torch
-from c5snn.ops import dropout_spikes, spike_attention
+from c5snn.ops import dropout_spikes, spike_attention, spike_linear
 from c5snn.reference import BlockWeights, ReferenceSpikingTransformer
 
 
 def lif_function(kernel: str) -> Callable[..., torch.Tensor]:
     """The multi-step LIF of a `training.lif_kernel`: `fire(x, beta, residual=None, bias=None,
-    dropout=0.0)` gives the spikes `(T, ...)` of neurons driven by currents `x` (+ `residual`,
-    both `(T, ...)`, or + a linear layer's `bias` over the last dimension).
+    dropout=0.0, bytes=False)` gives the spikes `(T, ...)` of neurons driven by currents `x`
+    (+ `residual`, both `(T, ...)`, or + a linear layer's `bias` over the last dimension); with
+    `bytes`, the pair (spikes, their uint8 copy or None) for `c5snn.ops.spike_linear`.
 
     "torch" runs the compiled CPU operator (`c5snn.native`, bitwise the same spikes) on CPU
     tensors where it could be built, else the torch recurrence (`c5snn.lif`; also under
@@ -39,15 +40,16 @@ def lif_function(kernel: str) -> Callable[..., torch.Tensor]:
         recurrence = lif_torch
 
     def fire(x: torch.Tensor, beta: float, residual: torch.Tensor | None = None,
-             bias: torch.Tensor | None = None, dropout: float = 0.0) -> torch.Tensor:
+             bias: torch.Tensor | None = None, dropout: float = 0.0, bytes: bool = False):
         x = x if x.dtype == torch.float32 else x.float()
         if residual is not None and residual.dtype != torch.float32:
             residual = residual.float()
-        if kernel == "torch" and native.serves(x.device):
-            return native.lif(x, beta, residual, dropout, bias)  # bias, dropout in its pass
+        if kernel == "torch" and native.serves(x.device):  # bias, dropout, bytes in its pass
+            return native.lif(x, beta, residual, dropout, bias, bytes)
         current = x if residual is None else x + residual
         spikes = recurrence(current if bias is None else current + bias, beta)
-        return dropout_spikes(spikes, dropout, training=True)
+        spikes = dropout_spikes(spikes, dropout, training=True)
+        return (spikes, None) if bytes else spikes  # SpikeLinear converts it itself
 
     return fire
 
@@ -86,11 +88,14 @@ class SpikingBlock(BlockWeights):
             qkv, self.n_heads, self.scale, self.dropout, self.training
         )  # (T, B, W, d)
         o = self._lif(_project(mixed, self.o_proj.weight), self.beta, bias=self.o_proj.bias)
-        r1 = self._lif(x, self.beta, residual=o)  # LIF(x + o): (T, B, W, d)
+        r1, r1_bytes = self._lif(x, self.beta, residual=o, bytes=True)  # LIF(x + o): (T, B, W, d)
         dropping = self.training and self.dropout > 0
-        hidden = self._lif(_project(r1, self.ffn1.weight), self.beta, bias=self.ffn1.bias,
-                           dropout=self.dropout if dropping else 0.0)  # (T, B, W, d_ffn): 0 or 1/(1-p)
-        f = self._lif(_project(hidden, self.ffn2.weight), self.beta, bias=self.ffn2.bias)
+        hidden, hidden_bytes = self._lif(  # (T, B, W, d_ffn): 0 or 1/(1-p)
+            spike_linear(r1, r1_bytes, self.ffn1.weight), self.beta, bias=self.ffn1.bias,
+            dropout=self.dropout if dropping else 0.0, bytes=True)
+        f = self._lif(spike_linear(hidden, hidden_bytes, self.ffn2.weight,
+                                   1 / (1 - self.dropout) if dropping else 1.0),
+                      self.beta, bias=self.ffn2.bias)
         return self._lif(r1, self.beta, residual=f)  # LIF(r1 + f): (T, B, W, d) spikes
 
 

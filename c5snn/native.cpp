@@ -26,6 +26,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -96,10 +97,10 @@ inline void tile_bias(const float* bias, int64_t columns, int64_t i0, int64_t n,
   }
 }
 
-template <Addend kAdd, bool kKeepMembranes, bool kDrop>
+template <Addend kAdd, bool kKeepMembranes, bool kDrop, bool kBytes>
 void forward_chunks(const float* a, int64_t sa, const float* b, int64_t sb, int64_t columns,
-                    float* spikes, float* mem, float beta, int64_t steps, int64_t neurons,
-                    Dropout drop) {
+                    float* spikes, float* mem, uint8_t* bytes, float beta, int64_t steps,
+                    int64_t neurons, Dropout drop) {
   at::parallel_for(0, neurons, 4 * kChunk, [&](int64_t begin, int64_t end) {
     float u[kChunk];
     float s[kChunk];
@@ -115,6 +116,7 @@ void forward_chunks(const float* a, int64_t sa, const float* b, int64_t sb, int6
             kAdd == kResidual ? b + t * sb + i0 : (kAdd == kBias ? bias : nullptr);
         float* __restrict__ st = spikes + t * neurons + i0;
         float* __restrict__ mt = kKeepMembranes ? mem + t * neurons + i0 : nullptr;
+        uint8_t* __restrict__ bt8 = kBytes ? bytes + t * neurons + i0 : nullptr;
         const int16_t* __restrict__ dt =
             kDrop ? cut_draws(dr.seed, t * neurons + i0, n, draws) : nullptr;
         // t = 0: U = X (zero membrane, no reset), as the torch path's first step
@@ -125,7 +127,9 @@ void forward_chunks(const float* a, int64_t sa, const float* b, int64_t sb, int6
           const float spike = v > kThreshold ? 1.0f : 0.0f;
           u[j] = v;
           s[j] = spike;
-          st[j] = kDrop ? (dt[j] >= dr.limit ? dr.factor : 0.0f) * spike : spike;
+          const float out = kDrop ? (dt[j] >= dr.limit ? dr.factor : 0.0f) * spike : spike;
+          st[j] = out;
+          if (kBytes) bt8[j] = out != 0.0f;
           if (kKeepMembranes) mt[j] = v;
         }
       }
@@ -133,14 +137,21 @@ void forward_chunks(const float* a, int64_t sa, const float* b, int64_t sb, int6
   });
 }
 
-// (spikes, membranes) of LIF neurons driven by x (+ residual, or + bias over x's last
+// Calls f with std::bool_constant<v>: a runtime flag as a template argument.
+template <typename F>
+void with_flag(bool v, F&& f) {
+  v ? f(std::true_type{}) : f(std::false_type{});
+}
+
+// (spikes, membranes, bytes) of LIF neurons driven by x (+ residual, or + bias over x's last
 // dimension); membranes only when keep. With dropping, the spikes are dropped out (0 or
-// factor) with keep_mask's stream at `seed`.
-std::tuple<at::Tensor, at::Tensor> lif_forward(const at::Tensor& x_in,
-                                               const std::optional<at::Tensor>& residual_in,
-                                               const std::optional<at::Tensor>& bias_in,
-                                               double beta, bool keep, bool dropping,
-                                               int64_t seed, int64_t threshold, double factor) {
+// factor) with keep_mask's stream at `seed`. With want_bytes, also a uint8 copy (1 where the
+// output is nonzero) for a layer that keeps its input for backward: written in this pass, it
+// spares that layer a conversion pass over the fp32 spikes; else an undefined tensor.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lif_forward(
+    const at::Tensor& x_in, const std::optional<at::Tensor>& residual_in,
+    const std::optional<at::Tensor>& bias_in, double beta, bool keep, bool dropping,
+    int64_t seed, int64_t threshold, double factor, bool want_bytes) {
   check_input(x_in, "x");
   const at::Tensor x = time_major(x_in);
   std::optional<at::Tensor> residual;
@@ -160,7 +171,9 @@ std::tuple<at::Tensor, at::Tensor> lif_forward(const at::Tensor& x_in,
   const int64_t neurons = steps ? x.numel() / steps : 0;
   at::Tensor spikes = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor mem = keep ? at::empty_like(spikes) : at::Tensor();
-  if (x.numel() == 0) return {spikes, mem};
+  at::Tensor bytes = want_bytes ? at::empty_like(spikes, spikes.options().dtype(at::kByte))
+                                : at::Tensor();
+  if (x.numel() == 0) return {spikes, mem, bytes};
   const float* ap = x.data_ptr<float>();
   const int64_t sa = time_stride(x, neurons);
   const float* bp = residual.has_value() ? residual->data_ptr<float>()
@@ -173,23 +186,23 @@ std::tuple<at::Tensor, at::Tensor> lif_forward(const at::Tensor& x_in,
   const float b = static_cast<float>(beta);
   const Dropout drop{dropping, static_cast<uint64_t>(seed), static_cast<int16_t>(threshold),
                      static_cast<float>(factor)};
-  const auto run = [&](auto kernel) {
-    kernel(ap, sa, bp, sb, columns, sp, mp, b, steps, neurons, drop);
-  };
-  if (dropping) {  // the FFN's hidden layer: a bias, no residual
-    TORCH_CHECK(!residual.has_value(), "dropout is fused only without a residual");
-    if (bias.defined())
-      keep ? run(forward_chunks<kBias, true, true>) : run(forward_chunks<kBias, false, true>);
-    else
-      keep ? run(forward_chunks<kNone, true, true>) : run(forward_chunks<kNone, false, true>);
-  } else if (residual.has_value()) {
-    keep ? run(forward_chunks<kResidual, true, false>) : run(forward_chunks<kResidual, false, false>);
-  } else if (bias.defined()) {
-    keep ? run(forward_chunks<kBias, true, false>) : run(forward_chunks<kBias, false, false>);
-  } else {
-    keep ? run(forward_chunks<kNone, true, false>) : run(forward_chunks<kNone, false, false>);
-  }
-  return {spikes, mem};
+  uint8_t* bytes_p = want_bytes ? bytes.data_ptr<uint8_t>() : nullptr;
+  TORCH_CHECK(!(dropping && residual.has_value()), "dropout is fused only without a residual");
+  const Addend add = residual.has_value() ? kResidual : bias.defined() ? kBias : kNone;
+  with_flag(keep, [&](auto k) {
+    with_flag(dropping, [&](auto dr) {
+      with_flag(want_bytes, [&](auto by) {
+        const auto run = [&](auto kernel) {
+          kernel(ap, sa, bp, sb, columns, sp, mp, bytes_p, b, steps, neurons, drop);
+        };
+        constexpr bool K = decltype(k)::value, D = decltype(dr)::value, B = decltype(by)::value;
+        if (add == kResidual) run(forward_chunks<kResidual, K, D, B>);
+        else if (add == kBias) run(forward_chunks<kBias, K, D, B>);
+        else run(forward_chunks<kNone, K, D, B>);
+      });
+    });
+  });
+  return {spikes, mem, bytes};
 }
 
 // dL/dX from dL/dS (grad) and the forward's membranes, walking time backwards. With dropping,
@@ -542,7 +555,8 @@ at::Tensor attention_backward(const at::Tensor& grad_in, const at::Tensor& bits,
 
 TORCH_LIBRARY(c5snn, m) {
   m.def("lif_forward(Tensor x, Tensor? residual, Tensor? bias, float beta, bool keep, "
-        "bool dropping, int seed, int threshold, float factor) -> (Tensor, Tensor)");
+        "bool dropping, int seed, int threshold, float factor, bool bytes) "
+        "-> (Tensor, Tensor, Tensor)");
   m.def("lif_backward(Tensor grad, Tensor mem, float beta, bool dropping, int seed, "
         "int threshold, float factor, int bias_columns) -> (Tensor, Tensor)");
   m.def("keep_mask(int[] size, int seed, int threshold) -> Tensor");

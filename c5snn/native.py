@@ -165,7 +165,8 @@ def _load(root: Path) -> None:
 class LIF(torch.autograd.Function):
     """Spikes `(T, ...)` of LIF neurons driven by `x` (+ `residual`, or + `bias` over the last
     dimension), fp32; with `p` > 0, dropped out in the same pass (0 or 1/(1-p), `keep_mask`'s
-    rule and stream).
+    rule and stream); with `bytes`, also their uint8 copy (1 where nonzero), written in the same
+    pass, for a layer that keeps its input for backward (`c5snn.ops.SpikeLinear`).
 
     Backward keeps the membranes (fp32, one `(T, ...)` tensor) and the dropout seed (the mask
     is drawn again), returns the same dL/dX to `x` and `residual`, and sums it into dL/dbias in
@@ -174,33 +175,37 @@ class LIF(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, residual: torch.Tensor | None, bias: torch.Tensor | None,
-                beta: float, p: float):
+                beta: float, p: float, bytes: bool):
         keep = any(ctx.needs_input_grad[:3])
         ctx.dropout = (p > 0.0, _seed() if p > 0.0 else 0, keep_threshold(p),
                        1.0 / (1.0 - p))
-        spikes, mem = torch.ops.c5snn.lif_forward(x, residual, bias, beta, keep, *ctx.dropout)
+        spikes, mem, spikes8 = torch.ops.c5snn.lif_forward(x, residual, bias, beta, keep,
+                                                           *ctx.dropout, bytes)
         if keep:
             ctx.save_for_backward(mem)
         ctx.beta = beta
-        return spikes
+        if not bytes:
+            return spikes
+        ctx.mark_non_differentiable(spikes8)
+        return spikes, spikes8
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
+    def backward(ctx, grad: torch.Tensor, *unused):
         (mem,) = ctx.saved_tensors
         columns = mem.shape[-1] if ctx.needs_input_grad[2] else 0
         grad_x, grad_bias = torch.ops.c5snn.lif_backward(grad, mem, ctx.beta, *ctx.dropout,
                                                          columns)
         return (grad_x if ctx.needs_input_grad[0] else None,
                 grad_x if ctx.needs_input_grad[1] else None,
-                grad_bias if ctx.needs_input_grad[2] else None, None, None)
+                grad_bias if ctx.needs_input_grad[2] else None, None, None, None)
 
 
 def lif(x: torch.Tensor, beta: float, residual: torch.Tensor | None = None,
-        dropout: float = 0.0, bias: torch.Tensor | None = None) -> torch.Tensor:
+        dropout: float = 0.0, bias: torch.Tensor | None = None, bytes: bool = False):
     """Spikes `(T, ...)` of LIF neurons driven by fp32 currents `x` (+ `residual`, or + `bias`
     `(C,)` over the last dimension) on the CPU, dropped out with probability `dropout` (no
-    residual then)."""
-    return LIF.apply(x, residual, bias, beta, dropout)
+    residual then); with `bytes`, the pair (spikes, their uint8 copy)."""
+    return LIF.apply(x, residual, bias, beta, dropout, bytes)
 
 
 def _seed() -> int:

@@ -5,9 +5,9 @@ Each keeps for backward what a spike allows: masks, spikes and attention counts 
 quarter of the float tensors autograd would keep). Dropout draws its uint8 keep mask in forward
 and keeps it for backward (see `keep_mask` for how it is drawn cheaply). On the CPU the compiled
 operators (`c5snn.native`) replace both: attention keeps bits, and the FFN's dropout runs inside
-its LIF. Linear maps on spikes are plain `nn.Linear`: keeping their fp32 input for backward
-(rather than a uint8 copy converted back) was measured 8-9% faster per step for 14-18% more peak
-memory (docs/benchmarks.md).
+its LIF. The FFN's linear maps on spikes keep a uint8 copy of their input that the LIF wrote in
+its own pass (`SpikeLinear`): converting it in a pass of its own cost 8-9% of a step, keeping
+the fp32 input instead 14-18% more peak memory (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -140,6 +140,37 @@ def _head(qkv: torch.Tensor, i: int, d: int, dh: int):
     """Head i's q, k, v `(N, W, dh)`: strided column slices of `qkv` `(N, W, 3d)`."""
     return (qkv[..., i * dh:(i + 1) * dh], qkv[..., d + i * dh:d + (i + 1) * dh],
             qkv[..., 2 * d + i * dh:2 * d + (i + 1) * dh])
+
+
+class SpikeLinear(torch.autograd.Function):
+    """`x @ Wᵀ` for `x` whose entries are 0 or `value` (spikes, or dropped-out spikes), keeping
+    `x` for the weight gradient as uint8 (`x8`, 1 where nonzero): a quarter of the fp32 tensor
+    autograd's linear would keep. The bias is added by the LIF that reads the output.
+
+    `x8` comes from the LIF that made `x`, written in its pass (`c5snn.native.lif(bytes=True)`);
+    where none was made (the torch paths) it is converted here.
+    """
+
+    @staticmethod
+    def forward(ctx, x, x8, weight, value: float):
+        ctx.save_for_backward(x.to(torch.uint8) if x8 is None else x8, weight)
+        ctx.value = value
+        return torch.nn.functional.linear(x, weight)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x8, weight = ctx.saved_tensors
+        dtype = grad_out.dtype  # bf16 under autocast; autograd casts the grads back to fp32
+        flat = grad_out.reshape(-1, grad_out.shape[-1])  # (rows, out)
+        x = x8.reshape(-1, x8.shape[-1]).to(dtype)  # (rows, in): 0 or 1
+        grad_w = (flat.t() @ x).mul_(ctx.value) if ctx.value != 1.0 else flat.t() @ x
+        return grad_out @ weight.to(dtype), None, grad_w, None
+
+
+def spike_linear(x, x8, weight, value: float = 1.0):
+    """`x @ weightᵀ` for 0/`value` input `x`, keeping its uint8 copy `x8` (or one made here when
+    None) for backward instead of `x`."""
+    return SpikeLinear.apply(x, x8, weight, value)
 
 
 def spike_attention(qkv, n_heads: int, scale: float, p: float, training: bool):

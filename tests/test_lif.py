@@ -1,7 +1,7 @@
 import torch
 
 from c5snn.lif import lif_torch as lif
-from c5snn.ops import dropout_spikes, keep_mask, spike_attention
+from c5snn.ops import dropout_spikes, keep_mask, spike_attention, spike_linear
 
 
 def test_keep_mask_rate():
@@ -66,3 +66,20 @@ def test_spike_attention_dropout_matches_reference_with_the_same_mask():
     (ref * w).sum().backward()
     for fast, slow in zip(_grads(qkv), heads, strict=True):
         assert torch.allclose(fast, slow.grad.transpose(1, 2).reshape(3, 10, 8), atol=1e-5)
+
+
+def test_spike_linear_matches_linear_on_scaled_spikes_keeping_their_uint8_copy():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(6, 4, bias=False)
+    x = (torch.rand(2, 5, 6) < 0.5).float() / 0.9
+    w = torch.randn(2, 5, 4)
+    for x8 in (None, (x != 0).to(torch.uint8)):  # made here, or by the LIF that made x
+        layer.zero_grad()
+        out = spike_linear(x, x8, layer.weight, 1 / 0.9)
+        assert out.grad_fn.saved_tensors[0].dtype == torch.uint8  # not the fp32 input
+        (out * w).sum().backward()
+        grad = layer.weight.grad.clone()
+        layer.zero_grad()
+        ref = layer(x)
+        (ref * w).sum().backward()
+        assert torch.allclose(out, ref) and torch.allclose(grad, layer.weight.grad, atol=1e-6)

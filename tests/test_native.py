@@ -53,10 +53,24 @@ def test_lif_reads_time_constant_and_strided_input_as_the_torch_path_does():
 def test_lif_without_grad_keeps_no_membranes():
     x = _currents(6, 50)
     no_dropout = (False, 0, 0, 1.0)
-    spikes, mem = torch.ops.c5snn.lif_forward(x, None, None, 0.9, False, *no_dropout)
-    assert torch.equal(spikes, lif_torch(x, 0.9)) and mem is None  # an undefined tensor
-    _, mem = torch.ops.c5snn.lif_forward(x, None, None, 0.9, True, *no_dropout)
+    spikes, mem, bytes_ = torch.ops.c5snn.lif_forward(x, None, None, 0.9, False, *no_dropout,
+                                                      False)
+    assert torch.equal(spikes, lif_torch(x, 0.9)) and mem is None and bytes_ is None
+    _, mem, _ = torch.ops.c5snn.lif_forward(x, None, None, 0.9, True, *no_dropout, False)
     assert mem.shape == x.shape
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_lif_writes_the_uint8_copy_a_linear_layer_keeps_in_the_same_pass(dropout):
+    x = _currents(6, 7, 130).requires_grad_()
+    torch.manual_seed(1)
+    spikes, spikes8 = native.lif(x, 0.8, dropout=dropout, bytes=True)
+    torch.manual_seed(1)
+    assert torch.equal(spikes, native.lif(x, 0.8, dropout=dropout))
+    assert spikes8.dtype == torch.uint8 and torch.equal(spikes8, (spikes != 0).to(torch.uint8))
+    assert not spikes8.requires_grad and 0 < spikes8.float().mean() < 1
+    spikes.sum().backward()  # the uint8 copy takes no gradient
+    assert x.grad is not None
 
 
 @pytest.mark.parametrize("constant", [False, True])
