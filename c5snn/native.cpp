@@ -16,7 +16,10 @@
 // disables FMA contraction (-ffp-contract=off), so spikes and membranes are bitwise the torch
 // path's. The backward agrees to rounding (torch's `add_(alpha=beta)` may fuse its multiply).
 // Tensors are (T, M): M neurons, contiguous; the currents may be constant over T (T-stride 0,
-// the first block's input) and may be the sum of two tensors (a residual, X = a + b).
+// the first block's input) and may be the sum of two tensors (a residual, X = a + b) or carry
+// the bias of the linear layer they come from (X = a + bias[column]; its gradient is summed in
+// the backward's pass). The same pass may drop the spikes out (the FFN's dropout) and write
+// their uint8 copy for the next layer's backward, so none of these costs a pass of its own.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
