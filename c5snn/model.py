@@ -28,9 +28,10 @@ def lif_function(kernel: str) -> Callable[..., torch.Tensor]:
 
     "torch" runs the compiled CPU operator (`c5snn.native`, bitwise the same spikes) on CPU
     tensors where it could be built, else the torch recurrence (`c5snn.lif`; also under
-    torch.compile, which traces it). `dropout` > 0 drops the spikes out (0 or 1/(1-p)), in the
-    LIF's own pass on the compiled operator. "triton" is one fused CUDA kernel each way (the optional
-    `triton` package, imported only when chosen). Membranes are always fp32: under bf16 autocast
+    torch.compile, which traces it). `dropout` > 0 drops the spikes out (0 or 1/(1-p)); the
+    compiled operator adds the bias, drops out and writes the uint8 copy in its own pass.
+    "triton" is one fused CUDA kernel each way (the optional `triton` package, imported only
+    when chosen). Membranes are always fp32: under bf16 autocast
     the input current is upcast first, since a bf16 membrane (8-bit mantissa) would move spikes
     across the threshold.
     """

@@ -47,6 +47,7 @@ SOURCE = Path(__file__).with_name("native.cpp")
 CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"]
 LDFLAGS = ["-fopenmp"]
 ENV_SWITCH = "C5SNN_NATIVE"
+MAX_HEAD = 64  # native.cpp's kMaxHead: q @ kᵀ as popcounts of one 64-bit word per row
 STALE_LOCK_S = 300.0
 
 
@@ -66,7 +67,8 @@ def _cpu_flags() -> str:
 def library_name() -> str:
     """The extension's name: one per (source, flags, torch version, instruction set)."""
     digest = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(CFLAGS + LDFLAGS).encode(), torch.__version__.encode(),
+    flags = " ".join(CFLAGS + LDFLAGS)
+    for part in (SOURCE.read_bytes(), flags.encode(), torch.__version__.encode(),
                  _cpu_flags().encode()):
         digest.update(part)
     return f"c5snn_native_{digest.hexdigest()[:16]}"
@@ -221,11 +223,6 @@ def keep_mask(shape, threshold: int) -> torch.Tensor:
     return torch.ops.c5snn.keep_mask(list(shape), _seed(), threshold)
 
 
-MAX_HEAD = 64  # native.cpp's kMaxHead: q @ kᵀ as popcounts of one 64-bit word per row
-
-
-
-
 def keep_threshold(p: float) -> int:
     """The int16 threshold of drop probability `p`: an element whose 16-bit draw, read as int16,
     is >= it is kept, so P(drop) = round(p * 2^16) / 2^16 (`c5snn.ops.keep_mask`)."""
@@ -246,10 +243,10 @@ class Attention(torch.autograd.Function):
     def forward(ctx, qkv: torch.Tensor, n_heads: int, scale: float, p: float, training: bool):
         dropping = training and p > 0.0
         alpha = scale / (1.0 - p) if dropping else scale
-        ctx.dropout = (dropping, _seed() if dropping else 0, keep_threshold(p))
-        seed, threshold = ctx.dropout[1:]
+        seed, threshold = _seed() if dropping else 0, keep_threshold(p)
         out, bits = torch.ops.c5snn.attention_forward(qkv, n_heads, alpha, seed, threshold,
                                                       dropping)
+        ctx.dropout = (dropping, seed, threshold)
         ctx.save_for_backward(bits)
         ctx.n_heads, ctx.alpha = n_heads, alpha
         return out
