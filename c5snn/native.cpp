@@ -64,7 +64,6 @@ inline const int16_t* cut_draws(uint64_t seed, int64_t e0, int64_t n, int16_t* d
 // keep_mask's draw e (same seed, same numbering), so the spikes equal dropout(LIF(x)) with the
 // mask keep_mask(x.shape) would draw; kept spikes become `factor` (1 / (1 - p)).
 struct Dropout {
-  bool on = false;
   uint64_t seed = 0;
   int16_t limit = 0;
   float factor = 1.0f;
@@ -187,7 +186,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lif_forward(
   float* sp = spikes.data_ptr<float>();
   float* mp = keep ? mem.data_ptr<float>() : nullptr;
   const float b = static_cast<float>(beta);
-  const Dropout drop{dropping, static_cast<uint64_t>(seed), static_cast<int16_t>(threshold),
+  const Dropout drop{static_cast<uint64_t>(seed), static_cast<int16_t>(threshold),
                      static_cast<float>(factor)};
   uint8_t* bytes_p = want_bytes ? bytes.data_ptr<uint8_t>() : nullptr;
   TORCH_CHECK(!(dropping && residual.has_value()), "dropout is fused only without a residual");
@@ -270,7 +269,7 @@ std::tuple<at::Tensor, at::Tensor> lif_backward(const at::Tensor& grad_in, const
   const int64_t steps = mem.size(0);
   const int64_t neurons = steps ? mem.numel() / steps : 0;
   if (mem.numel() == 0) return {out, grad_bias};
-  const Dropout drop{dropping, static_cast<uint64_t>(seed), static_cast<int16_t>(threshold),
+  const Dropout drop{static_cast<uint64_t>(seed), static_cast<int16_t>(threshold),
                      static_cast<float>(factor)};
   // per-thread column sums, added in thread order: the same result for the same thread count
   const int64_t threads = at::get_num_threads();
@@ -469,7 +468,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(
   float* dst = out.data_ptr<float>();
   auto* bp = reinterpret_cast<uint64_t*>(bits.data_ptr<int64_t>());
   const float alpha = static_cast<float>(alpha_in);
-  const Dropout drop{dropping, static_cast<uint64_t>(seed_in), static_cast<int16_t>(threshold)};
+  const Dropout drop{static_cast<uint64_t>(seed_in), static_cast<int16_t>(threshold)};
   at::parallel_for(0, heads * n_seq, 8, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(w * w), keep(w, 1.0f);  // (W, W): alpha * kept count; a mask row
     std::vector<int16_t> draws(w + 8);
@@ -511,7 +510,7 @@ at::Tensor attention_backward(const at::Tensor& grad_in, const at::Tensor& bits,
   float* op = out.data_ptr<float>();
   const auto* bp = reinterpret_cast<const uint64_t*>(bits.data_ptr<int64_t>());
   const float alpha = static_cast<float>(alpha_in);
-  const Dropout drop{dropping, static_cast<uint64_t>(seed), static_cast<int16_t>(threshold)};
+  const Dropout drop{static_cast<uint64_t>(seed), static_cast<int16_t>(threshold)};
   at::parallel_for(0, heads * n_seq, 4, [&](int64_t begin, int64_t end) {
     // q, k (W, dh) and vᵀ (dh, Wp) as floats; the keep mask, kept counts and dL/dscores / alpha
     std::vector<float> qf(w * dh), kf(w * dh), vt(dh * wp, 0.0f), keepf(w * w, 1.0f),
