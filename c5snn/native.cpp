@@ -333,7 +333,6 @@ at::Tensor keep_mask(at::IntArrayRef size, int64_t seed, int64_t threshold) {
 // path's GEMMs ((count * alpha) * v, v in {0, 1}, is exact, so its sums round alike: bitwise
 // here, tests/test_native.py); the backward agrees with the torch path to rounding.
 constexpr int64_t kMaxHead = 64;
-constexpr int64_t kMaxVectors = 8;  // rows of up to 128 floats in registers (W <= 128)
 
 inline int64_t padded(int64_t n) { return (n + 15) / 16 * 16; }
 
