@@ -16,7 +16,7 @@ from torch import nn
 from c5snn import native
 from c5snn.data import N_PARTS
 from c5snn.lif import lif_torch
-from c5snn.ops import dropout_spikes, spike_attention, spike_linear
+from c5snn.ops import dropout_spikes, linear, spike_attention
 from c5snn.reference import BlockWeights, ReferenceSpikingTransformer
 
 
@@ -24,7 +24,7 @@ def lif_function(kernel: str) -> Callable[..., torch.Tensor]:
     """The multi-step LIF of a `training.lif_kernel`: `fire(x, beta, residual=None, bias=None,
     dropout=0.0, bytes=False)` gives the spikes `(T, ...)` of neurons driven by currents `x`
     (+ `residual`, both `(T, ...)`, or + a linear layer's `bias` over the last dimension); with
-    `bytes`, the pair (spikes, their uint8 copy or None) for `c5snn.ops.spike_linear`.
+    `bytes`, the pair (spikes, their uint8 copy or None) for `c5snn.ops.linear`.
 
     "torch" runs the compiled CPU operator (`c5snn.native`, bitwise the same spikes) on CPU
     tensors where it could be built, else the torch recurrence (`c5snn.lif`; also under
@@ -50,20 +50,20 @@ def lif_function(kernel: str) -> Callable[..., torch.Tensor]:
         current = x if residual is None else x + residual
         spikes = recurrence(current if bias is None else current + bias, beta)
         spikes = dropout_spikes(spikes, dropout, training=True)
-        return (spikes, None) if bytes else spikes  # SpikeLinear converts it itself
+        return (spikes, None) if bytes else spikes  # ops.linear converts it itself
 
     return fire
 
 
 def _project(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """`x @ weightᵀ` for `(T, ...)` input, the bias left to the LIF that reads it (added in its
-    pass, its gradient summed in its backward's; MKL's addmm adds it after the same sum, so the
-    currents are the same); input constant over T (stride 0) is projected once and the result
-    repeated (again stride 0)."""
+    """`x @ weightᵀ` for `(T, ...)` input (`c5snn.ops.linear`, on this CPU's faster GEMM), the
+    bias left to the LIF that reads it (added in its pass, its gradient summed in its backward's;
+    MKL's addmm adds it after the same sum, so the currents are the same); input constant over
+    T (stride 0) is projected once and the result repeated (again stride 0)."""
     if x.shape[0] > 1 and x.stride(0) == 0:
-        out = nn.functional.linear(x[0], weight)
+        out = linear(x[0], weight)
         return out.unsqueeze(0).expand(x.shape[0], *out.shape)
-    return nn.functional.linear(x, weight)
+    return linear(x, weight)
 
 
 class SpikingBlock(BlockWeights):
@@ -92,10 +92,10 @@ class SpikingBlock(BlockWeights):
         r1, r1_bytes = self._lif(x, self.beta, residual=o, bytes=True)  # LIF(x + o): (T, B, W, d)
         dropping = self.training and self.dropout > 0
         hidden, hidden_bytes = self._lif(  # (T, B, W, d_ffn): 0 or 1/(1-p)
-            spike_linear(r1, r1_bytes, self.ffn1.weight), self.beta, bias=self.ffn1.bias,
+            linear(r1, self.ffn1.weight, r1_bytes, spikes=True), self.beta, bias=self.ffn1.bias,
             dropout=self.dropout if dropping else 0.0, bytes=True)
-        f = self._lif(spike_linear(hidden, hidden_bytes, self.ffn2.weight,
-                                   1 / (1 - self.dropout) if dropping else 1.0),
+        f = self._lif(linear(hidden, self.ffn2.weight, hidden_bytes,
+                             1 / (1 - self.dropout) if dropping else 1.0, spikes=True),
                       self.beta, bias=self.ffn2.bias)
         return self._lif(r1, self.beta, residual=f)  # LIF(r1 + f): (T, B, W, d) spikes
 

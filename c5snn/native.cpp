@@ -290,6 +290,40 @@ std::tuple<at::Tensor, at::Tensor> lif_backward(const at::Tensor& grad_in, const
   return {out, grad_bias};
 }
 
+}  // namespace
+
+// oneDNN's matmul, as torch's own build carries it (the routine torch's addmm calls for bf16).
+// Declared weak: a build of torch without it (or with another signature, hence another mangled
+// name) leaves it null, and gemm() below runs torch's mm instead.
+namespace at::native {
+void mkldnn_matmul(const at::Tensor& mat1, const at::Tensor& mat2, const at::Tensor& result,
+                   float beta, float alpha) __attribute__((weak));
+}  // namespace at::native
+
+namespace {
+
+bool onednn_available() { return at::native::mkldnn_matmul != nullptr; }
+
+// a @ b for 2-D fp32 a (M, K) and b (K, N), either possibly transposed (a strided view), with
+// oneDNN where torch carries it. torch's mm on the CPU calls MKL's sgemm, which runs its AVX2
+// code on CPUs not made by Intel; oneDNN chooses its kernels by instruction set. At the model's
+// shapes (K <= 256) both sum each product in the same order, so the currents are the same
+// (tests/test_native.py); for K in the thousands (the weight gradients) they agree to rounding.
+at::Tensor gemm(const at::Tensor& a, const at::Tensor& b) {
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0),
+              "gemm needs a (M, K) and b (K, N)");
+  TORCH_CHECK(a.device().is_cpu() && b.device().is_cpu() && a.scalar_type() == at::kFloat &&
+              b.scalar_type() == at::kFloat, "gemm takes float32 CPU tensors");
+  at::Tensor out = at::empty({a.size(0), b.size(1)}, a.options());
+  if (out.numel() == 0) return out;
+  if (a.size(1) == 0) return out.zero_();
+  if (onednn_available())
+    at::native::mkldnn_matmul(a, b, out, 0.0f, 1.0f);
+  else
+    at::mm_out(out, a, b);
+  return out;
+}
+
 at::Tensor keep_mask(at::IntArrayRef size, int64_t seed, int64_t threshold) {
   at::Tensor keep = at::empty(size, at::TensorOptions().dtype(at::kByte));
   const int64_t n = keep.numel();
@@ -561,6 +595,8 @@ TORCH_LIBRARY(c5snn, m) {
   m.def("lif_backward(Tensor grad, Tensor mem, float beta, bool dropping, int seed, "
         "int threshold, float factor, int bias_columns) -> (Tensor, Tensor)");
   m.def("keep_mask(int[] size, int seed, int threshold) -> Tensor");
+  m.def("gemm(Tensor a, Tensor b) -> Tensor");
+  m.def("onednn_available() -> bool");
   m.def("attention_forward(Tensor qkv, int heads, float alpha, int seed, int threshold, "
         "bool dropping) -> (Tensor, Tensor)");
   m.def("attention_backward(Tensor grad, Tensor bits, int heads, float alpha, bool dropping, "
@@ -570,10 +606,12 @@ TORCH_LIBRARY(c5snn, m) {
 TORCH_LIBRARY_IMPL(c5snn, CPU, m) {
   m.impl("lif_forward", &lif_forward);
   m.impl("lif_backward", &lif_backward);
+  m.impl("gemm", &gemm);
   m.impl("attention_forward", &attention_forward);
   m.impl("attention_backward", &attention_backward);
 }
 
 TORCH_LIBRARY_IMPL(c5snn, CompositeExplicitAutograd, m) {
   m.impl("keep_mask", &keep_mask);  // no tensor argument to dispatch on
+  m.impl("onednn_available", &onednn_available);
 }

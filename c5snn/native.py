@@ -47,6 +47,7 @@ SOURCE = Path(__file__).with_name("native.cpp")
 CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"]
 LDFLAGS = ["-fopenmp"]
 ENV_SWITCH = "C5SNN_NATIVE"
+GEMM_SWITCH = "C5SNN_GEMM"  # "onednn" or "torch": which library runs the model's CPU GEMMs
 MAX_HEAD = 64  # native.cpp's kMaxHead: q @ kᵀ as popcounts of one 64-bit word per row
 STALE_LOCK_S = 300.0
 
@@ -100,6 +101,10 @@ def _register_flop_formulas() -> None:
         n, w, d3 = qkv_shape
         return 2 * (2 * n * w * w * (d3 // 3))
 
+    @register_flop_formula(torch.ops.c5snn.gemm)
+    def _gemm(a_shape, b_shape, *args, **kwargs) -> int:
+        return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+
     @register_flop_formula(torch.ops.c5snn.attention_backward)
     def _backward(grad_shape, *args, **kwargs) -> int:
         n, w, d = grad_shape
@@ -110,6 +115,44 @@ def serves(device: torch.device) -> bool:
     """Whether the compiled operators run on `device` here: CPU tensors, outside torch.compile
     (which traces the torch paths instead), and built or loadable on this machine."""
     return device.type == "cpu" and not torch.compiler.is_compiling() and available()
+
+
+def _cpu_vendor() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("vendor_id"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+@functools.cache
+def gemm_library() -> str:
+    """Which library runs the model's fp32 CPU GEMMs (`c5snn.ops.matmul`): "onednn" or "torch".
+
+    torch's mm calls MKL, which runs its AVX2 code on CPUs not made by Intel: on an AMD EPYC with
+    AVX-512 it reached 216 GFLOP/s on a 2048 x 2048 GEMM where oneDNN (also inside torch) reached
+    464, and 2.2-2.5x at the model's shapes (docs/benchmarks.md). So oneDNN runs them on CPUs
+    whose vendor is not Intel, where torch carries it; on Intel CPUs MKL is at home and stays.
+    `C5SNN_GEMM=onednn|torch` overrides the choice (another value is reported in one line and
+    ignored: a typo in the environment must not cost a sweep's points).
+    """
+    choice = os.environ.get(GEMM_SWITCH, "").strip().lower()
+    if choice not in ("", "onednn", "torch"):
+        print(f"c5snn: ignoring {GEMM_SWITCH}={choice!r} (expected 'onednn' or 'torch')",
+              file=sys.stderr, flush=True)
+        choice = ""
+    if not available() or not torch.ops.c5snn.onednn_available():
+        return "torch"
+    if choice:
+        return choice
+    return "torch" if _cpu_vendor() == "GenuineIntel" else "onednn"
+
+
+def gemm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """`a @ b` for 2-D fp32 CPU tensors (either may be a transposed view) on oneDNN."""
+    return torch.ops.c5snn.gemm(a, b)
 
 
 def build_directory() -> Path:
@@ -168,7 +211,7 @@ class LIF(torch.autograd.Function):
     """Spikes `(T, ...)` of LIF neurons driven by `x` (+ `residual`, or + `bias` over the last
     dimension), fp32; with `p` > 0, dropped out in the same pass (0 or 1/(1-p), `keep_mask`'s
     rule and stream); with `bytes`, also their uint8 copy (1 where nonzero), written in the same
-    pass, for a layer that keeps its input for backward (`c5snn.ops.SpikeLinear`).
+    pass, for a layer that keeps its input for backward (`c5snn.ops.Linear`).
 
     Backward keeps the membranes (fp32, one `(T, ...)` tensor) and the dropout seed (the mask
     is drawn again), returns the same dL/dX to `x` and `residual`, and sums it into dL/dbias in

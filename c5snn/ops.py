@@ -6,8 +6,9 @@ quarter of the float tensors autograd would keep). Dropout draws its uint8 keep 
 and keeps it for backward (see `keep_mask` for how it is drawn cheaply). On the CPU the compiled
 operators (`c5snn.native`) replace both: attention keeps bits, and the FFN's dropout runs inside
 its LIF. The FFN's linear maps on spikes keep a uint8 copy of their input that the LIF wrote in
-its own pass (`SpikeLinear`): converting it in a pass of its own cost 8-9% of a step, keeping
-the fp32 input instead 14-18% more peak memory (docs/benchmarks.md).
+its own pass (`Linear`): converting it in a pass of its own cost 8-9% of a step, keeping the
+fp32 input instead 14-18% more peak memory (docs/benchmarks.md). The model's GEMMs all go
+through `matmul`, which picks the faster GEMM library for this CPU.
 """
 
 from __future__ import annotations
@@ -142,35 +143,55 @@ def _head(qkv: torch.Tensor, i: int, d: int, dh: int):
             qkv[..., 2 * d + i * dh:2 * d + (i + 1) * dh])
 
 
-class SpikeLinear(torch.autograd.Function):
-    """`x @ Wᵀ` for `x` whose entries are 0 or `value` (spikes, or dropped-out spikes), keeping
-    `x` for the weight gradient as uint8 (`x8`, 1 where nonzero): a quarter of the fp32 tensor
-    autograd's linear would keep. The bias is added by the LIF that reads the output.
+def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """`a @ b` for 2-D `a` and `b` (either may be a transposed view): the model's GEMMs. fp32 CPU
+    tensors go to the library `c5snn.native.gemm_library()` chose for this machine (oneDNN
+    where MKL would run its AVX2 code, docs/benchmarks.md); the rest (CUDA, autocast) to torch."""
+    if (a.dtype == torch.float32 and b.dtype == torch.float32 and native.serves(a.device)
+            and not torch.is_autocast_enabled(a.device.type)
+            and native.gemm_library() == "onednn"):
+        return native.gemm(a, b)
+    return a @ b
 
-    `x8` comes from the LIF that made `x`, written in its pass (`c5snn.native.lif(bytes=True)`);
-    where none was made (the torch paths) it is converted here.
+
+class Linear(torch.autograd.Function):
+    """`x @ Wᵀ` on `matmul`, without bias (the LIF that reads it adds it in its pass), keeping
+    for backward `x` itself or, for spike input (entries 0 or `value`: spikes or dropped-out
+    spikes), a uint8 copy (1 where nonzero): a quarter of the fp32 tensor.
+
+    The uint8 copy is `x8` where the LIF that made `x` wrote it in its own pass
+    (`c5snn.native.lif(bytes=True)`); with `spikes` and no `x8` (the torch paths) it is
+    converted here. Backward runs the two GEMMs autograd's linear would, on `matmul`.
     """
 
     @staticmethod
-    def forward(ctx, x, x8, weight, value: float):
-        ctx.save_for_backward(x.to(torch.uint8) if x8 is None else x8, weight)
-        ctx.value = value
-        return torch.nn.functional.linear(x, weight)
+    def forward(ctx, x, x8, weight, value: float, spikes: bool):
+        kept = x8 if x8 is not None else x.to(torch.uint8) if spikes else x
+        ctx.save_for_backward(kept, weight)
+        ctx.value, ctx.spikes = value, x8 is not None or spikes
+        out = matmul(x.reshape(-1, x.shape[-1]), weight.t())  # (rows, out)
+        return out.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, grad_out):
-        x8, weight = ctx.saved_tensors
+        kept, weight = ctx.saved_tensors
         dtype = grad_out.dtype  # bf16 under autocast; autograd casts the grads back to fp32
         flat = grad_out.reshape(-1, grad_out.shape[-1])  # (rows, out)
-        x = x8.reshape(-1, x8.shape[-1]).to(dtype)  # (rows, in): 0 or 1
-        grad_w = (flat.t() @ x).mul_(ctx.value) if ctx.value != 1.0 else flat.t() @ x
-        return grad_out @ weight.to(dtype), None, grad_w, None
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = matmul(flat, weight.to(dtype)).view(*grad_out.shape[:-1], weight.shape[1])
+        if ctx.needs_input_grad[2]:
+            x = kept.reshape(-1, kept.shape[-1]).to(dtype)  # (rows, in): 0/1 for a uint8 copy
+            grad_w = matmul(flat.t(), x)
+            if ctx.spikes and ctx.value != 1.0:
+                grad_w.mul_(ctx.value)
+        return grad_x, None, grad_w, None, None
 
 
-def spike_linear(x, x8, weight, value: float = 1.0):
-    """`x @ weightᵀ` for 0/`value` input `x`, keeping its uint8 copy `x8` (or one made here when
-    None) for backward instead of `x`."""
-    return SpikeLinear.apply(x, x8, weight, value)
+def linear(x, weight, x8=None, value: float = 1.0, spikes: bool = False):
+    """`x @ weightᵀ` (see `Linear`). For spike input `x` (0 or `value`), pass its uint8 copy `x8`
+    or `spikes=True` to keep a quarter of the bytes for backward; else `x` is kept."""
+    return Linear.apply(x, x8, weight, value, spikes)
 
 
 def spike_attention(qkv, n_heads: int, scale: float, p: float, training: bool):

@@ -1,7 +1,9 @@
+import pytest
 import torch
 
+from c5snn import native
 from c5snn.lif import lif_torch as lif
-from c5snn.ops import dropout_spikes, keep_mask, spike_attention, spike_linear
+from c5snn.ops import dropout_spikes, keep_mask, linear, spike_attention
 
 
 def test_keep_mask_rate():
@@ -68,18 +70,32 @@ def test_spike_attention_dropout_matches_reference_with_the_same_mask():
         assert torch.allclose(fast, slow.grad.transpose(1, 2).reshape(3, 10, 8), atol=1e-5)
 
 
-def test_spike_linear_matches_linear_on_scaled_spikes_keeping_their_uint8_copy():
+@pytest.mark.parametrize("library", ["onednn", "torch"])
+def test_linear_matches_torch_linear_keeping_spikes_as_their_uint8_copy(library, monkeypatch):
+    """`ops.linear` on either GEMM library: spike input (0 or 1/(1-p)) is kept as uint8, made
+    here or by the LIF that made it; other input (attention's output) is kept as it is and gets
+    its gradient too."""
+    if library == "onednn" and not (native.available() and torch.ops.c5snn.onednn_available()):
+        pytest.skip("no compiled operators or no oneDNN in this torch")
+    monkeypatch.setattr(native, "gemm_library", lambda: library)
     torch.manual_seed(0)
     layer = torch.nn.Linear(6, 4, bias=False)
-    x = (torch.rand(2, 5, 6) < 0.5).float() / 0.9
+    spikes = (torch.rand(2, 5, 6) < 0.5).float() / 0.9
     w = torch.randn(2, 5, 4)
-    for x8 in (None, (x != 0).to(torch.uint8)):  # made here, or by the LIF that made x
+    cases = [(spikes, None, True), (spikes, (spikes != 0).to(torch.uint8), True),
+             (torch.randn(2, 5, 6), None, False)]
+    for x, x8, is_spikes in cases:
+        x = x.clone().requires_grad_(True)
         layer.zero_grad()
-        out = spike_linear(x, x8, layer.weight, 1 / 0.9)
-        assert out.grad_fn.saved_tensors[0].dtype == torch.uint8  # not the fp32 input
+        out = linear(x, layer.weight, x8, 1 / 0.9 if is_spikes else 1.0, spikes=is_spikes)
+        kept = out.grad_fn.saved_tensors[0]
+        assert kept.dtype == (torch.uint8 if is_spikes else torch.float32)
         (out * w).sum().backward()
-        grad = layer.weight.grad.clone()
+        grad_w, grad_x = layer.weight.grad.clone(), x.grad.clone()
         layer.zero_grad()
+        x.grad = None
         ref = layer(x)
         (ref * w).sum().backward()
-        assert torch.allclose(out, ref) and torch.allclose(grad, layer.weight.grad, atol=1e-6)
+        assert torch.allclose(out, ref, rtol=1e-6, atol=1e-7)
+        assert torch.allclose(grad_w, layer.weight.grad, atol=1e-6)
+        assert torch.allclose(grad_x, x.grad, atol=1e-6)

@@ -18,15 +18,22 @@ def _pair(encoding, n_layers, d_model=64, n_heads=2):
     return fast.train(), oracle.train()
 
 
-@pytest.mark.parametrize("kernels", ["native", "torch"])
+@pytest.mark.parametrize("kernels", ["native", "native-mkl", "torch"])
 @pytest.mark.parametrize("encoding", ["direct", "rate_coded"])
 @pytest.mark.parametrize("n_layers", [2, 6])
 def test_fast_model_matches_snntorch_oracle(encoding, n_layers, kernels, monkeypatch):
-    """Both CPU paths of the fast model: the compiled operators and their torch fallback."""
-    if kernels == "native" and not native.available():
+    """Every CPU path of the fast model: the compiled operators with the GEMMs on oneDNN (the
+    choice off Intel CPUs) or on torch's mm (MKL, on Intel), and the torch fallback."""
+    if kernels != "torch" and not native.available():
         pytest.skip("no C++ compiler on this machine")
+    if kernels == "native" and not torch.ops.c5snn.onednn_available():
+        pytest.skip("this build of torch carries no oneDNN")
     if kernels == "torch":
         monkeypatch.setattr(native, "available", lambda: False)
+    monkeypatch.setattr(native, "gemm_library",
+                        lambda: "onednn" if kernels == "native" else "torch")
+    calls = []
+    monkeypatch.setattr(native, "gemm", lambda a, b: calls.append(1) or torch.ops.c5snn.gemm(a, b))
     fast, oracle = _pair(encoding, n_layers)
     x = (torch.rand(6, 20, 39, generator=torch.Generator().manual_seed(1)) < 5 / 39).float()
     out_fast, rates = fast(x, return_spike_rates=True)
@@ -41,6 +48,8 @@ def test_fast_model_matches_snntorch_oracle(encoding, n_layers, kernels, monkeyp
         ref = oracle_params[name].grad
         assert ref.norm() > 0, name
         assert (p.grad - ref).norm() / ref.norm() <= 1e-4, name  # relative error, L2
+    # every block's four linear maps each way (forward, dL/dx, dL/dW), on oneDNN when chosen
+    assert len(calls) == (12 * n_layers if kernels == "native" else 0)
 
 
 def test_parameter_count_fingerprint():

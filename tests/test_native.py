@@ -180,6 +180,61 @@ def test_attention_is_the_same_on_any_number_of_threads_and_keeps_only_bits():
     assert bits.shape == (3, 2, 40, 90) and bits.dtype == torch.int64
 
 
+needs_onednn = pytest.mark.skipif(
+    not (native.available() and torch.ops.c5snn.onednn_available()),
+    reason="this build of torch carries no oneDNN")
+
+
+@needs_onednn
+@pytest.mark.parametrize("m, k, n", [(5760, 64, 192), (2880, 128, 64), (1000, 256, 13),
+                                     (7, 3, 5), (64, 20000, 48)])
+def test_gemm_agrees_with_torch_mm_on_plain_and_transposed_operands(m, k, n):
+    """The model's GEMMs (K = 64..256 over many rows), its weight gradients (K = all rows,
+    operands transposed views) and odd sizes."""
+    g = torch.Generator().manual_seed(m + k + n)
+    a = (torch.rand(m, k, generator=g) < 0.3).float()
+    b = torch.randn(k, n, generator=g)
+    for x, y in ((a, b), (a.t().contiguous().t(), b), (a, b.t().contiguous().t())):
+        ref = x @ y
+        out = native.gemm(x, y)
+        assert out.shape == ref.shape and out.is_contiguous()
+        assert (out - ref).norm() <= 1e-6 * ref.norm()
+    grad = torch.randn(k, m, generator=g)  # dL/dW = gradᵀ-style product over m rows
+    assert (native.gemm(grad, a) - grad @ a).norm() <= 1e-6 * (grad @ a).norm()
+    assert torch.equal(native.gemm(a[:, :0], b[:0]), torch.zeros(m, n))
+
+
+@needs_onednn
+def test_flop_counter_counts_gemm_as_torchs_mm():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    a, b = torch.randn(300, 64), torch.randn(64, 96)
+    counted = []
+    for f in (torch.mm, native.gemm):
+        with FlopCounterMode(display=False) as counter:
+            f(a, b)
+        counted.append(counter.get_total_flops())
+    assert counted == [2 * 300 * 64 * 96] * 2
+
+
+def test_gemm_library_defaults_by_cpu_vendor_and_takes_an_override(monkeypatch, capsys):
+    choose = native.gemm_library.__wrapped__  # uncached
+    onednn = torch.ops.c5snn.onednn_available()
+    monkeypatch.delenv(native.GEMM_SWITCH, raising=False)
+    for vendor, expected in (("GenuineIntel", "torch"), ("AuthenticAMD", "onednn")):
+        monkeypatch.setattr(native, "_cpu_vendor", lambda vendor=vendor: vendor)
+        assert choose() == (expected if onednn else "torch")
+    monkeypatch.setenv(native.GEMM_SWITCH, "torch")
+    assert choose() == "torch"
+    monkeypatch.setenv(native.GEMM_SWITCH, "onednn")
+    monkeypatch.setattr(native, "_cpu_vendor", lambda: "GenuineIntel")
+    assert choose() == ("onednn" if onednn else "torch")
+    monkeypatch.setenv(native.GEMM_SWITCH, "mkl")  # a typo: one line, then the default
+    assert choose() == "torch"
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["c5snn: ignoring C5SNN_GEMM='mkl' (expected 'onednn' or 'torch')"]
+
+
 def test_the_library_runs_on_torchs_openmp_threads():
     """ATen's parallel_for is inline: compiled without OpenMP it runs every operator on one
     thread (it did, unnoticed, until the attention operator was profiled). The library must
