@@ -7,7 +7,8 @@
 // (B, W, d) slice, so every step reads and writes the membranes from memory again. Here each
 // thread owns a block of neurons and walks all T steps with the membranes in a small stack
 // buffer: forward reads the currents once and writes spikes (and, for backward, membranes);
-// backward reads dL/dS and the membranes once and writes dL/dX.
+// backward reads dL/dS and the membranes once and writes dL/dX. Blocks of 1024 neurons (4 KB
+// per time step and tensor) and stores that bypass the cache: these passes are memory-bound.
 //
 //   U[t] = beta * U[t-1] + X[t] - S[t-1]      S[t] = H(U[t] - 1)
 //   dL/dU[t] = dL/dS[t] / (25|U[t]-1| + 1)^2 + beta * dL/dU[t+1]
@@ -32,11 +33,15 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
 namespace {
 
 constexpr float kThreshold = 1.0f;
 constexpr float kSlope = 25.0f;
-constexpr int64_t kChunk = 256;  // neurons whose membranes a thread keeps on its stack
+constexpr int64_t kChunk = 1024;  // neurons whose membranes a thread keeps on its stack
 
 // Dropout. The keep mask of element i comes from a counter-based generator: 64-bit word i/4 is
 // splitmix64(seed + i/4), and its (i%4)-th 16-bit lane, read as int16, keeps the element when
@@ -99,6 +104,68 @@ inline void tile_bias(const float* bias, int64_t columns, int64_t i0, int64_t n,
   }
 }
 
+// Streaming stores: the LIF's outputs (spikes, membranes, uint8 copies) are larger than the
+// caches and are read next by another pass, so they are written around the cache. A plain store
+// first reads the line it writes (read for ownership), so it costs twice the bytes. Callers end
+// their task with stream_fence() so that the stores are visible to the next reader.
+inline void stream_floats(float* __restrict__ dst, const float* __restrict__ src, int64_t n) {
+  int64_t j = 0;
+#if defined(__AVX512F__)
+  for (; j < n && (reinterpret_cast<uintptr_t>(dst + j) & 63); ++j) dst[j] = src[j];
+  for (; j + 16 <= n; j += 16) _mm512_stream_ps(dst + j, _mm512_loadu_ps(src + j));
+#elif defined(__AVX__)
+  for (; j < n && (reinterpret_cast<uintptr_t>(dst + j) & 31); ++j) dst[j] = src[j];
+  for (; j + 8 <= n; j += 8) _mm256_stream_ps(dst + j, _mm256_loadu_ps(src + j));
+#endif
+  for (; j < n; ++j) dst[j] = src[j];
+}
+
+inline void stream_bytes(uint8_t* __restrict__ dst, const uint8_t* __restrict__ src, int64_t n) {
+  int64_t j = 0;
+#if defined(__AVX512F__)
+  for (; j < n && (reinterpret_cast<uintptr_t>(dst + j) & 63); ++j) dst[j] = src[j];
+  for (; j + 64 <= n; j += 64)
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(dst + j),
+                        _mm512_loadu_si512(reinterpret_cast<const void*>(src + j)));
+#endif
+  for (; j < n; ++j) dst[j] = src[j];
+}
+
+inline void stream_fence() {
+#if defined(__SSE2__) || defined(__x86_64__)
+  _mm_sfence();
+#endif
+}
+
+// One time step of n <= kChunk neurons: membranes u and last spikes s (the neurons' state,
+// updated in place) driven by currents a (+ b: the residual's or the bias's values for these
+// neurons); writes the spikes (dropped out with draws dt), their uint8 copy and the membranes.
+template <Addend kAdd, bool kKeepMembranes, bool kDrop, bool kBytes>
+inline void lif_step(int64_t t, int64_t n, float beta, const float* __restrict__ a,
+                     const float* __restrict__ b, float* __restrict__ u, float* __restrict__ s,
+                     float* __restrict__ st, float* __restrict__ mt, uint8_t* __restrict__ bt8,
+                     const int16_t* __restrict__ dt, const Dropout& dr) {
+  // t = 0: U = X (zero membrane, no reset), as the torch path's first step
+  const float decay = t == 0 ? 0.0f : beta;
+  const int16_t limit = dr.limit;
+  const float factor = dr.factor;
+  float out[kChunk];
+  uint8_t out8[kChunk];
+  for (int64_t j = 0; j < n; ++j) {
+    const float x = kAdd != kNone ? a[j] + b[j] : a[j];
+    const float v = t == 0 ? x : (u[j] * decay + x) - s[j];
+    const float spike = v > kThreshold ? 1.0f : 0.0f;
+    u[j] = v;
+    s[j] = spike;
+    const float o = kDrop ? (dt[j] >= limit ? factor : 0.0f) * spike : spike;
+    out[j] = o;
+    if (kBytes) out8[j] = o != 0.0f;
+  }
+  stream_floats(st, out, n);
+  if (kKeepMembranes) stream_floats(mt, u, n);
+  if (kBytes) stream_bytes(bt8, out8, n);
+}
+
 template <Addend kAdd, bool kKeepMembranes, bool kDrop, bool kBytes>
 void forward_chunks(const float* a, int64_t sa, const float* b, int64_t sb, int64_t columns,
                     float* spikes, float* mem, uint8_t* bytes, float beta, int64_t steps,
@@ -113,29 +180,16 @@ void forward_chunks(const float* a, int64_t sa, const float* b, int64_t sb, int6
       const int64_t n = std::min(kChunk, end - i0);
       if (kAdd == kBias) tile_bias(b, columns, i0, n, bias);
       for (int64_t t = 0; t < steps; ++t) {
-        const float* __restrict__ at_ = a + t * sa + i0;
-        const float* __restrict__ bt =
+        const float* bt =
             kAdd == kResidual ? b + t * sb + i0 : (kAdd == kBias ? bias : nullptr);
-        float* __restrict__ st = spikes + t * neurons + i0;
-        float* __restrict__ mt = kKeepMembranes ? mem + t * neurons + i0 : nullptr;
-        uint8_t* __restrict__ bt8 = kBytes ? bytes + t * neurons + i0 : nullptr;
-        const int16_t* __restrict__ dt =
-            kDrop ? cut_draws(dr.seed, t * neurons + i0, n, draws) : nullptr;
-        // t = 0: U = X (zero membrane, no reset), as the torch path's first step
-        const float decay = t == 0 ? 0.0f : beta;
-        for (int64_t j = 0; j < n; ++j) {
-          const float x = kAdd != kNone ? at_[j] + bt[j] : at_[j];
-          const float v = t == 0 ? x : (u[j] * decay + x) - s[j];
-          const float spike = v > kThreshold ? 1.0f : 0.0f;
-          u[j] = v;
-          s[j] = spike;
-          const float out = kDrop ? (dt[j] >= dr.limit ? dr.factor : 0.0f) * spike : spike;
-          st[j] = out;
-          if (kBytes) bt8[j] = out != 0.0f;
-          if (kKeepMembranes) mt[j] = v;
-        }
+        lif_step<kAdd, kKeepMembranes, kDrop, kBytes>(
+            t, n, beta, a + t * sa + i0, bt, u, s, spikes + t * neurons + i0,
+            kKeepMembranes ? mem + t * neurons + i0 : nullptr,
+            kBytes ? bytes + t * neurons + i0 : nullptr,
+            kDrop ? cut_draws(dr.seed, t * neurons + i0, n, draws) : nullptr, dr);
       }
     }
+    stream_fence();
   });
 }
 
@@ -226,7 +280,7 @@ void backward_chunks(const float* gp, const float* up, float* op, float b, int64
       for (int64_t t = steps - 1; t >= 0; --t) {
         const float* __restrict__ gt = gp + t * neurons + i0;
         const float* __restrict__ ut = up + t * neurons + i0;
-        float* __restrict__ ot = op + t * neurons + i0;
+        float* ot = op + t * neurons + i0;
         const int16_t* __restrict__ dt =
             kDrop ? cut_draws(dr.seed, t * neurons + i0, n, draws) : nullptr;
         const float decay = t == steps - 1 ? 0.0f : b;  // nothing flows back from after T
@@ -236,9 +290,9 @@ void backward_chunks(const float* gp, const float* up, float* op, float b, int64
           const float gs = kDrop ? (dt[j] >= dr.limit ? gt[j] * dr.factor : 0.0f) : gt[j];
           const float g = t == steps - 1 ? gs / d : gs / d + decay * next[j];
           next[j] = g;
-          ot[j] = g;
           if (kColumnSums) total[j] += g;
         }
+        stream_floats(ot, next, n);
       }
       if (kColumnSums) {
         int64_t c = i0 % columns;
@@ -248,6 +302,7 @@ void backward_chunks(const float* gp, const float* up, float* op, float b, int64
         }
       }
     }
+    stream_fence();
   });
 }
 
