@@ -11,6 +11,10 @@
    the two 6-layer configurations' shapes; the dropout keep mask of a (2, 640, 90, 90)
    attention-score tensor. Best of 10 after a warm-up, in this process (flushed), on the
    allocator it was started with (jemalloc, as c5snn's workers, in docs/benchmarks.md).
+3. The model's GEMMs on the two libraries inside torch: torch's mm (MKL) and oneDNN
+   (`c5snn.native.gemm`, what `c5snn.ops.matmul` runs off Intel CPUs): each 6-layer
+   configuration's linear maps at B=64, W=90, T=10 (57,600 rows), forward, dL/dx and dL/dW,
+   and a 2048 x 2048 GEMM. Same process, same threads.
 
     .venv/bin/python benchmarks/bench_kernels.py [--threads 2]
 """
@@ -111,6 +115,31 @@ def attention_rows(d: int, heads: int) -> list[tuple[str, float, float]]:
     return rows
 
 
+def gemm_rows() -> list[tuple[str, float, float]]:
+    """(shape, torch mm ms, oneDNN ms) for the model's GEMMs; spikes as the forward's input."""
+    import torch
+
+    from c5snn import native
+
+    if not torch.ops.c5snn.onednn_available():
+        return []
+    rows, n = [], 57600
+    layers = {64: (("qkv", 64, 192), ("o", 64, 64), ("ffn1", 64, 128), ("ffn2", 128, 64)),
+              128: (("qkv", 128, 384), ("o", 128, 128), ("ffn1", 128, 256), ("ffn2", 256, 128))}
+    for d, maps in layers.items():
+        for name, k, m in maps:
+            x = (torch.rand(n, k) < 0.3).float()
+            w, g = torch.randn(m, k), torch.randn(n, m)
+            for what, a, b in (("x @ Wᵀ", x, w.t()), ("dL/dx", g, w), ("dL/dW", g.t(), x)):
+                rows.append((f"d{d} {name} {what}: ({a.shape[0]}, {a.shape[1]}) @ "
+                             f"({b.shape[0]}, {b.shape[1]})",
+                             best_ms(lambda a=a, b=b: torch.mm(a, b)),
+                             best_ms(lambda a=a, b=b: native.gemm(a, b))))
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    rows.append(("2048 x 2048", best_ms(lambda: torch.mm(a, b)), best_ms(lambda: native.gemm(a, b))))
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -134,6 +163,10 @@ def main() -> None:
     print("|---|---|---|---|")
     for name, slow, fast in kernels(args.threads):
         print(f"| {name} | {slow:.2f} | {fast:.2f} | {slow / fast:.1f}x |")
+    print("\n| GEMM | torch mm (MKL) ms | oneDNN ms | oneDNN speed-up |")
+    print("|---|---|---|---|")
+    for name, mkl, dnnl in gemm_rows():
+        print(f"| {name} | {mkl:.2f} | {dnnl:.2f} | {mkl / dnnl:.2f}x |")
 
 
 if __name__ == "__main__":
