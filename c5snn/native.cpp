@@ -439,7 +439,7 @@ inline void keep_floats(const Dropout& dr, int64_t e0, int64_t n, int16_t* draws
 using vec16 = float __attribute__((vector_size(64)));
 using vec16u = float __attribute__((vector_size(64), aligned(4)));
 #ifdef __AVX512F__
-constexpr int kRegisterBudget = 8;  // vec16 accumulators: 8 of 32 zmm registers
+constexpr int kRegisterBudget = 12;  // vec16 accumulators: 12 of 32 zmm registers
 #else
 constexpr int kRegisterBudget = 4;  // 8 of 16 ymm registers
 #endif
