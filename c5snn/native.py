@@ -52,17 +52,31 @@ MAX_HEAD = 64  # native.cpp's kMaxHead: q @ kᵀ as popcounts of one 64-bit word
 STALE_LOCK_S = 300.0
 
 
-def _cpu_flags() -> str:
-    """This CPU's instruction-set flags (the build uses -march=native)."""
+def _cpuinfo(field: str) -> str | None:
+    """The first line of /proc/cpuinfo that starts with `field`, or None (no such file or line)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
+            if line.startswith(field):
                 return line
     except OSError:
         pass
+    return None
+
+
+def _cpu_flags() -> str:
+    """This CPU's instruction-set flags (the build uses -march=native)."""
+    line = _cpuinfo("flags")
+    if line is not None:
+        return line
     import platform
 
     return platform.processor() or platform.machine()
+
+
+def _cpu_vendor() -> str:
+    """"GenuineIntel", "AuthenticAMD", ...; "" where /proc/cpuinfo does not say."""
+    line = _cpuinfo("vendor_id")
+    return line.split(":", 1)[1].strip() if line else ""
 
 
 def library_name() -> str:
@@ -117,24 +131,15 @@ def serves(device: torch.device) -> bool:
     return device.type == "cpu" and not torch.compiler.is_compiling() and available()
 
 
-def _cpu_vendor() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("vendor_id"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
-
-
 @functools.cache
 def gemm_library() -> str:
     """Which library runs the model's fp32 CPU GEMMs (`c5snn.ops.matmul`): "onednn" or "torch".
 
     torch's mm calls MKL, which runs its AVX2 code on CPUs not made by Intel: on an AMD EPYC with
-    AVX-512 it reached 216 GFLOP/s on a 2048 x 2048 GEMM where oneDNN (also inside torch) reached
-    464, and 2.2-2.5x at the model's shapes (docs/benchmarks.md). So oneDNN runs them on CPUs
-    whose vendor is not Intel, where torch carries it; on Intel CPUs MKL is at home and stays.
+    AVX-512 a 2048 x 2048 GEMM ran at 203-233 GFLOP/s on MKL and 434-483 on oneDNN (also inside
+    torch), and the model's GEMMs 1.4-2.9x faster on oneDNN (docs/benchmarks.md). So oneDNN runs
+    them on CPUs whose vendor is not Intel, where torch carries it; on Intel CPUs MKL is at home
+    and stays (oneDNN was not measured there).
     `C5SNN_GEMM=onednn|torch` overrides the choice (another value is reported in one line and
     ignored: a typo in the environment must not cost a sweep's points).
     """
