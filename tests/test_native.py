@@ -199,8 +199,9 @@ def test_gemm_agrees_with_torch_mm_on_plain_and_transposed_operands(m, k, n):
         out = native.gemm(x, y)
         assert out.shape == ref.shape and out.is_contiguous()
         assert (out - ref).norm() <= 1e-6 * ref.norm()
-    grad = torch.randn(k, m, generator=g)  # dL/dW = gradᵀ-style product over m rows
-    assert (native.gemm(grad, a) - grad @ a).norm() <= 1e-6 * (grad @ a).norm()
+    grad = torch.randn(m, n, generator=g)  # dL/dW = gradᵀ @ a: summed over the m rows
+    ref = grad.t() @ a
+    assert (native.gemm(grad.t(), a) - ref).norm() <= 1e-6 * ref.norm()
     assert torch.equal(native.gemm(a[:, :0], b[:0]), torch.zeros(m, n))
 
 
