@@ -237,10 +237,11 @@ class LIF(torch.autograd.Function):
         if not bytes:
             return spikes
         ctx.mark_non_differentiable(spikes8)
+        ctx.set_materialize_grads(False)  # else autograd fills a zero "gradient" for the bytes
         return spikes, spikes8
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor, *unused):
+    def backward(ctx, grad: torch.Tensor, *unused):  # only the spikes carry a gradient
         (mem,) = ctx.saved_tensors
         columns = mem.shape[-1] if ctx.needs_input_grad[2] else 0
         grad_x, grad_bias = torch.ops.c5snn.lif_backward(grad, mem, ctx.beta, *ctx.dropout,
