@@ -58,8 +58,9 @@ def lif_function(kernel: str) -> Callable[..., torch.Tensor]:
 def _project(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """`x @ weightᵀ` for `(T, ...)` input (`c5snn.ops.linear`, on this CPU's faster GEMM), the
     bias left to the LIF that reads it (added in its pass, its gradient summed in its backward's;
-    MKL's addmm adds it after the same sum, so the currents are the same); input constant over
-    T (stride 0) is projected once and the result repeated (again stride 0)."""
+    addmm adds it after the same sum too, so the currents are the layer's on the same GEMM
+    library); input constant over T (stride 0) is projected once and the result repeated (again
+    stride 0)."""
     if x.shape[0] > 1 and x.stride(0) == 0:
         out = linear(x[0], weight)
         return out.unsqueeze(0).expand(x.shape[0], *out.shape)
