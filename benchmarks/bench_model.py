@@ -43,7 +43,7 @@ from c5snn.runtime import allocator_environments  # noqa: E402
 # The ops that carry the step's counted FLOPs: torch's GEMMs and c5snn's attention operators
 # (whose matmuls FlopCounterMode counts as the torch path's bmm's, `c5snn.native`).
 GEMMS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "c5snn::gemm",
-         "c5snn::attention_forward", "c5snn::attention_backward")
+         "c5snn::weight_grad", "c5snn::attention_forward", "c5snn::attention_backward")
 CONFIGS = {
     "d64_h2_l2_direct": dict(d_model=64, n_heads=2, n_layers=2, encoding="direct"),
     "d64_h2_l6_rate": dict(d_model=64, n_heads=2, n_layers=6, encoding="rate_coded"),

@@ -643,6 +643,138 @@ at::Tensor attention_backward(const at::Tensor& grad_in, const at::Tensor& bits,
   return out;
 }
 
+// dL/dW of a linear layer: gᵀ @ x for dL/dY g (R, M) and the layer's input x (R, N), fp32 or its
+// uint8 copy (spikes: 1 where nonzero), times `scale` (a dropped-out spike's value). R is every
+// row of the batch (T * B * W, ~57,600 here), M and N the layer's widths (64..384): a GEMM whose
+// long dimension is the sum's, which oneDNN ran at 55-65% of its rate on the model's other
+// GEMMs (docs/benchmarks.md). Here each thread sums a contiguous range of rows into its own
+// (N, Mp) buffer, dL/dWᵀ (Mp: M rounded up to 16), a block of kRows rows at a time. Per block,
+// x is copied (uint8 converted) into tiles of kTileN columns laid out row after row, so that a
+// tile's kTileN values of a row lie together; a tile of kTileN by kTileV vectors of 16 of M is
+// summed over the block's rows in registers, each row of g read as whole vectors where it lies
+// and broadcast values of x read in order. Sums start at zero in each block and are then added
+// to the thread's buffer, and the threads' buffers in thread order: rows are summed in blocks,
+// so the rounding error grows with kRows + R / kRows, not R.
+constexpr int64_t kRows = 128;
+#ifdef __AVX512F__
+constexpr int kTileN = 6, kTileV = 4;  // 24 zmm accumulators, 4 for g and 1 broadcast
+#else
+constexpr int kTileN = 4, kTileV = 1;  // 8 ymm accumulators
+#endif
+
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=fast")
+
+// c[i][16v ..] += sum_{k < rows} a[k * kN + i] * g[k * gs + 16v ..] for i < kN, v < kV.
+template <int kN, int kV>
+inline void outer_tile(float* __restrict__ c, int64_t cs, const float* __restrict__ a,
+                       int64_t as, const float* __restrict__ g, int64_t gs, int64_t rows, const float* pf) {
+  vec16 acc[kN][kV] = {};
+  for (int64_t k = 0; k < rows; ++k) {
+    const auto* gr = reinterpret_cast<const vec16u*>(g + k * gs);
+    if (pf) for (int v = 0; v < kV; ++v) __builtin_prefetch(pf + k * gs + 16 * v);
+    vec16 gv[kV];
+    for (int v = 0; v < kV; ++v) gv[v] = gr[v];
+    for (int i = 0; i < kN; ++i) {
+      const float x = a[k * as + i];
+      for (int v = 0; v < kV; ++v) acc[i][v] += x * gv[v];
+    }
+  }
+  for (int i = 0; i < kN; ++i)
+    for (int v = 0; v < kV; ++v) *reinterpret_cast<vec16u*>(c + i * cs + 16 * v) += acc[i][v];
+}
+
+#pragma GCC pop_options
+
+// One tile of kN rows of c (N, mp): all mp / 16 vectors of columns.
+template <int kN>
+void outer_row_tiles(float* c, int64_t mp, const float* a, int64_t as, const float* g, int64_t gs,
+                     int64_t rows, const float* pf) {
+  const int64_t vectors = mp / 16;
+  int64_t v = 0;
+  for (; v + kTileV <= vectors; v += kTileV)
+    outer_tile<kN, kTileV>(c + 16 * v, mp, a, as, g + 16 * v, gs, rows, pf ? pf + 16 * v : nullptr);
+  if constexpr (kTileV > 1) {
+    const auto rest = [&](auto width) {
+      outer_tile<kN, decltype(width)::value>(c + 16 * v, mp, a, as, g + 16 * v, gs, rows,
+                                             pf ? pf + 16 * v : nullptr);
+    };
+    switch (vectors - v) {
+      case 1: rest(std::integral_constant<int, 1>{}); break;
+      case 2: if constexpr (kTileV > 2) rest(std::integral_constant<int, 2>{}); break;
+      case 3: if constexpr (kTileV > 3) rest(std::integral_constant<int, 3>{}); break;
+      default: break;
+    }
+  }
+}
+
+// The tile of x's columns n0 .. n0 + w (w <= kTileN), rows r0 .. r0 + rows: `a` holds them row
+// after row (w values per row); `c` is the tile's first row of the (N, mp) sums.
+void outer_tile_any(int w, float* c, int64_t mp, const float* a, int64_t as, const float* g, int64_t gs,
+                    int64_t rows, const float* pf) {
+  switch (w) {
+    case 6: if constexpr (kTileN >= 6) return outer_row_tiles<6>(c, mp, a, as, g, gs, rows, pf); break;
+    case 5: if constexpr (kTileN >= 5) return outer_row_tiles<5>(c, mp, a, as, g, gs, rows, pf); break;
+    case 4: return outer_row_tiles<4>(c, mp, a, as, g, gs, rows, pf);
+    case 3: return outer_row_tiles<3>(c, mp, a, as, g, gs, rows, pf);
+    case 2: return outer_row_tiles<2>(c, mp, a, as, g, gs, rows, pf);
+    case 1: return outer_row_tiles<1>(c, mp, a, as, g, gs, rows, pf);
+    default: break;
+  }
+  TORCH_CHECK(false, "weight_grad: bad tile width");
+}
+
+at::Tensor weight_grad(const at::Tensor& g_in, const at::Tensor& x_in, double scale) {
+  TORCH_CHECK(g_in.dim() == 2 && x_in.dim() == 2 && g_in.size(0) == x_in.size(0),
+              "weight_grad needs g (R, M) and x (R, N)");
+  TORCH_CHECK(g_in.device().is_cpu() && x_in.device().is_cpu() &&
+              g_in.scalar_type() == at::kFloat &&
+              (x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kByte),
+              "weight_grad takes a float32 g and a float32 or uint8 x, on the CPU");
+  const at::Tensor g = g_in.contiguous(), x = x_in.contiguous();
+  const int64_t rows = g.size(0), m = g.size(1), n = x.size(1), mp = (m + 15) / 16 * 16;
+  at::Tensor out = at::zeros({m, n}, g.options());
+  if (out.numel() == 0 || rows == 0) return out;
+  const bool bytes = x.scalar_type() == at::kByte;
+  const float* gp = g.data_ptr<float>();
+  const int64_t threads = at::get_num_threads();
+  std::vector<float> partial(threads * n * mp, 0.0f);  // per thread: (N, Mp)
+  at::parallel_for(0, rows, 4 * kRows, [&](int64_t begin, int64_t end) {
+    float* c = partial.data() + at::get_thread_num() * n * mp;
+    std::vector<float> converted(bytes ? kRows * n : 0);  // a block of x as floats
+    std::vector<float> padded(m == mp ? 0 : kRows * mp, 0.0f);  // g's rows, zeros past M
+    for (int64_t k0 = begin; k0 < end; k0 += kRows) {
+      const int64_t count = std::min(kRows, end - k0);
+      const float* xb = bytes ? converted.data() : x.data_ptr<float>() + k0 * n;
+      if (bytes) {
+        const uint8_t* x8 = x.data_ptr<uint8_t>() + k0 * n;
+        for (int64_t j = 0; j < count * n; ++j) converted[j] = static_cast<float>(x8[j]);
+      }
+      const float* gb = gp + k0 * m;
+      if (m != mp) {
+        for (int64_t k = 0; k < count; ++k)
+          std::memcpy(padded.data() + k * mp, gb + k * m, m * sizeof(float));
+        gb = padded.data();
+      }
+      // the first tile of columns prefetches the next block's rows of g into the cache
+      const float* next = m == mp && k0 + count < end ? gp + (k0 + count) * m : nullptr;
+      for (int64_t n0 = 0; n0 < n; n0 += kTileN)
+        outer_tile_any(static_cast<int>(std::min<int64_t>(kTileN, n - n0)), c + n0 * mp, mp,
+                       xb + n0, n, gb, m == mp ? m : mp, count,
+                       n0 == 0 ? next : nullptr);
+    }
+  });
+  float* op = out.data_ptr<float>();
+  const float s = static_cast<float>(scale);
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t i = 0; i < m; ++i) {
+      float sum = 0.0f;
+      for (int64_t t = 0; t < threads; ++t) sum += partial[(t * n + j) * mp + i];
+      op[i * n + j] = sum * s;
+    }
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(c5snn, m) {
@@ -653,6 +785,7 @@ TORCH_LIBRARY(c5snn, m) {
         "int threshold, float factor, int bias_columns) -> (Tensor, Tensor)");
   m.def("keep_mask(int[] size, int seed, int threshold) -> Tensor");
   m.def("gemm(Tensor a, Tensor b) -> Tensor");
+  m.def("weight_grad(Tensor g, Tensor x, float scale) -> Tensor");
   m.def("onednn_available() -> bool");
   m.def("attention_forward(Tensor qkv, int heads, float alpha, int seed, int threshold, "
         "bool dropping) -> (Tensor, Tensor)");
@@ -664,6 +797,7 @@ TORCH_LIBRARY_IMPL(c5snn, CPU, m) {
   m.impl("lif_forward", &lif_forward);
   m.impl("lif_backward", &lif_backward);
   m.impl("gemm", &gemm);
+  m.impl("weight_grad", &weight_grad);
   m.impl("attention_forward", &attention_forward);
   m.impl("attention_backward", &attention_backward);
 }

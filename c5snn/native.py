@@ -119,6 +119,10 @@ def _register_flop_formulas() -> None:
     def _gemm(a_shape, b_shape, *args, **kwargs) -> int:
         return 2 * a_shape[0] * a_shape[1] * b_shape[1]
 
+    @register_flop_formula(torch.ops.c5snn.weight_grad)
+    def _weight_grad(g_shape, x_shape, *args, **kwargs) -> int:
+        return 2 * g_shape[0] * g_shape[1] * x_shape[1]
+
     @register_flop_formula(torch.ops.c5snn.attention_backward)
     def _backward(grad_shape, *args, **kwargs) -> int:
         n, w, d = grad_shape
@@ -158,6 +162,12 @@ def gemm_library() -> str:
 def gemm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """`a @ b` for 2-D fp32 CPU tensors (either may be a transposed view) on oneDNN."""
     return torch.ops.c5snn.gemm(a, b)
+
+
+def weight_grad(grad: torch.Tensor, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """`gradᵀ @ x * scale` for fp32 `grad` `(rows, M)` and fp32 or uint8 `x` `(rows, N)` on the
+    CPU: a linear layer's dL/dW, its sum over all rows split between torch's threads."""
+    return torch.ops.c5snn.weight_grad(grad, x, scale)
 
 
 def build_directory() -> Path:

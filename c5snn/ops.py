@@ -154,6 +154,22 @@ def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a @ b
 
 
+def weight_grad(grad: torch.Tensor, x: torch.Tensor, value: float = 1.0) -> torch.Tensor:
+    """dL/dW of a linear layer, `gradᵀ @ x * value`, for `grad` `(rows, out)` and its input `x`
+    `(rows, in)`, float or a uint8 copy of spikes (1 where the spike, of `value`, fired).
+
+    Where `matmul` chose oneDNN (CPUs not made by Intel), fp32 CPU gradients go to c5snn's own
+    kernel (`c5snn.native.weight_grad`): on the AMD machine measured it summed these products
+    (rows = all of a batch's T * B * W, in and out = the layer's widths) 1.2-1.7x faster than
+    oneDNN, converting uint8 input in cache (docs/benchmarks.md). The rest go to `matmul`."""
+    if (grad.dtype == torch.float32 and native.serves(grad.device)
+            and not torch.is_autocast_enabled(grad.device.type)
+            and native.gemm_library() == "onednn"):
+        return native.weight_grad(grad, x, value)
+    grad_w = matmul(grad.t(), x.to(grad.dtype))
+    return grad_w.mul_(value) if value != 1.0 else grad_w
+
+
 class Linear(torch.autograd.Function):
     """`x @ Wᵀ` on `matmul`, without bias (the LIF that reads it adds it in its pass), keeping
     for backward `x` itself or, for spike input (entries 0 or `value`: spikes or dropped-out
@@ -181,10 +197,8 @@ class Linear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = matmul(flat, weight.to(dtype)).view(*grad_out.shape[:-1], weight.shape[1])
         if ctx.needs_input_grad[2]:
-            x = kept.reshape(-1, kept.shape[-1]).to(dtype)  # (rows, in): 0/1 for a uint8 copy
-            grad_w = matmul(flat.t(), x)
-            if ctx.spikes and ctx.value != 1.0:
-                grad_w.mul_(ctx.value)
+            x = kept.reshape(-1, kept.shape[-1])  # (rows, in): 0/1 for a uint8 copy
+            grad_w = weight_grad(flat, x, ctx.value if ctx.spikes else 1.0)
         return grad_x, None, grad_w, None, None
 
 

@@ -38,6 +38,8 @@ def test_fast_model_matches_snntorch_oracle(encoding, n_layers, kernels, monkeyp
     monkeypatch.setattr(native, "gemm_library", lambda: "onednn" if onednn else "torch")
     calls = []
     monkeypatch.setattr(native, "gemm", lambda a, b: calls.append(1) or torch.ops.c5snn.gemm(a, b))
+    monkeypatch.setattr(native, "weight_grad",
+                        lambda g, x, s=1.0: calls.append(2) or torch.ops.c5snn.weight_grad(g, x, s))
     if onednn:  # the oracle's layers: the GEMM on oneDNN, then the bias (as addmm adds it)
         monkeypatch.setattr(torch.nn.functional, "linear",
                             lambda x, w, b=None: linear(x, w) if b is None else linear(x, w) + b)
@@ -55,9 +57,10 @@ def test_fast_model_matches_snntorch_oracle(encoding, n_layers, kernels, monkeyp
         ref = oracle_params[name].grad
         assert ref.norm() > 0, name
         assert (p.grad - ref).norm() / ref.norm() <= 1e-4, name  # relative error, L2
-    # oneDNN when chosen: at least every block's four linear maps each way (forward, dL/dx,
-    # dL/dW); the oracle's layers add theirs
+    # oneDNN when chosen, with c5snn's dL/dW: at least every block's four linear maps each way
+    # (forward, dL/dx, dL/dW); the oracle's layers add theirs
     assert len(calls) >= 12 * n_layers if onednn else not calls
+    assert calls.count(2) >= 4 * n_layers if onednn else not calls
 
 
 def test_parameter_count_fingerprint():

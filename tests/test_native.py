@@ -205,6 +205,35 @@ def test_gemm_agrees_with_torch_mm_on_plain_and_transposed_operands(m, k, n):
     assert torch.equal(native.gemm(a[:, :0], b[:0]), torch.zeros(m, n))
 
 
+@pytest.mark.parametrize("rows, m, n", [(57600 // 8, 192, 64), (3000, 64, 128), (1001, 40, 13),
+                                        (129, 16, 6), (5, 7, 3), (1, 1, 1)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_weight_grad_sums_gradient_times_input_over_all_rows(rows, m, n, threads):
+    """dL/dW = gradᵀ @ x (* a spike's value) on fp32 input and on its uint8 copy: the model's
+    shapes (a slice of its rows), widths that are no multiple of the kernel's tiles (16 of M,
+    6 of N), fewer rows than a block or a thread's share, on one thread and two."""
+    g = torch.Generator().manual_seed(rows + m + n)
+    grad = torch.randn(rows, m, generator=g)
+    spikes = (torch.rand(rows, n, generator=g) < 0.3).float()
+    real = torch.randn(rows, n, generator=g)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for x, kept, value in ((real, real, 1.0), (spikes, spikes.to(torch.uint8), 1.0),
+                               (spikes / 0.9, spikes.to(torch.uint8), 1 / 0.9)):
+            ref = (grad.double().t() @ x.double()).float()
+            out = native.weight_grad(grad, kept, value)
+            assert out.shape == (m, n) and out.dtype == torch.float32 and out.is_contiguous()
+            assert (out - ref).norm() <= 1e-6 * ref.norm()
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(native.weight_grad(grad[:0], spikes[:0]), torch.zeros(m, n))
+    with pytest.raises(RuntimeError, match="g \\(R, M\\) and x \\(R, N\\)"):
+        native.weight_grad(grad, spikes[1:])
+    with pytest.raises(RuntimeError, match="float32 or uint8"):
+        native.weight_grad(grad, spikes.double())
+
+
 @needs_onednn
 def test_flop_counter_counts_gemm_as_torchs_mm():
     from torch.utils.flop_counter import FlopCounterMode
@@ -216,6 +245,9 @@ def test_flop_counter_counts_gemm_as_torchs_mm():
             f(a, b)
         counted.append(counter.get_total_flops())
     assert counted == [2 * 300 * 64 * 96] * 2
+    with FlopCounterMode(display=False) as counter:
+        native.weight_grad(torch.randn(300, 96), torch.ones(300, 64, dtype=torch.uint8))
+    assert counter.get_total_flops() == 2 * 300 * 64 * 96  # as gradᵀ @ x
 
 
 def test_gemm_library_defaults_by_cpu_vendor_and_takes_an_override(monkeypatch, capsys):
