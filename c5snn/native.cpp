@@ -183,6 +183,11 @@ void forward_chunks(const float* a, int64_t sa, const float* b, int64_t sb, int6
       for (int64_t t = 0; t < steps; ++t) {
         const float* bt =
             kAdd == kResidual ? b + t * sb + i0 : (kAdd == kBias ? bias : nullptr);
+        if (t + 1 < steps) {  // the next step's inputs lie on other pages: prefetch them
+          for (int64_t j = 0; sa != 0 && j < n; j += 16) __builtin_prefetch(a + (t + 1) * sa + i0 + j);
+          for (int64_t j = 0; kAdd == kResidual && sb != 0 && j < n; j += 16)
+            __builtin_prefetch(b + (t + 1) * sb + i0 + j);
+        }
         lif_step<kAdd, kKeepMembranes, kDrop, kBytes>(
             t, n, beta, a + t * sa + i0, bt, u, s, spikes + t * neurons + i0,
             kKeepMembranes ? mem + t * neurons + i0 : nullptr,
@@ -285,6 +290,11 @@ void backward_chunks(const float* gp, const float* up, float* op, float b, int64
         const int16_t* __restrict__ dt =
             kDrop ? cut_draws(dr.seed, t * neurons + i0, n, draws) : nullptr;
         const float decay = t == steps - 1 ? 0.0f : b;  // nothing flows back from after T
+        if (t > 0)  // the previous step's gradient and membranes lie on other pages
+          for (int64_t j = 0; j < n; j += 16) {
+            __builtin_prefetch(gt - neurons + j);
+            __builtin_prefetch(ut - neurons + j);
+          }
         for (int64_t j = 0; j < n; ++j) {
           float d = std::fabs(ut[j] - kThreshold) * kSlope + 1.0f;
           d = d * d;
