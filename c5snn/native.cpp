@@ -437,11 +437,23 @@ constexpr int64_t kMaxHead = 64;
 
 inline int64_t padded(int64_t n) { return (n + 15) / 16 * 16; }
 
-// keep[j] = 1 where element e0 + j of keep_mask's stream is kept, else 0, for j < n (draws
-// must hold n + 7).
-inline void keep_floats(const Dropout& dr, int64_t e0, int64_t n, int16_t* draws, float* keep) {
-  const int16_t* d = cut_draws(dr.seed, e0, n, draws);
-  for (int64_t j = 0; j < n; ++j) keep[j] = d[j] >= dr.limit ? 1.0f : 0.0f;
+// keep[j] = 1 where element e0 + j of keep_mask's stream is kept, else 0, for j < n: whole
+// words cut into bytes as keep_mask cuts them, in a loop that vectorizes (drawn row by row,
+// through cut_draws, the words took a fifth of the attention's forward). buf must hold n + 7
+// bytes; returns where element e0's byte lies.
+inline const uint8_t* keep_bytes(const Dropout& dr, int64_t e0, int64_t n, uint8_t* buf) {
+  const int64_t w0 = e0 >> 2, words = ((e0 + n - 1) >> 2) - w0 + 1;
+  const uint64_t base = dr.seed + static_cast<uint64_t>(w0);
+  const int16_t limit = dr.limit;
+  for (int64_t k = 0; k < words; ++k) {
+    const uint64_t word = splitmix64(base + static_cast<uint64_t>(k));
+    uint32_t packed = 0;
+    for (int lane = 0; lane < 4; ++lane)
+      packed |= static_cast<uint32_t>(static_cast<int16_t>(word >> (16 * lane)) >= limit)
+                << (8 * lane);
+    std::memcpy(buf + 4 * k, &packed, 4);
+  }
+  return buf + (e0 & 3);
 }
 
 // 16 floats: one AVX-512 register, two AVX2 ones (GCC/Clang vector extension, any target);
@@ -532,20 +544,42 @@ void weighted_rows_any(float* out, int64_t ostride, const float* coef, int64_t c
   }
 }
 
+// The spike bits of one row's dh <= 64 columns (bit c: x[c] > 0.5). With AVX-512, 16 columns
+// per compare into a mask register: the scalar loop does not vectorize, and it took a quarter of
+// the attention's forward.
+inline uint64_t row_bits(const float* x, int64_t dh) {
+  uint64_t bits = 0;
+  int64_t c = 0;
+#ifdef __AVX512F__
+  const __m512 half = _mm512_set1_ps(0.5f);
+  for (; c + 16 <= dh; c += 16)
+    bits |= static_cast<uint64_t>(_mm512_cmp_ps_mask(_mm512_loadu_ps(x + c), half, _CMP_GT_OQ))
+            << c;
+#endif
+  for (; c < dh; ++c) bits |= static_cast<uint64_t>(x[c] > 0.5f) << c;
+  return bits;
+}
+
+// out[c] = bit c of `bits` as a float (0 or 1), c < dh <= 64. With AVX-512, 16 columns per
+// masked move.
+inline void bits_to_floats(uint64_t bits, int64_t dh, float* out) {
+  int64_t c = 0;
+#ifdef __AVX512F__
+  const __m512 one = _mm512_set1_ps(1.0f);
+  for (; c + 16 <= dh; c += 16)
+    _mm512_storeu_ps(out + c, _mm512_maskz_mov_ps(static_cast<__mmask16>(bits >> c), one));
+#endif
+  for (; c < dh; ++c) out[c] = static_cast<float>((bits >> c) & 1);
+}
+
 // Spike bits of row i of each third (q, k, v) of one head: bit c = spike in column c.
 inline void pack_bits(const float* seq, int64_t w, int64_t d, int64_t dh, int64_t head,
                       uint64_t* qb, uint64_t* kb, uint64_t* vb) {
   for (int64_t i = 0; i < w; ++i) {
     const float* row = seq + i * 3 * d + head * dh;
-    uint64_t mq = 0, mk = 0, mv = 0;
-    for (int64_t c = 0; c < dh; ++c) {
-      mq |= static_cast<uint64_t>(row[c] > 0.5f) << c;
-      mk |= static_cast<uint64_t>(row[d + c] > 0.5f) << c;
-      mv |= static_cast<uint64_t>(row[2 * d + c] > 0.5f) << c;
-    }
-    qb[i] = mq;
-    kb[i] = mk;
-    vb[i] = mv;
+    qb[i] = row_bits(row, dh);
+    kb[i] = row_bits(row + d, dh);
+    vb[i] = row_bits(row + 2 * d, dh);
   }
 }
 
@@ -570,20 +604,29 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(
   const float alpha = static_cast<float>(alpha_in);
   const Dropout drop{static_cast<uint64_t>(seed_in), static_cast<int16_t>(threshold)};
   at::parallel_for(0, heads * n_seq, 8, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(w * w), keep(w, 1.0f);  // (W, W): alpha * kept count; a mask row
-    std::vector<int16_t> draws(w + 8);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t head = task / n_seq, n = task % n_seq;
+    std::vector<float> scores(w * w);  // (W, W): alpha * kept count
+    std::vector<uint8_t> keep(dropping ? w * w + 8 : 0);  // the task's keep mask
+    for (int64_t it = begin; it < end; ++it) {
+      // a sequence's heads one after another (its rows, read by each, stay in cache); the
+      // elements of the dropout stream are numbered head-major, task = head * N + n
+      const int64_t n = it / heads, head = it % heads, task = head * n_seq + n;
       const float* seq = src + n * w * d3;  // (W, 3d)
       uint64_t* qb = bp + ((0 * heads + head) * n_seq + n) * w;
       uint64_t* kb = bp + ((1 * heads + head) * n_seq + n) * w;
       uint64_t* vb = bp + ((2 * heads + head) * n_seq + n) * w;
+      if (head == 0 && n + 1 < n_seq)  // the next sequence's rows, while this one's compute
+        for (int64_t e = 0; e < w * d3; e += 16) __builtin_prefetch(seq + w * d3 + e);
       pack_bits(seq, w, d, dh, head, qb, kb, vb);
-      for (int64_t i = 0; i < w; ++i) {  // task = head * N + n: elements from task * W * W
-        if (dropping) keep_floats(drop, (task * w + i) * w, w, draws.data(), keep.data());
-        for (int64_t j = 0; j < w; ++j)
-          scores[i * w + j] =
-              static_cast<float>(__builtin_popcountll(qb[i] & kb[j])) * keep[j] * alpha;
+      if (dropping) {  // the task's elements of the stream from task * W * W
+        const uint8_t* kp = keep_bytes(drop, task * w * w, w * w, keep.data());
+        for (int64_t i = 0; i < w; ++i)
+          for (int64_t j = 0; j < w; ++j)
+            scores[i * w + j] = static_cast<float>(__builtin_popcountll(qb[i] & kb[j])) *
+                                static_cast<float>(kp[i * w + j]) * alpha;
+      } else {
+        for (int64_t i = 0; i < w; ++i)
+          for (int64_t j = 0; j < w; ++j)
+            scores[i * w + j] = static_cast<float>(__builtin_popcountll(qb[i] & kb[j])) * alpha;
       }
       // out[i] = sum_j scores[i][j] v[j]
       weighted_rows_any(dst + n * w * d + head * dh, d, scores.data(), w, 1,
@@ -613,11 +656,12 @@ at::Tensor attention_backward(const at::Tensor& grad_in, const at::Tensor& bits,
   const Dropout drop{static_cast<uint64_t>(seed), static_cast<int16_t>(threshold)};
   at::parallel_for(0, heads * n_seq, 4, [&](int64_t begin, int64_t end) {
     // q, k (W, dh) and vᵀ (dh, Wp) as floats; the keep mask, kept counts and dL/dscores / alpha
-    std::vector<float> qf(w * dh), kf(w * dh), vt(dh * wp, 0.0f), keepf(w * w, 1.0f),
-        counts(w * w), gs(w * wp);
-    std::vector<int16_t> draws(w + 8);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t head = task / n_seq, n = task % n_seq;
+    std::vector<float> qf(w * dh), kf(w * dh), vt(dh * wp, 0.0f), counts(w * w), gs(w * wp);
+    std::vector<uint8_t> keep(dropping ? w * w + 8 : 0);  // the task's keep mask
+    for (int64_t it = begin; it < end; ++it) {
+      // a sequence's heads one after another (its rows, read by each, stay in cache); the
+      // elements of the dropout stream are numbered head-major, task = head * N + n
+      const int64_t n = it / heads, head = it % heads, task = head * n_seq + n;
       const uint64_t* qb = bp + ((0 * heads + head) * n_seq + n) * w;
       const uint64_t* kb = bp + ((1 * heads + head) * n_seq + n) * w;
       const uint64_t* vb = bp + ((2 * heads + head) * n_seq + n) * w;
@@ -625,26 +669,33 @@ at::Tensor attention_backward(const at::Tensor& grad_in, const at::Tensor& bits,
       float* gq = op + n * w * d3 + head * dh;      // rows of stride 3d
       float* gk = gq + d;
       float* gv = gq + 2 * d;
-      for (int64_t i = 0; i < w; ++i)
-        for (int64_t c = 0; c < dh; ++c) {
-          qf[i * dh + c] = static_cast<float>((qb[i] >> c) & 1);
-          kf[i * dh + c] = static_cast<float>((kb[i] >> c) & 1);
-          vt[c * wp + i] = static_cast<float>((vb[i] >> c) & 1);
-        }
-      // keepf[i][j]: 1 where kept; counts[i][j]: the kept count of query i and key j
-      if (dropping)  // the forward's mask, drawn again
+      if (head == 0 && n + 1 < n_seq)  // the next sequence's gradient rows, ahead of time
+        for (int64_t e = 0; e < w * d; e += 16) __builtin_prefetch(gp + (n + 1) * w * d + e);
+      for (int64_t i = 0; i < w; ++i) {
+        bits_to_floats(qb[i], dh, qf.data() + i * dh);
+        bits_to_floats(kb[i], dh, kf.data() + i * dh);
+      }
+      for (int64_t c = 0; c < dh; ++c)  // by column of v: a loop over rows that vectorizes
+        for (int64_t i = 0; i < w; ++i) vt[c * wp + i] = static_cast<float>((vb[i] >> c) & 1);
+      // kp[i][j]: 1 where kept (the forward's mask, drawn again); counts[i][j]: the kept count
+      // of query i and key j
+      const uint8_t* kp = dropping ? keep_bytes(drop, task * w * w, w * w, keep.data()) : nullptr;
+      if (dropping)
         for (int64_t i = 0; i < w; ++i)
-          keep_floats(drop, (task * w + i) * w, w, draws.data(), keepf.data() + i * w);
-      for (int64_t i = 0; i < w; ++i)
-        for (int64_t j = 0; j < w; ++j)
-          counts[i * w + j] =
-              static_cast<float>(__builtin_popcountll(qb[i] & kb[j])) * keepf[i * w + j];
+          for (int64_t j = 0; j < w; ++j)
+            counts[i * w + j] = static_cast<float>(__builtin_popcountll(qb[i] & kb[j])) *
+                                static_cast<float>(kp[i * w + j]);
+      else
+        for (int64_t i = 0; i < w; ++i)
+          for (int64_t j = 0; j < w; ++j)
+            counts[i * w + j] = static_cast<float>(__builtin_popcountll(qb[i] & kb[j]));
       // dL/dv[j] = alpha * sum_i counts[i][j] g[i]  (counts read by column)
       weighted_rows_any(gv, d3, counts.data(), 1, w, g, d, w, w, dh, alpha);
       // dL/dscores[i] / alpha = keep[i] * sum_c g[i][c] vᵀ[c]  (rows of Wp, zero past W)
       weighted_rows_any(gs.data(), wp, g, d, 1, vt.data(), wp, dh, w, wp, 1.0f);
-      for (int64_t i = 0; i < w; ++i)
-        for (int64_t j = 0; j < w; ++j) gs[i * wp + j] *= keepf[i * w + j];
+      if (dropping)
+        for (int64_t i = 0; i < w; ++i)
+          for (int64_t j = 0; j < w; ++j) gs[i * wp + j] *= static_cast<float>(kp[i * w + j]);
       // dL/dq[i] = alpha * sum_j gs[i][j] k[j];  dL/dk[j] = alpha * sum_i gs[i][j] q[i]
       weighted_rows_any(gq, d3, gs.data(), wp, 1, kf.data(), dh, w, w, dh, alpha);
       weighted_rows_any(gk, d3, gs.data(), 1, wp, qf.data(), dh, w, w, dh, alpha);

@@ -149,6 +149,7 @@ def _attention(qkv, heads, p, training, seed, operator):
     (20, 70, 128, 2),   # W > 64
     (9, 13, 96, 2),     # heads of 48
     (5, 10, 24, 2),     # heads of 12: the plain loops
+    (7, 11, 40, 2),     # heads of 20: 16 columns at once, then 4 one by one
 ])
 def test_attention_operator_agrees_with_the_torch_path_and_draws_the_same_mask(n, w, d, heads,
                                                                                 training):
