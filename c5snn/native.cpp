@@ -572,6 +572,29 @@ inline void bits_to_floats(uint64_t bits, int64_t dh, float* out) {
   for (; c < dh; ++c) out[c] = static_cast<float>((bits >> c) & 1);
 }
 
+// Bit j = byte x[j] nonzero, for j < n <= 64 (a row of a keep mask, as bits).
+inline uint64_t byte_bits(const uint8_t* x, int64_t n) {
+#ifdef __AVX512BW__
+  const __mmask64 lanes = n == 64 ? ~0ull : (1ull << n) - 1;
+  const __m512i v = _mm512_maskz_loadu_epi8(lanes, x);  // masked: never past the row
+  return _mm512_test_epi8_mask(v, v);
+#else
+  uint64_t bits = 0;
+  for (int64_t j = 0; j < n; ++j) bits |= static_cast<uint64_t>(x[j] != 0) << j;
+  return bits;
+#endif
+}
+
+// out[j] = bit j of `bits` (0 or 1), for j < n <= 64.
+inline void bits_to_bytes(uint64_t bits, int64_t n, uint8_t* out) {
+#ifdef __AVX512BW__
+  const __mmask64 lanes = n == 64 ? ~0ull : (1ull << n) - 1;
+  _mm512_mask_storeu_epi8(out, lanes, _mm512_maskz_mov_epi8(bits, _mm512_set1_epi8(1)));
+#else
+  for (int64_t j = 0; j < n; ++j) out[j] = (bits >> j) & 1;
+#endif
+}
+
 // Spike bits of row i of each third (q, k, v) of one head: bit c = spike in column c.
 inline void pack_bits(const float* seq, int64_t w, int64_t d, int64_t dh, int64_t head,
                       uint64_t* qb, uint64_t* kb, uint64_t* vb) {
@@ -583,9 +606,12 @@ inline void pack_bits(const float* seq, int64_t w, int64_t d, int64_t dh, int64_
   }
 }
 
-// (out (N, W, d), bits (3, heads, N, W)); with dropping, the scores are dropped out with
-// keep_mask's stream at `seed` over (heads, N, W, W).
-std::tuple<at::Tensor, at::Tensor> attention_forward(
+// (out (N, W, d), bits (3, heads, N, W), keep); with dropping, the scores are dropped out with
+// keep_mask's stream at `seed` over (heads, N, W, W), and `keep` (heads, N, W, ceil(W / 64))
+// holds that mask as bits for backward (bit j % 64 of word j / 64 of row i: element (i, j)
+// kept), 1/32 of the scores' bytes: drawn again in backward, it cost a tenth of that pass.
+// Without dropping, `keep` is empty.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(
     const at::Tensor& qkv_in, int64_t heads, double alpha_in, int64_t seed_in,
     int64_t threshold, bool dropping) {
   check_input(qkv_in, "qkv");
@@ -597,7 +623,12 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(
   const int64_t dh = d / heads, d3 = 3 * d;
   at::Tensor out = at::empty({n_seq, w, d}, qkv.options());
   at::Tensor bits = at::empty({3, heads, n_seq, w}, qkv.options().dtype(at::kLong));
-  if (qkv.numel() == 0) return {out, bits};
+  const int64_t words = (w + 63) / 64;  // of a keep-mask row
+  at::Tensor keep_bits = at::empty(dropping ? at::IntArrayRef{heads, n_seq, w, words}
+                                            : at::IntArrayRef{0},
+                                   qkv.options().dtype(at::kLong));
+  if (qkv.numel() == 0) return {out, bits, keep_bits};
+  auto* kbits = dropping ? reinterpret_cast<uint64_t*>(keep_bits.data_ptr<int64_t>()) : nullptr;
   const float* src = qkv.data_ptr<float>();
   float* dst = out.data_ptr<float>();
   auto* bp = reinterpret_cast<uint64_t*>(bits.data_ptr<int64_t>());
@@ -619,6 +650,10 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(
       pack_bits(seq, w, d, dh, head, qb, kb, vb);
       if (dropping) {  // the task's elements of the stream from task * W * W
         const uint8_t* kp = keep_bytes(drop, task * w * w, w * w, keep.data());
+        uint64_t* kept = kbits + task * w * words;  // (W, words): the mask as bits, for backward
+        for (int64_t i = 0; i < w; ++i)
+          for (int64_t b = 0; b < words; ++b)
+            kept[i * words + b] = byte_bits(kp + i * w + 64 * b, std::min<int64_t>(64, w - 64 * b));
         for (int64_t i = 0; i < w; ++i)
           for (int64_t j = 0; j < w; ++j)
             scores[i * w + j] = static_cast<float>(__builtin_popcountll(qb[i] & kb[j])) *
@@ -633,12 +668,13 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(
                         seq + 2 * d + head * dh, d3, w, w, dh, 1.0f);
     }
   });
-  return {out, bits};
+  return {out, bits, keep_bits};
 }
 
-// dL/dqkv (N, W, 3d) from dL/dout (N, W, d), the forward's bits and its dropout seed.
-at::Tensor attention_backward(const at::Tensor& grad_in, const at::Tensor& bits, int64_t heads,
-                              double alpha_in, bool dropping, int64_t seed, int64_t threshold) {
+// dL/dqkv (N, W, 3d) from dL/dout (N, W, d) and the forward's bits and keep mask (empty
+// without dropout).
+at::Tensor attention_backward(const at::Tensor& grad_in, const at::Tensor& bits,
+                              const at::Tensor& keep_bits, int64_t heads, double alpha_in) {
   check_input(grad_in, "grad");
   TORCH_CHECK(grad_in.dim() == 3 && bits.dim() == 4 && bits.size(0) == 3 && bits.size(1) == heads,
               "grad must be (N, W, d) and bits (3, heads, N, W)");
@@ -653,7 +689,14 @@ at::Tensor attention_backward(const at::Tensor& grad_in, const at::Tensor& bits,
   float* op = out.data_ptr<float>();
   const auto* bp = reinterpret_cast<const uint64_t*>(bits.data_ptr<int64_t>());
   const float alpha = static_cast<float>(alpha_in);
-  const Dropout drop{static_cast<uint64_t>(seed), static_cast<int16_t>(threshold)};
+  const bool dropping = keep_bits.numel() > 0;
+  const int64_t words = (w + 63) / 64;
+  TORCH_CHECK(!dropping || (keep_bits.dim() == 4 && keep_bits.size(0) == heads &&
+                            keep_bits.size(1) == n_seq && keep_bits.size(2) == w &&
+                            keep_bits.size(3) == words && keep_bits.is_contiguous()),
+              "keep must be (heads, N, W, ceil(W / 64)) or empty");
+  const auto* kbits =
+      dropping ? reinterpret_cast<const uint64_t*>(keep_bits.data_ptr<int64_t>()) : nullptr;
   at::parallel_for(0, heads * n_seq, 4, [&](int64_t begin, int64_t end) {
     // q, k (W, dh) and vᵀ (dh, Wp) as floats; the keep mask, kept counts and dL/dscores / alpha
     std::vector<float> qf(w * dh), kf(w * dh), vt(dh * wp, 0.0f), counts(w * w), gs(w * wp);
@@ -677,9 +720,16 @@ at::Tensor attention_backward(const at::Tensor& grad_in, const at::Tensor& bits,
       }
       for (int64_t c = 0; c < dh; ++c)  // by column of v: a loop over rows that vectorizes
         for (int64_t i = 0; i < w; ++i) vt[c * wp + i] = static_cast<float>((vb[i] >> c) & 1);
-      // kp[i][j]: 1 where kept (the forward's mask, drawn again); counts[i][j]: the kept count
-      // of query i and key j
-      const uint8_t* kp = dropping ? keep_bytes(drop, task * w * w, w * w, keep.data()) : nullptr;
+      // kp[i][j]: 1 where kept (the forward's mask); counts[i][j]: the kept count of query i
+      // and key j
+      const uint8_t* kp = keep.data();
+      if (dropping) {
+        const uint64_t* kept = kbits + task * w * words;
+        for (int64_t i = 0; i < w; ++i)
+          for (int64_t b = 0; b < words; ++b)
+            bits_to_bytes(kept[i * words + b], std::min<int64_t>(64, w - 64 * b),
+                          keep.data() + i * w + 64 * b);
+      }
       if (dropping)
         for (int64_t i = 0; i < w; ++i)
           for (int64_t j = 0; j < w; ++j)
@@ -849,9 +899,9 @@ TORCH_LIBRARY(c5snn, m) {
   m.def("weight_grad(Tensor g, Tensor x, float scale) -> Tensor");
   m.def("onednn_available() -> bool");
   m.def("attention_forward(Tensor qkv, int heads, float alpha, int seed, int threshold, "
-        "bool dropping) -> (Tensor, Tensor)");
-  m.def("attention_backward(Tensor grad, Tensor bits, int heads, float alpha, bool dropping, "
-        "int seed, int threshold) -> Tensor");
+        "bool dropping) -> (Tensor, Tensor, Tensor)");
+  m.def("attention_backward(Tensor grad, Tensor bits, Tensor keep, int heads, float alpha) "
+        "-> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(c5snn, CPU, m) {

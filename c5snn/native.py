@@ -294,8 +294,8 @@ class Attention(torch.autograd.Function):
     One task per (head, sequence), in one pass each way (`attention_forward` and
     `attention_backward` in native.cpp): q @ kᵀ as popcounts of 64-bit spike words, the dropout
     mask drawn inline from `keep_mask`'s stream (the same seed draw, so the same mask as
-    `c5snn.ops.SpikeAttention`'s), scores and outputs kept in cache. Backward keeps only the
-    spikes as bits (1/32 of a byte per element) and draws the mask again from its seed.
+    `c5snn.ops.SpikeAttention`'s), scores and outputs kept in cache. Backward keeps only bits:
+    the spikes (1/32 of a float per element) and the dropout mask (1/32 of a float per score).
     """
 
     @staticmethod
@@ -303,16 +303,14 @@ class Attention(torch.autograd.Function):
         dropping = training and p > 0.0
         alpha = scale / (1.0 - p) if dropping else scale
         seed, threshold = _seed() if dropping else 0, keep_threshold(p)
-        out, bits = torch.ops.c5snn.attention_forward(qkv, n_heads, alpha, seed, threshold,
-                                                      dropping)
-        ctx.dropout = (dropping, seed, threshold)
-        ctx.save_for_backward(bits)
+        out, bits, keep = torch.ops.c5snn.attention_forward(qkv, n_heads, alpha, seed, threshold,
+                                                            dropping)
+        ctx.save_for_backward(bits, keep)
         ctx.n_heads, ctx.alpha = n_heads, alpha
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        (bits,) = ctx.saved_tensors
-        grad = torch.ops.c5snn.attention_backward(grad_out, bits, ctx.n_heads, ctx.alpha,
-                                                  *ctx.dropout)
+        bits, keep = ctx.saved_tensors
+        grad = torch.ops.c5snn.attention_backward(grad_out, bits, keep, ctx.n_heads, ctx.alpha)
         return grad, None, None, None, None

@@ -176,9 +176,10 @@ def test_attention_is_the_same_on_any_number_of_threads_and_keeps_only_bits():
     assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
     out = spike_attention(qkv.requires_grad_(), 2, 0.2, 0.1, True)  # the model's entry point
     node = out.grad_fn.next_functions[0][0]  # behind the view back to (..., W, d)
-    (bits,) = node.saved_tensors  # no (2, 40, 90, 90) counts or mask: drawn again
+    bits, keep = node.saved_tensors  # no (2, 40, 90, 90) counts or mask: bits of both
     assert type(node).__name__ == "AttentionBackward"
     assert bits.shape == (3, 2, 40, 90) and bits.dtype == torch.int64
+    assert keep.shape == (2, 40, 90, 2) and keep.dtype == torch.int64  # 90 columns: 2 words
 
 
 needs_onednn = pytest.mark.skipif(
