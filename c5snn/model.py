@@ -55,16 +55,16 @@ def lif_function(kernel: str) -> Callable[..., torch.Tensor]:
     return fire
 
 
-def _project(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def _project(x: torch.Tensor, weight: torch.Tensor, x8: torch.Tensor | None = None) -> torch.Tensor:
     """`x @ weightᵀ` for `(T, ...)` input (`c5snn.ops.linear`, on this CPU's faster GEMM), the
     bias left to the LIF that reads it (added in its pass, its gradient summed in its backward's;
     addmm adds it after the same sum too, so the currents are the layer's on the same GEMM
     library); input constant over T (stride 0) is projected once and the result repeated (again
-    stride 0)."""
+    stride 0). `x8`: spike input's uint8 copy, kept for backward instead of `x`."""
     if x.shape[0] > 1 and x.stride(0) == 0:
         out = linear(x[0], weight)
         return out.unsqueeze(0).expand(x.shape[0], *out.shape)
-    return linear(x, weight)
+    return linear(x, weight, x8)
 
 
 class SpikingBlock(BlockWeights):
@@ -79,13 +79,16 @@ class SpikingBlock(BlockWeights):
         self.dropout = dropout
         self.scale = (d_model // n_heads) ** -0.5
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # (T, B, W, d); the first block's input may be constant over T (stride 0)
+    def forward(self, x: torch.Tensor, x8: torch.Tensor | None = None):
+        """Spikes `(T, B, W, d)` and their uint8 copy (None on the torch paths) from the block
+        input `x` `(T, B, W, d)`: the first block's currents (maybe constant over T: stride 0)
+        or the previous block's spikes, with their uint8 copy `x8`, which the Q/K/V projection
+        keeps for backward instead of `x` (a quarter of the bytes)."""
         # Q, K and V as one GEMM (d -> 3d, K = d) and one LIF: fewer, larger kernels; the
         # weights stay three nn.Linear (the reference's state-dict keys) and are joined here.
         weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
         bias = torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
-        qkv = self._lif(_project(x, weight), self.beta, bias=bias)  # (T, B, W, 3d) spikes
+        qkv = self._lif(_project(x, weight, x8), self.beta, bias=bias)  # (T, B, W, 3d) spikes
         mixed = spike_attention(  # heads (B, h, W, d/h) are column slices of each third
             qkv, self.n_heads, self.scale, self.dropout, self.training
         )  # (T, B, W, d)
@@ -98,7 +101,7 @@ class SpikingBlock(BlockWeights):
         f = self._lif(linear(hidden, self.ffn2.weight, hidden_bytes,
                              1 / (1 - self.dropout) if dropping else 1.0, spikes=True),
                       self.beta, bias=self.ffn2.bias)
-        return self._lif(r1, self.beta, residual=f)  # LIF(r1 + f): (T, B, W, d) spikes
+        return self._lif(r1, self.beta, residual=f, bytes=True)  # LIF(r1 + f): (T, B, W, d)
 
 
 class SpikingTransformer(nn.Module):
@@ -159,10 +162,10 @@ class SpikingTransformer(nn.Module):
         """Logits `(B, 39)`; with `return_spike_rates`, also each block's mean firing rate `(L,)`."""
         if x.shape[1] > self.max_window_size:
             raise ValueError(f"window {x.shape[1]} exceeds max_window_size {self.max_window_size}")
-        h = self._encode(x)
+        h, h8 = self._encode(x), None
         rates = []
         for block in self.blocks:
-            h = block(h)
+            h, h8 = block(h, h8)
             if return_spike_rates:
                 rates.append(h.detach().mean())
         logits = self.readout(h.mean(dim=0).mean(dim=1))  # mean over T, then W: (B, d) -> (B, 39)
