@@ -55,6 +55,23 @@ def lif_function(kernel: str) -> Callable[..., torch.Tensor]:
     return fire
 
 
+def lif_pair_function(kernel: str) -> Callable[..., torch.Tensor]:
+    """`fire_pair(x, beta, bias, residual, bytes=False)`: the spikes of `LIF(residual + LIF(x +
+    bias))`, the block's two residual sums, as `lif_function(kernel)` would give them in two
+    calls. "torch" on the CPU runs both in one compiled pass each way (`c5snn.native.lif_pair`:
+    the inner spikes never go to memory); the rest makes the two calls."""
+    fire = lif_function(kernel)
+
+    def fire_pair(x: torch.Tensor, beta: float, bias: torch.Tensor, residual: torch.Tensor,
+                  bytes: bool = False):
+        if (kernel == "torch" and native.serves(x.device) and x.dtype == torch.float32
+                and residual.dtype == torch.float32):
+            return native.lif_pair(x, beta, bias, residual, bytes)
+        return fire(residual, beta, residual=fire(x, beta, bias=bias), bytes=bytes)
+
+    return fire_pair
+
+
 def _project(x: torch.Tensor, weight: torch.Tensor, x8: torch.Tensor | None = None) -> torch.Tensor:
     """`x @ weightᵀ` for `(T, ...)` input (`c5snn.ops.linear`, on this CPU's faster GEMM), the
     bias left to the LIF that reads it (added in its pass, its gradient summed in its backward's;
@@ -74,6 +91,7 @@ class SpikingBlock(BlockWeights):
                  lif_kernel: str = "torch"):
         super().__init__(d_model, d_ffn)
         self._lif = lif_function(lif_kernel)  # chosen once, not branched every step
+        self._lif_pair = lif_pair_function(lif_kernel)
         self.n_heads = n_heads
         self.beta = beta
         self.dropout = dropout
@@ -92,16 +110,16 @@ class SpikingBlock(BlockWeights):
         mixed = spike_attention(  # heads (B, h, W, d/h) are column slices of each third
             qkv, self.n_heads, self.scale, self.dropout, self.training
         )  # (T, B, W, d)
-        o = self._lif(_project(mixed, self.o_proj.weight), self.beta, bias=self.o_proj.bias)
-        r1, r1_bytes = self._lif(x, self.beta, residual=o, bytes=True)  # LIF(x + o): (T, B, W, d)
+        r1, r1_bytes = self._lif_pair(  # LIF(x + o), o = LIF(o_proj(mixed)): (T, B, W, d)
+            _project(mixed, self.o_proj.weight), self.beta, self.o_proj.bias, x, bytes=True)
         dropping = self.training and self.dropout > 0
         hidden, hidden_bytes = self._lif(  # (T, B, W, d_ffn): 0 or 1/(1-p)
             linear(r1, self.ffn1.weight, r1_bytes, spikes=True), self.beta, bias=self.ffn1.bias,
             dropout=self.dropout if dropping else 0.0, bytes=True)
-        f = self._lif(linear(hidden, self.ffn2.weight, hidden_bytes,
-                             1 / (1 - self.dropout) if dropping else 1.0, spikes=True),
-                      self.beta, bias=self.ffn2.bias)
-        return self._lif(r1, self.beta, residual=f, bytes=True)  # LIF(r1 + f): (T, B, W, d)
+        f_currents = linear(hidden, self.ffn2.weight, hidden_bytes,
+                            1 / (1 - self.dropout) if dropping else 1.0, spikes=True)
+        # LIF(r1 + f), f = LIF(ffn2(hidden)): (T, B, W, d) spikes and their uint8 copy
+        return self._lif_pair(f_currents, self.beta, self.ffn2.bias, r1, bytes=True)
 
 
 class SpikingTransformer(nn.Module):

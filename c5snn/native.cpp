@@ -356,6 +356,178 @@ std::tuple<at::Tensor, at::Tensor> lif_backward(const at::Tensor& grad_in, const
   return {out, grad_bias};
 }
 
+// A pair of LIF layers where the second reads the first's spikes as a residual:
+//   o = LIF1(a + bias),  y = LIF2(r + o)
+// the block's `LIF(x + LIF(W_o · mixed + b_o))` and `LIF(r1 + LIF(W_2 · hidden + b_2))`. One
+// pass each way: o never goes to memory (it was written by one pass and read by the next), and
+// backward writes dL/d(r + o) and dL/d(a + bias) from one walk over time. Per neuron and step
+// that is 21 bytes forward (a, r in; y, its uint8 copy, both membranes out) instead of 29, and
+// 20 backward instead of 24. The arithmetic is the two separate passes', in their order, so
+// spikes and membranes are bitwise theirs and the gradients agree to rounding.
+template <bool kKeepMembranes, bool kBytes>
+void pair_forward_chunks(const float* a, int64_t sa, const float* bias_p, int64_t columns,
+                         const float* r, int64_t sr, float* spikes, uint8_t* bytes, float* mem1,
+                         float* mem2, float beta, int64_t steps, int64_t neurons) {
+  at::parallel_for(0, neurons, 4 * kChunk, [&](int64_t begin, int64_t end) {
+    float u1[kChunk], s1[kChunk], u2[kChunk], s2[kChunk], bias[kChunk], out[kChunk];
+    uint8_t out8[kChunk];
+    for (int64_t i0 = begin; i0 < end; i0 += kChunk) {
+      const int64_t n = std::min(kChunk, end - i0);
+      tile_bias(bias_p, columns, i0, n, bias);
+      for (int64_t t = 0; t < steps; ++t) {
+        if (t + 1 < steps) {  // the next step's inputs lie on other pages: prefetch them
+          for (int64_t j = 0; sa != 0 && j < n; j += 16)
+            __builtin_prefetch(a + (t + 1) * sa + i0 + j);
+          for (int64_t j = 0; sr != 0 && j < n; j += 16)
+            __builtin_prefetch(r + (t + 1) * sr + i0 + j);
+        }
+        const float* __restrict__ at_ = a + t * sa + i0;
+        const float* __restrict__ rt = r + t * sr + i0;
+        const float decay = t == 0 ? 0.0f : beta;
+        for (int64_t j = 0; j < n; ++j) {  // lif_step's arithmetic, twice
+          const float x1 = at_[j] + bias[j];
+          const float v1 = t == 0 ? x1 : (u1[j] * decay + x1) - s1[j];
+          const float o = v1 > kThreshold ? 1.0f : 0.0f;
+          u1[j] = v1;
+          s1[j] = o;
+          const float x2 = rt[j] + o;
+          const float v2 = t == 0 ? x2 : (u2[j] * decay + x2) - s2[j];
+          const float y = v2 > kThreshold ? 1.0f : 0.0f;
+          u2[j] = v2;
+          s2[j] = y;
+          out[j] = y;
+          if (kBytes) out8[j] = y != 0.0f;
+        }
+        stream_floats(spikes + t * neurons + i0, out, n);
+        if (kKeepMembranes) {
+          stream_floats(mem1 + t * neurons + i0, u1, n);
+          stream_floats(mem2 + t * neurons + i0, u2, n);
+        }
+        if (kBytes) stream_bytes(bytes + t * neurons + i0, out8, n);
+      }
+    }
+    stream_fence();
+  });
+}
+
+// (y, its uint8 copy or undefined, membranes of LIF1, of LIF2; both undefined without keep).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lif_pair_forward(
+    const at::Tensor& a_in, const at::Tensor& bias_in, const at::Tensor& r_in, double beta,
+    bool keep, bool want_bytes) {
+  check_input(a_in, "x");
+  check_input(r_in, "residual");
+  check_input(bias_in, "bias");
+  TORCH_CHECK(r_in.sizes() == a_in.sizes(), "residual must have the shape of x");
+  const at::Tensor a = time_major(a_in), r = time_major(r_in);
+  TORCH_CHECK(a.dim() >= 2 && bias_in.dim() == 1 && bias_in.size(0) == a.size(-1),
+              "bias must be (C,) for x (T, ..., C)");
+  const at::Tensor bias = bias_in.contiguous();
+  const int64_t steps = a.size(0);
+  const int64_t neurons = steps ? a.numel() / steps : 0;
+  const auto options = a.options().memory_format(at::MemoryFormat::Contiguous);
+  at::Tensor spikes = at::empty(a.sizes(), options);
+  at::Tensor mem1 = keep ? at::empty_like(spikes) : at::Tensor();
+  at::Tensor mem2 = keep ? at::empty_like(spikes) : at::Tensor();
+  at::Tensor bytes = want_bytes ? at::empty_like(spikes, spikes.options().dtype(at::kByte))
+                                : at::Tensor();
+  if (a.numel() == 0) return {spikes, bytes, mem1, mem2};
+  with_flag(keep, [&](auto k) {
+    with_flag(want_bytes, [&](auto by) {
+      pair_forward_chunks<decltype(k)::value, decltype(by)::value>(
+          a.data_ptr<float>(), time_stride(a, neurons), bias.data_ptr<float>(), a.size(-1),
+          r.data_ptr<float>(), time_stride(r, neurons), spikes.data_ptr<float>(),
+          want_bytes ? bytes.data_ptr<uint8_t>() : nullptr,
+          keep ? mem1.data_ptr<float>() : nullptr, keep ? mem2.data_ptr<float>() : nullptr,
+          static_cast<float>(beta), steps, neurons);
+    });
+  });
+  return {spikes, bytes, mem1, mem2};
+}
+
+// (dL/d(r + o), dL/d(a + bias), dL/dbias) from dL/dy and both membranes: LIF2's backward, whose
+// dL/d(r + o) is dL/do, then LIF1's, walking time backwards once. dL/dbias (columns,) is dL/da
+// summed over all but the last dimension when bias_columns > 0, else undefined.
+template <bool kColumnSums>
+void pair_backward_chunks(const float* gp, const float* m1, const float* m2, float* g1p,
+                          float* g2p, float b, int64_t steps, int64_t neurons, int64_t columns,
+                          float* sums) {
+  at::parallel_for(0, neurons, 4 * kChunk, [&](int64_t begin, int64_t end) {
+    float next1[kChunk], next2[kChunk], total[kChunk];
+    float* const mine = kColumnSums ? sums + at::get_thread_num() * columns : nullptr;
+    for (int64_t i0 = begin; i0 < end; i0 += kChunk) {
+      const int64_t n = std::min(kChunk, end - i0);
+      if (kColumnSums) std::fill(total, total + n, 0.0f);
+      for (int64_t t = steps - 1; t >= 0; --t) {
+        const float* __restrict__ gt = gp + t * neurons + i0;
+        const float* __restrict__ u1 = m1 + t * neurons + i0;
+        const float* __restrict__ u2 = m2 + t * neurons + i0;
+        if (t > 0)  // the previous step's gradient and membranes lie on other pages
+          for (int64_t j = 0; j < n; j += 16) {
+            __builtin_prefetch(gt - neurons + j);
+            __builtin_prefetch(u1 - neurons + j);
+            __builtin_prefetch(u2 - neurons + j);
+          }
+        const bool last = t == steps - 1;  // nothing flows back from after T
+        const float decay = last ? 0.0f : b;
+        for (int64_t j = 0; j < n; ++j) {  // backward_chunks' arithmetic, twice
+          float d2 = std::fabs(u2[j] - kThreshold) * kSlope + 1.0f;
+          d2 = d2 * d2;
+          const float g2 = last ? gt[j] / d2 : gt[j] / d2 + decay * next2[j];
+          next2[j] = g2;
+          float d1 = std::fabs(u1[j] - kThreshold) * kSlope + 1.0f;
+          d1 = d1 * d1;
+          const float g1 = last ? g2 / d1 : g2 / d1 + decay * next1[j];
+          next1[j] = g1;
+          if (kColumnSums) total[j] += g1;
+        }
+        stream_floats(g2p + t * neurons + i0, next2, n);
+        stream_floats(g1p + t * neurons + i0, next1, n);
+      }
+      if (kColumnSums) {
+        int64_t c = i0 % columns;
+        for (int64_t j = 0; j < n; ++j) {
+          mine[c] += total[j];
+          c = c + 1 == columns ? 0 : c + 1;
+        }
+      }
+    }
+    stream_fence();
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lif_pair_backward(
+    const at::Tensor& grad_in, const at::Tensor& mem1, const at::Tensor& mem2, double beta,
+    int64_t bias_columns) {
+  check_input(mem1, "membranes");
+  check_input(mem2, "membranes");
+  const at::Tensor grad = grad_in.contiguous();
+  TORCH_CHECK(grad.sizes() == mem1.sizes() && mem2.sizes() == mem1.sizes() &&
+              grad.scalar_type() == at::kFloat && mem1.is_contiguous() && mem2.is_contiguous(),
+              "grad must be float32 with the membranes' shape");
+  const int64_t columns = bias_columns;
+  TORCH_CHECK(columns == 0 || (mem1.dim() >= 2 && mem1.size(-1) == columns),
+              "bias_columns must be the membranes' last dimension");
+  at::Tensor g1 = at::empty_like(mem1), g2 = at::empty_like(mem1);
+  at::Tensor grad_bias = columns > 0 ? at::zeros({columns}, mem1.options()) : at::Tensor();
+  const int64_t steps = mem1.size(0);
+  const int64_t neurons = steps ? mem1.numel() / steps : 0;
+  if (mem1.numel() == 0) return {g2, g1, grad_bias};
+  const int64_t threads = at::get_num_threads();
+  std::vector<float> sums(columns > 0 ? threads * columns : 0, 0.0f);
+  with_flag(columns > 0, [&](auto cs) {
+    pair_backward_chunks<decltype(cs)::value>(
+        grad.data_ptr<float>(), mem1.data_ptr<float>(), mem2.data_ptr<float>(),
+        g1.data_ptr<float>(), g2.data_ptr<float>(), static_cast<float>(beta), steps, neurons,
+        columns, sums.data());
+  });
+  if (columns > 0) {  // per-thread column sums, added in thread order
+    float* gb = grad_bias.data_ptr<float>();
+    for (int64_t t = 0; t < threads; ++t)
+      for (int64_t c = 0; c < columns; ++c) gb[c] += sums[t * columns + c];
+  }
+  return {g2, g1, grad_bias};
+}
+
 }  // namespace
 
 // oneDNN's matmul, as torch's own build carries it (the routine torch's addmm calls for bf16).
@@ -894,6 +1066,10 @@ TORCH_LIBRARY(c5snn, m) {
         "-> (Tensor, Tensor, Tensor)");
   m.def("lif_backward(Tensor grad, Tensor mem, float beta, bool dropping, int seed, "
         "int threshold, float factor, int bias_columns) -> (Tensor, Tensor)");
+  m.def("lif_pair_forward(Tensor x, Tensor bias, Tensor residual, float beta, bool keep, "
+        "bool bytes) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("lif_pair_backward(Tensor grad, Tensor mem1, Tensor mem2, float beta, "
+        "int bias_columns) -> (Tensor, Tensor, Tensor)");
   m.def("keep_mask(int[] size, int seed, int threshold) -> Tensor");
   m.def("gemm(Tensor a, Tensor b) -> Tensor");
   m.def("weight_grad(Tensor g, Tensor x, float scale) -> Tensor");
@@ -907,6 +1083,8 @@ TORCH_LIBRARY(c5snn, m) {
 TORCH_LIBRARY_IMPL(c5snn, CPU, m) {
   m.impl("lif_forward", &lif_forward);
   m.impl("lif_backward", &lif_backward);
+  m.impl("lif_pair_forward", &lif_pair_forward);
+  m.impl("lif_pair_backward", &lif_pair_backward);
   m.impl("gemm", &gemm);
   m.impl("weight_grad", &weight_grad);
   m.impl("attention_forward", &attention_forward);

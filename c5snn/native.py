@@ -269,6 +269,45 @@ def lif(x: torch.Tensor, beta: float, residual: torch.Tensor | None = None,
     return LIF.apply(x, residual, bias, beta, dropout, bytes)
 
 
+class LIFPair(torch.autograd.Function):
+    """`LIF2(residual + LIF1(x + bias))`, two LIF layers in one pass each way (`lif_pair_forward`
+    in native.cpp): the spikes of LIF1 never go to memory, and backward walks time once for
+    both. Spikes bitwise those of the two `LIF` calls; gradients to rounding. With `bytes`, also
+    the spikes' uint8 copy. Backward keeps both layers' membranes."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor, beta: float,
+                bytes: bool):
+        keep = any(ctx.needs_input_grad[:3])
+        spikes, spikes8, mem1, mem2 = torch.ops.c5snn.lif_pair_forward(x, bias, residual, beta,
+                                                                       keep, bytes)
+        if keep:
+            ctx.save_for_backward(mem1, mem2)
+        ctx.beta = beta
+        if not bytes:
+            return spikes
+        ctx.mark_non_differentiable(spikes8)
+        ctx.set_materialize_grads(False)  # else autograd fills a zero "gradient" for the bytes
+        return spikes, spikes8
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor, *unused):
+        mem1, mem2 = ctx.saved_tensors
+        columns = mem1.shape[-1] if ctx.needs_input_grad[1] else 0
+        grad_sum, grad_x, grad_bias = torch.ops.c5snn.lif_pair_backward(grad, mem1, mem2,
+                                                                        ctx.beta, columns)
+        return (grad_x if ctx.needs_input_grad[0] else None,
+                grad_bias if ctx.needs_input_grad[1] else None,
+                grad_sum if ctx.needs_input_grad[2] else None, None, None)
+
+
+def lif_pair(x: torch.Tensor, beta: float, bias: torch.Tensor, residual: torch.Tensor,
+             bytes: bool = False):
+    """Spikes `(T, ...)` of `LIF(residual + LIF(x + bias))` on the CPU (fp32; `bias` `(C,)` over
+    the last dimension); with `bytes`, the pair (spikes, their uint8 copy)."""
+    return LIFPair.apply(x, bias, residual, beta, bytes)
+
+
 def _seed() -> int:
     """A seed for the counter-based stream, drawn from torch's default generator (so
     `torch.manual_seed` makes the masks reproducible)."""

@@ -93,6 +93,31 @@ def test_lif_adds_a_bias_in_its_pass_and_sums_its_gradient(shape, constant):
     assert (bias.grad - bias_ref.grad).norm() <= 1e-5 * bias_ref.grad.norm()
 
 
+@pytest.mark.parametrize("constant", [False, True])
+@pytest.mark.parametrize("shape", [(10, 4, 9, 16), (3, 5, 90, 64), (7, 3, 1001), (1, 2, 30)])
+def test_lif_pair_is_the_two_lifs_it_fuses(shape, constant):
+    """`LIF(r + LIF(x + bias))` in one pass each way: the spikes and their uint8 copy bitwise
+    the two LIF calls', the gradients to x, bias and r the same to rounding; r may be constant
+    over T (the first block's input)."""
+    x = _currents(*shape).requires_grad_()
+    bias = _currents(shape[-1], seed=5).requires_grad_()
+    r = _currents(1 if constant else shape[0], *shape[1:], seed=6)
+    r = (r.expand(*shape) if constant else r).requires_grad_()
+    refs = [t.detach().clone().requires_grad_() for t in (x, bias, r)]
+    spikes, spikes8 = native.lif_pair(x, 0.8, bias, r, bytes=True)
+    inner = native.lif(refs[0], 0.8, bias=refs[1])
+    expected = native.lif(refs[2], 0.8, residual=inner)
+    assert torch.equal(spikes, expected) and 0 < spikes.mean() < 1 and 0 < inner.mean() < 1
+    assert torch.equal(spikes8, (expected != 0).to(torch.uint8))
+    w = _currents(*shape, seed=2)
+    (spikes * w).sum().backward()
+    (expected * w).sum().backward()
+    for got, ref in zip((x, bias, r), refs, strict=True):
+        assert ref.grad.norm() > 0
+        assert (got.grad - ref.grad).norm() <= 1e-6 * ref.grad.norm()
+    assert torch.equal(native.lif_pair(x.detach(), 0.8, bias.detach(), r.detach()), spikes)
+
+
 @pytest.mark.parametrize("shape", [(10, 4, 9, 16), (7, 1001), (3, 5, 90, 128)])
 def test_lif_with_dropout_in_its_pass_is_dropout_of_the_lif_with_the_same_mask(shape):
     """The FFN's hidden spikes: LIF and dropout in one pass must equal LIF, then dropout with
