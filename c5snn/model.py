@@ -72,6 +72,25 @@ def lif_pair_function(kernel: str) -> Callable[..., torch.Tensor]:
     return fire_pair
 
 
+def lif_attention_function(kernel: str) -> Callable[..., torch.Tensor]:
+    """`fire_attention(x, beta, bias, n_heads, scale, p, training)`: spike attention
+    (`c5snn.ops.spike_attention`) of the spikes of `LIF(x + bias)`, `x` the fused Q/K/V currents
+    `(T, B, W, 3d)`. "torch" on the CPU runs both in one compiled operator
+    (`c5snn.native.lif_attention`: the spikes go from the LIF to the attention as bits, not
+    as an fp32 tensor); the rest makes the two calls."""
+    fire = lif_function(kernel)
+
+    def fire_attention(x: torch.Tensor, beta: float, bias: torch.Tensor, n_heads: int,
+                       scale: float, p: float, training: bool) -> torch.Tensor:
+        if (kernel == "torch" and x.dtype == torch.float32 and native.serves(x.device)
+                and not torch.is_autocast_enabled(x.device.type)
+                and x.shape[-1] <= native.MAX_QKV and x.shape[-1] // 3 // n_heads <= native.MAX_HEAD):
+            return native.lif_attention(x, beta, bias, n_heads, scale, p, training)
+        return spike_attention(fire(x, beta, bias=bias), n_heads, scale, p, training)
+
+    return fire_attention
+
+
 def _project(x: torch.Tensor, weight: torch.Tensor, x8: torch.Tensor | None = None) -> torch.Tensor:
     """`x @ weightᵀ` for `(T, ...)` input (`c5snn.ops.linear`, on this CPU's faster GEMM), the
     bias left to the LIF that reads it (added in its pass, its gradient summed in its backward's;
@@ -92,6 +111,7 @@ class SpikingBlock(BlockWeights):
         super().__init__(d_model, d_ffn)
         self._lif = lif_function(lif_kernel)  # chosen once, not branched every step
         self._lif_pair = lif_pair_function(lif_kernel)
+        self._lif_attention = lif_attention_function(lif_kernel)
         self.n_heads = n_heads
         self.beta = beta
         self.dropout = dropout
@@ -106,10 +126,9 @@ class SpikingBlock(BlockWeights):
         # weights stay three nn.Linear (the reference's state-dict keys) and are joined here.
         weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
         bias = torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
-        qkv = self._lif(_project(x, weight, x8), self.beta, bias=bias)  # (T, B, W, 3d) spikes
-        mixed = spike_attention(  # heads (B, h, W, d/h) are column slices of each third
-            qkv, self.n_heads, self.scale, self.dropout, self.training
-        )  # (T, B, W, d)
+        mixed = self._lif_attention(  # attention of the spikes LIF(q | k | v): (T, B, W, d)
+            _project(x, weight, x8), self.beta, bias, self.n_heads, self.scale, self.dropout,
+            self.training)
         r1, r1_bytes = self._lif_pair(  # LIF(x + o), o = LIF(o_proj(mixed)): (T, B, W, d)
             _project(mixed, self.o_proj.weight), self.beta, self.o_proj.bias, x, bytes=True)
         dropping = self.training and self.dropout > 0

@@ -778,48 +778,42 @@ inline void pack_bits(const float* seq, int64_t w, int64_t d, int64_t dh, int64_
   }
 }
 
-// (out (N, W, d), bits (3, heads, N, W), keep); with dropping, the scores are dropped out with
-// keep_mask's stream at `seed` over (heads, N, W, W), and `keep` (heads, N, W, ceil(W / 64))
-// holds that mask as bits for backward (bit j % 64 of word j / 64 of row i: element (i, j)
-// kept), 1/32 of the scores' bytes: drawn again in backward, it cost a tenth of that pass.
-// Without dropping, `keep` is empty.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(
-    const at::Tensor& qkv_in, int64_t heads, double alpha_in, int64_t seed_in,
-    int64_t threshold, bool dropping) {
-  check_input(qkv_in, "qkv");
-  TORCH_CHECK(qkv_in.dim() == 3 && qkv_in.size(2) % 3 == 0, "qkv must be (N, W, 3d)");
-  const at::Tensor qkv = qkv_in.contiguous();
-  const int64_t n_seq = qkv.size(0), w = qkv.size(1), d = qkv.size(2) / 3;
-  TORCH_CHECK(heads > 0 && d % heads == 0 && d / heads <= kMaxHead,
-              "heads must divide d into heads of at most 64");
-  const int64_t dh = d / heads, d3 = 3 * d;
-  at::Tensor out = at::empty({n_seq, w, d}, qkv.options());
-  at::Tensor bits = at::empty({3, heads, n_seq, w}, qkv.options().dtype(at::kLong));
-  const int64_t words = (w + 63) / 64;  // of a keep-mask row
-  at::Tensor keep_bits = at::empty(dropping ? at::IntArrayRef{heads, n_seq, w, words}
-                                            : at::IntArrayRef{0},
-                                   qkv.options().dtype(at::kLong));
-  if (qkv.numel() == 0) return {out, bits, keep_bits};
-  auto* kbits = dropping ? reinterpret_cast<uint64_t*>(keep_bits.data_ptr<int64_t>()) : nullptr;
-  const float* src = qkv.data_ptr<float>();
-  float* dst = out.data_ptr<float>();
-  auto* bp = reinterpret_cast<uint64_t*>(bits.data_ptr<int64_t>());
-  const float alpha = static_cast<float>(alpha_in);
-  const Dropout drop{static_cast<uint64_t>(seed_in), static_cast<int16_t>(threshold)};
+// The attention's tasks, one per (head, sequence): out (N, W, d) from the spike bits (3, heads,
+// N, W), which are first packed from `src`, the fp32 (N, W, 3d) spikes, where given (else they
+// are there already, written by lif_attention_forward); with dropping, the scores are dropped
+// out with keep_mask's stream at drop.seed over (heads, N, W, W), and kbits (heads, N, W,
+// ceil(W / 64)) receives that mask as bits for backward (bit j % 64 of word j / 64 of row i:
+// element (i, j) kept), 1/32 of the scores' bytes: drawn again in backward, it cost a tenth of
+// that pass.
+void attention_tasks(const float* src, uint64_t* bp, int64_t n_seq, int64_t w, int64_t d,
+                     int64_t heads, float alpha, bool dropping, const Dropout& drop, float* dst,
+                     uint64_t* kbits) {
+  const int64_t dh = d / heads, d3 = 3 * d, words = (w + 63) / 64;
   at::parallel_for(0, heads * n_seq, 8, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(w * w);  // (W, W): alpha * kept count
     std::vector<uint8_t> keep(dropping ? w * w + 8 : 0);  // the task's keep mask
+    std::vector<float> vf(src ? 0 : w * dh);  // v's rows as floats, from its bits
     for (int64_t it = begin; it < end; ++it) {
       // a sequence's heads one after another (its rows, read by each, stay in cache); the
       // elements of the dropout stream are numbered head-major, task = head * N + n
       const int64_t n = it / heads, head = it % heads, task = head * n_seq + n;
-      const float* seq = src + n * w * d3;  // (W, 3d)
       uint64_t* qb = bp + ((0 * heads + head) * n_seq + n) * w;
       uint64_t* kb = bp + ((1 * heads + head) * n_seq + n) * w;
       uint64_t* vb = bp + ((2 * heads + head) * n_seq + n) * w;
-      if (head == 0 && n + 1 < n_seq)  // the next sequence's rows, while this one's compute
-        for (int64_t e = 0; e < w * d3; e += 16) __builtin_prefetch(seq + w * d3 + e);
-      pack_bits(seq, w, d, dh, head, qb, kb, vb);
+      const float* v;  // rows of v, of stride vs
+      int64_t vs;
+      if (src) {
+        const float* seq = src + n * w * d3;  // (W, 3d)
+        if (head == 0 && n + 1 < n_seq)  // the next sequence's rows, while this one's compute
+          for (int64_t e = 0; e < w * d3; e += 16) __builtin_prefetch(seq + w * d3 + e);
+        pack_bits(seq, w, d, dh, head, qb, kb, vb);
+        v = seq + 2 * d + head * dh;
+        vs = d3;
+      } else {
+        for (int64_t i = 0; i < w; ++i) bits_to_floats(vb[i], dh, vf.data() + i * dh);
+        v = vf.data();
+        vs = dh;
+      }
       if (dropping) {  // the task's elements of the stream from task * W * W
         const uint8_t* kp = keep_bytes(drop, task * w * w, w * w, keep.data());
         uint64_t* kept = kbits + task * w * words;  // (W, words): the mask as bits, for backward
@@ -836,11 +830,121 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(
             scores[i * w + j] = static_cast<float>(__builtin_popcountll(qb[i] & kb[j])) * alpha;
       }
       // out[i] = sum_j scores[i][j] v[j]
-      weighted_rows_any(dst + n * w * d + head * dh, d, scores.data(), w, 1,
-                        seq + 2 * d + head * dh, d3, w, w, dh, 1.0f);
+      weighted_rows_any(dst + n * w * d + head * dh, d, scores.data(), w, 1, v, vs, w, w, dh,
+                        1.0f);
     }
   });
-  return {out, bits, keep_bits};
+}
+
+// Tensors for the attention's outputs: out (N, W, d), bits (3, heads, N, W), keep (heads, N, W,
+// ceil(W / 64)) with dropping, else empty.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_outputs(int64_t n_seq, int64_t w,
+                                                                 int64_t d, int64_t heads,
+                                                                 bool dropping,
+                                                                 const at::TensorOptions& options) {
+  at::Tensor out = at::empty({n_seq, w, d}, options);
+  at::Tensor bits = at::empty({3, heads, n_seq, w}, options.dtype(at::kLong));
+  at::Tensor keep = at::empty(dropping ? at::IntArrayRef{heads, n_seq, w, (w + 63) / 64}
+                                       : at::IntArrayRef{0},
+                              options.dtype(at::kLong));
+  return {out, bits, keep};
+}
+
+// (out (N, W, d), bits (3, heads, N, W), keep) from the fp32 spikes qkv (N, W, 3d); see
+// attention_tasks.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(
+    const at::Tensor& qkv_in, int64_t heads, double alpha, int64_t seed, int64_t threshold,
+    bool dropping) {
+  check_input(qkv_in, "qkv");
+  TORCH_CHECK(qkv_in.dim() == 3 && qkv_in.size(2) % 3 == 0, "qkv must be (N, W, 3d)");
+  const at::Tensor qkv = qkv_in.contiguous();
+  const int64_t n_seq = qkv.size(0), w = qkv.size(1), d = qkv.size(2) / 3;
+  TORCH_CHECK(heads > 0 && d % heads == 0 && d / heads <= kMaxHead,
+              "heads must divide d into heads of at most 64");
+  auto [out, bits, keep] = attention_outputs(n_seq, w, d, heads, dropping, qkv.options());
+  if (qkv.numel() == 0) return {out, bits, keep};
+  attention_tasks(qkv.data_ptr<float>(), reinterpret_cast<uint64_t*>(bits.data_ptr<int64_t>()),
+                  n_seq, w, d, heads, static_cast<float>(alpha), dropping,
+                  Dropout{static_cast<uint64_t>(seed), static_cast<int16_t>(threshold)},
+                  out.data_ptr<float>(),
+                  dropping ? reinterpret_cast<uint64_t*>(keep.data_ptr<int64_t>()) : nullptr);
+  return {out, bits, keep};
+}
+
+// The Q/K/V LIF and the attention that reads its spikes, in one operator: LIF(x + bias) of the
+// fused projection's currents x (T, B, W, 3d) writes its membranes (for backward) and, instead
+// of fp32 spikes, their bits in the attention's layout (3, heads, T * B, W). The spikes were a
+// (T, B, W, 3d) fp32 tensor that the LIF wrote and the attention read back only to pack into
+// these bits: 44 MB each way per d64 layer. Blocks of whole rows (of 3d neurons) per thread;
+// the arithmetic is lif_step's, so spikes and membranes are bitwise those of the two passes.
+template <bool kKeepMembranes>
+void lif_bits_chunks(const float* a, int64_t sa, const float* bias_p, int64_t batch, int64_t w,
+                     int64_t d, int64_t heads, float* mem, uint64_t* bits, float beta,
+                     int64_t steps) {
+  const int64_t d3 = 3 * d, dh = d / heads, rows = batch * w, neurons = rows * d3;
+  const int64_t per_chunk = kChunk / d3, n_seq = steps * batch;  // rows per block
+  at::parallel_for(0, rows, 4 * per_chunk, [&](int64_t begin, int64_t end) {
+    float u[kChunk], s[kChunk], bias[kChunk], out[kChunk];
+    tile_bias(bias_p, d3, 0, per_chunk * d3, bias);  // blocks start at a row
+    for (int64_t r0 = begin; r0 < end; r0 += per_chunk) {
+      const int64_t nr = std::min(per_chunk, end - r0), n = nr * d3, i0 = r0 * d3;
+      for (int64_t t = 0; t < steps; ++t) {
+        if (t + 1 < steps && sa != 0)  // the next step's currents lie on other pages
+          for (int64_t j = 0; j < n; j += 16) __builtin_prefetch(a + (t + 1) * sa + i0 + j);
+        const float* __restrict__ x = a + t * sa + i0;
+        const float decay = t == 0 ? 0.0f : beta;
+        for (int64_t j = 0; j < n; ++j) {  // lif_step's arithmetic (kBias, no dropout)
+          const float c = x[j] + bias[j];
+          const float v = t == 0 ? c : (u[j] * decay + c) - s[j];
+          const float spike = v > kThreshold ? 1.0f : 0.0f;
+          u[j] = v;
+          s[j] = spike;
+          out[j] = spike;
+        }
+        if (kKeepMembranes) stream_floats(mem + t * neurons + i0, u, n);
+        for (int64_t rr = 0; rr < nr; ++rr) {  // row r0 + rr = (b, i): sequence t * B + b
+          const int64_t row = r0 + rr, seq = t * batch + row / w, i = row % w;
+          for (int64_t third = 0; third < 3; ++third)
+            for (int64_t head = 0; head < heads; ++head)
+              bits[((third * heads + head) * n_seq + seq) * w + i] =
+                  row_bits(out + rr * d3 + third * d + head * dh, dh);
+        }
+      }
+    }
+    stream_fence();
+  });
+}
+
+// (out (T, B, W, d), membranes (T, B, W, 3d) or, without keep, undefined, bits, keep mask):
+// see lif_bits_chunks and attention_tasks. Needs 3d <= kChunk (a row per block).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lif_attention_forward(
+    const at::Tensor& x_in, const at::Tensor& bias_in, double beta, bool keep_membranes,
+    int64_t heads, double alpha, int64_t seed, int64_t threshold, bool dropping) {
+  check_input(x_in, "x");
+  check_input(bias_in, "bias");
+  TORCH_CHECK(x_in.dim() == 4 && x_in.size(3) % 3 == 0, "x must be (T, B, W, 3d)");
+  const at::Tensor x = time_major(x_in), bias = bias_in.contiguous();
+  const int64_t steps = x.size(0), batch = x.size(1), w = x.size(2), d = x.size(3) / 3;
+  TORCH_CHECK(bias.dim() == 1 && bias.size(0) == 3 * d, "bias must be (3d,)");
+  TORCH_CHECK(heads > 0 && d % heads == 0 && d / heads <= kMaxHead && 3 * d <= kChunk,
+              "heads must divide d into heads of at most 64, and 3d be at most 1024");
+  at::Tensor mem = keep_membranes
+      ? at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous))
+      : at::Tensor();
+  auto [out, bits, keep] = attention_outputs(steps * batch, w, d, heads, dropping, x.options());
+  if (x.numel() == 0) return {out.view({steps, batch, w, d}), mem, bits, keep};
+  auto* bp = reinterpret_cast<uint64_t*>(bits.data_ptr<int64_t>());
+  with_flag(keep_membranes, [&](auto k) {
+    lif_bits_chunks<decltype(k)::value>(
+        x.data_ptr<float>(), time_stride(x, x.numel() / steps), bias.data_ptr<float>(), batch,
+        w, d, heads, keep_membranes ? mem.data_ptr<float>() : nullptr, bp,
+        static_cast<float>(beta), steps);
+  });
+  attention_tasks(nullptr, bp, steps * batch, w, d, heads, static_cast<float>(alpha), dropping,
+                  Dropout{static_cast<uint64_t>(seed), static_cast<int16_t>(threshold)},
+                  out.data_ptr<float>(),
+                  dropping ? reinterpret_cast<uint64_t*>(keep.data_ptr<int64_t>()) : nullptr);
+  return {out.view({steps, batch, w, d}), mem, bits, keep};
 }
 
 // dL/dqkv (N, W, 3d) from dL/dout (N, W, d) and the forward's bits and keep mask (empty
@@ -1078,6 +1182,8 @@ TORCH_LIBRARY(c5snn, m) {
         "bool dropping) -> (Tensor, Tensor, Tensor)");
   m.def("attention_backward(Tensor grad, Tensor bits, Tensor keep, int heads, float alpha) "
         "-> Tensor");
+  m.def("lif_attention_forward(Tensor x, Tensor bias, float beta, bool keep, int heads, "
+        "float alpha, int seed, int threshold, bool dropping) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(c5snn, CPU, m) {
@@ -1089,6 +1195,7 @@ TORCH_LIBRARY_IMPL(c5snn, CPU, m) {
   m.impl("weight_grad", &weight_grad);
   m.impl("attention_forward", &attention_forward);
   m.impl("attention_backward", &attention_backward);
+  m.impl("lif_attention_forward", &lif_attention_forward);
 }
 
 TORCH_LIBRARY_IMPL(c5snn, CompositeExplicitAutograd, m) {

@@ -49,6 +49,7 @@ LDFLAGS = ["-fopenmp"]
 ENV_SWITCH = "C5SNN_NATIVE"
 GEMM_SWITCH = "C5SNN_GEMM"  # "onednn" or "torch": which library runs the model's CPU GEMMs
 MAX_HEAD = 64  # native.cpp's kMaxHead: q @ kᵀ as popcounts of one 64-bit word per row
+MAX_QKV = 1024  # native.cpp's kChunk: lif_attention's blocks hold whole rows of 3d neurons
 STALE_LOCK_S = 300.0
 
 
@@ -114,6 +115,11 @@ def _register_flop_formulas() -> None:
     def _forward(qkv_shape, *args, **kwargs) -> int:
         n, w, d3 = qkv_shape
         return 2 * (2 * n * w * w * (d3 // 3))
+
+    @register_flop_formula(torch.ops.c5snn.lif_attention_forward)
+    def _lif_attention(x_shape, *args, **kwargs) -> int:
+        t, b, w, d3 = x_shape
+        return 2 * (2 * t * b * w * w * (d3 // 3))
 
     @register_flop_formula(torch.ops.c5snn.gemm)
     def _gemm(a_shape, b_shape, *args, **kwargs) -> int:
@@ -228,15 +234,15 @@ class LIF(torch.autograd.Function):
     rule and stream); with `bytes`, also their uint8 copy (1 where nonzero), written in the same
     pass, for a layer that keeps its input for backward (`c5snn.ops.Linear`).
 
-    Backward keeps the membranes (fp32, one `(T, ...)` tensor) and the dropout seed (the mask
-    is drawn again), returns the same dL/dX to `x` and `residual`, and sums it into dL/dbias in
-    the same pass (the sum a linear layer's backward would otherwise make over dL/dX).
+    Backward keeps the membranes (fp32, one `(T, ...)` tensor; none where autograd does not
+    record the call, `_recorded`) and the dropout seed (the mask is drawn again), returns the
+    same dL/dX to `x` and `residual`, and sums it into dL/dbias in the same pass (the sum a
+    linear layer's backward would otherwise make over dL/dX).
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, residual: torch.Tensor | None, bias: torch.Tensor | None,
-                beta: float, p: float, bytes: bool):
-        keep = any(ctx.needs_input_grad[:3])
+                beta: float, p: float, bytes: bool, keep: bool):
         ctx.dropout = (p > 0.0, _seed() if p > 0.0 else 0, keep_threshold(p),
                        1.0 / (1.0 - p))
         spikes, mem, spikes8 = torch.ops.c5snn.lif_forward(x, residual, bias, beta, keep,
@@ -258,7 +264,14 @@ class LIF(torch.autograd.Function):
                                                          columns)
         return (grad_x if ctx.needs_input_grad[0] else None,
                 grad_x if ctx.needs_input_grad[1] else None,
-                grad_bias if ctx.needs_input_grad[2] else None, None, None, None)
+                grad_bias if ctx.needs_input_grad[2] else None, None, None, None, None)
+
+
+def _recorded(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd records an operator on `tensors`, so that it must keep state for
+    backward. Inside an autograd Function's forward `ctx.needs_input_grad` cannot tell: it
+    says True under `torch.no_grad()` too (a validation pass), so the wrappers decide."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def lif(x: torch.Tensor, beta: float, residual: torch.Tensor | None = None,
@@ -266,7 +279,7 @@ def lif(x: torch.Tensor, beta: float, residual: torch.Tensor | None = None,
     """Spikes `(T, ...)` of LIF neurons driven by fp32 currents `x` (+ `residual`, or + `bias`
     `(C,)` over the last dimension) on the CPU, dropped out with probability `dropout` (no
     residual then); with `bytes`, the pair (spikes, their uint8 copy)."""
-    return LIF.apply(x, residual, bias, beta, dropout, bytes)
+    return LIF.apply(x, residual, bias, beta, dropout, bytes, _recorded(x, residual, bias))
 
 
 class LIFPair(torch.autograd.Function):
@@ -277,8 +290,7 @@ class LIFPair(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor, beta: float,
-                bytes: bool):
-        keep = any(ctx.needs_input_grad[:3])
+                bytes: bool, keep: bool):
         spikes, spikes8, mem1, mem2 = torch.ops.c5snn.lif_pair_forward(x, bias, residual, beta,
                                                                        keep, bytes)
         if keep:
@@ -298,14 +310,14 @@ class LIFPair(torch.autograd.Function):
                                                                         ctx.beta, columns)
         return (grad_x if ctx.needs_input_grad[0] else None,
                 grad_bias if ctx.needs_input_grad[1] else None,
-                grad_sum if ctx.needs_input_grad[2] else None, None, None)
+                grad_sum if ctx.needs_input_grad[2] else None, None, None, None)
 
 
 def lif_pair(x: torch.Tensor, beta: float, bias: torch.Tensor, residual: torch.Tensor,
              bytes: bool = False):
     """Spikes `(T, ...)` of `LIF(residual + LIF(x + bias))` on the CPU (fp32; `bias` `(C,)` over
     the last dimension); with `bytes`, the pair (spikes, their uint8 copy)."""
-    return LIFPair.apply(x, bias, residual, beta, bytes)
+    return LIFPair.apply(x, bias, residual, beta, bytes, _recorded(x, bias, residual))
 
 
 def _seed() -> int:
@@ -353,3 +365,44 @@ class Attention(torch.autograd.Function):
         bits, keep = ctx.saved_tensors
         grad = torch.ops.c5snn.attention_backward(grad_out, bits, keep, ctx.n_heads, ctx.alpha)
         return grad, None, None, None, None
+
+
+class LIFAttention(torch.autograd.Function):
+    """`Attention` of the spikes of `LIF(x + bias)`, for the fused Q/K/V currents `x`
+    `(T, B, W, 3d)` (fp32; may be constant over T), in one operator (`lif_attention_forward`):
+    the LIF writes its spikes as the bits the attention reads, not as a `(T, B, W, 3d)` fp32
+    tensor written and read back only to be packed (44 MB each way per d64 layer). Outputs
+    `(T, B, W, d)` and gradients as `Attention.apply(lif(x, bias=bias))` (spikes bitwise, the
+    same dropout mask). Backward keeps the LIF's membranes and the attention's bits."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, bias: torch.Tensor, beta: float, n_heads: int,
+                scale: float, p: float, training: bool, grads: bool):
+        dropping = training and p > 0.0
+        alpha = scale / (1.0 - p) if dropping else scale
+        seed, threshold = _seed() if dropping else 0, keep_threshold(p)
+        out, mem, bits, keep = torch.ops.c5snn.lif_attention_forward(
+            x, bias, beta, grads, n_heads, alpha, seed, threshold, dropping)
+        if grads:
+            ctx.save_for_backward(mem, bits, keep)
+        ctx.beta, ctx.n_heads, ctx.alpha = beta, n_heads, alpha
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        mem, bits, keep = ctx.saved_tensors
+        t, b, w, d3 = mem.shape
+        grad_spikes = torch.ops.c5snn.attention_backward(  # (T * B, W, 3d)
+            grad_out.reshape(t * b, w, d3 // 3), bits, keep, ctx.n_heads, ctx.alpha)
+        columns = d3 if ctx.needs_input_grad[1] else 0
+        grad_x, grad_bias = torch.ops.c5snn.lif_backward(grad_spikes.view(mem.shape), mem,
+                                                         ctx.beta, False, 0, 0, 1.0, columns)
+        return (grad_x if ctx.needs_input_grad[0] else None,
+                grad_bias if ctx.needs_input_grad[1] else None, None, None, None, None, None, None)
+
+
+def lif_attention(x: torch.Tensor, beta: float, bias: torch.Tensor, n_heads: int, scale: float,
+                  p: float, training: bool) -> torch.Tensor:
+    """`dropout(q @ kᵀ * scale) @ v` per head, q, k, v the column thirds of the spikes of
+    `LIF(x + bias)`, `x` `(T, B, W, 3d)` fp32 on the CPU; see `LIFAttention`."""
+    return LIFAttention.apply(x, bias, beta, n_heads, scale, p, training, _recorded(x, bias))

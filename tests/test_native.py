@@ -60,6 +60,27 @@ def test_lif_without_grad_keeps_no_membranes():
     assert mem.shape == x.shape
 
 
+def test_operators_keep_state_only_where_autograd_records_them(monkeypatch):
+    """A validation pass (`torch.no_grad()` on parameters that require grad) keeps no
+    membranes: inside an autograd Function, `ctx.needs_input_grad` would still say True."""
+    calls = []
+    for name in ("lif_forward", "lif_pair_forward", "lif_attention_forward"):
+        op = getattr(torch.ops.c5snn, name)
+        monkeypatch.setattr(torch.ops.c5snn, name,
+                            lambda *a, op=op, name=name: calls.append((name, a)) or op(*a))
+    x = _currents(3, 2, 10, 24).requires_grad_()
+    bias = _currents(24, seed=1).requires_grad_()
+    for grad in (True, False):
+        calls.clear()
+        with torch.set_grad_enabled(grad):
+            native.lif(x, 0.8, bias=bias)
+            native.lif_pair(x, 0.8, bias, x.detach())
+            native.lif_attention(x, 0.8, bias, 2, 0.5, 0.0, False)
+        position = {"lif_forward": 4, "lif_pair_forward": 4, "lif_attention_forward": 3}
+        keeps = [a[position[n]] for n, a in calls]  # each operator's `keep` argument
+        assert keeps == [grad] * 3, calls
+
+
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 def test_lif_writes_the_uint8_copy_a_linear_layer_keeps_in_the_same_pass(dropout):
     x = _currents(6, 7, 130).requires_grad_()
@@ -186,6 +207,41 @@ def test_attention_operator_agrees_with_the_torch_path_and_draws_the_same_mask(n
     torch.testing.assert_close(out, ref_out, rtol=1e-6, atol=1e-6)
     assert (grad - ref_grad).norm() <= 1e-6 * ref_grad.norm()
     assert out.abs().sum() > 0 and grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("shape, heads, constant", [
+    ((3, 4, 90, 64), 2, False),    # d64 h2: heads of 32
+    ((2, 3, 90, 64), 2, True),     # constant over T: the first block
+    ((2, 2, 70, 128), 4, False),   # W > 64
+    ((1, 3, 13, 40), 2, False),    # heads of 20, T = 1
+])
+def test_lif_attention_is_the_lif_then_the_attention(shape, heads, constant, training):
+    """The Q/K/V LIF and the attention in one operator (the spikes passed as bits): outputs
+    bitwise those of `lif` then `Attention` with the same dropout mask, gradients to the
+    currents and the bias the same to rounding."""
+    t, b, w, d = shape
+    x = _currents(1 if constant else t, b, w, 3 * d, seed=7)
+    x = (x.expand(t, b, w, 3 * d) if constant else x).requires_grad_()
+    bias = _currents(3 * d, seed=8).requires_grad_()
+    x_ref, bias_ref = x.detach().clone().requires_grad_(), bias.detach().clone().requires_grad_()
+    scale = (d // heads) ** -0.5
+    torch.manual_seed(5)
+    out = native.lif_attention(x, 0.8, bias, heads, scale, 0.2, training)
+    torch.manual_seed(5)
+    spikes = native.lif(x_ref, 0.8, bias=bias_ref)
+    expected = native.Attention.apply(spikes.reshape(t * b, w, 3 * d), heads, scale, 0.2,
+                                      training).view(t, b, w, d)
+    assert torch.equal(out, expected) and out.abs().sum() > 0 and 0 < spikes.mean() < 1
+    g = _currents(t, b, w, d, seed=9)
+    (out * g).sum().backward()
+    (expected * g).sum().backward()
+    for got, ref in ((x, x_ref), (bias, bias_ref)):
+        assert ref.grad.norm() > 0
+        assert (got.grad - ref.grad).norm() <= 1e-6 * ref.grad.norm()
+    with torch.no_grad():  # a validation pass: no membranes kept, the same outputs
+        torch.manual_seed(5)
+        assert torch.equal(native.lif_attention(x, 0.8, bias, heads, scale, 0.2, training), out)
 
 
 def test_attention_is_the_same_on_any_number_of_threads_and_keeps_only_bits():
