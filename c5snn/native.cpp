@@ -947,6 +947,69 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lif_attention_forward
   return {out.view({steps, batch, w, d}), mem, bits, keep};
 }
 
+// One (head, sequence) task of the attention's backward, with its buffers (one per thread):
+// dL/dq, dL/dk, dL/dv (W, dh) each, rows of stride `os` from gq, gk, gv, from dL/dout g (W, dh)
+// (rows of stride `gstride`), the task's spike bits and keep mask bits (null: no dropout).
+struct AttentionBackwardTask {
+  int64_t w, dh, wp, words;
+  // q, k (W, dh) and vᵀ (dh, Wp) as floats; the keep mask, kept counts and dL/dscores / alpha
+  std::vector<float> qf, kf, vt, counts, gs;
+  std::vector<uint8_t> keep;
+
+  AttentionBackwardTask(int64_t w_, int64_t dh_)
+      : w(w_), dh(dh_), wp(padded(w_)), words((w_ + 63) / 64), qf(w * dh), kf(w * dh),
+        vt(dh * wp, 0.0f), counts(w * w), gs(w * wp), keep(w * w + 8) {}
+
+  void run(const uint64_t* qb, const uint64_t* kb, const uint64_t* vb, const uint64_t* kept,
+           const float* g, int64_t gstride, float alpha, float* gq, float* gk, float* gv,
+           int64_t os) {
+    for (int64_t i = 0; i < w; ++i) {
+      bits_to_floats(qb[i], dh, qf.data() + i * dh);
+      bits_to_floats(kb[i], dh, kf.data() + i * dh);
+    }
+    for (int64_t c = 0; c < dh; ++c)  // by column of v: a loop over rows that vectorizes
+      for (int64_t i = 0; i < w; ++i) vt[c * wp + i] = static_cast<float>((vb[i] >> c) & 1);
+    // kp[i][j]: 1 where kept (the forward's mask); counts[i][j]: the kept count of query i
+    // and key j
+    const uint8_t* kp = keep.data();
+    if (kept)
+      for (int64_t i = 0; i < w; ++i)
+        for (int64_t b = 0; b < words; ++b)
+          bits_to_bytes(kept[i * words + b], std::min<int64_t>(64, w - 64 * b),
+                        keep.data() + i * w + 64 * b);
+    if (kept)
+      for (int64_t i = 0; i < w; ++i)
+        for (int64_t j = 0; j < w; ++j)
+          counts[i * w + j] = static_cast<float>(__builtin_popcountll(qb[i] & kb[j])) *
+                              static_cast<float>(kp[i * w + j]);
+    else
+      for (int64_t i = 0; i < w; ++i)
+        for (int64_t j = 0; j < w; ++j)
+          counts[i * w + j] = static_cast<float>(__builtin_popcountll(qb[i] & kb[j]));
+    // dL/dv[j] = alpha * sum_i counts[i][j] g[i]  (counts read by column)
+    weighted_rows_any(gv, os, counts.data(), 1, w, g, gstride, w, w, dh, alpha);
+    // dL/dscores[i] / alpha = keep[i] * sum_c g[i][c] vᵀ[c]  (rows of Wp, zero past W)
+    weighted_rows_any(gs.data(), wp, g, gstride, 1, vt.data(), wp, dh, w, wp, 1.0f);
+    if (kept)
+      for (int64_t i = 0; i < w; ++i)
+        for (int64_t j = 0; j < w; ++j) gs[i * wp + j] *= static_cast<float>(kp[i * w + j]);
+    // dL/dq[i] = alpha * sum_j gs[i][j] k[j];  dL/dk[j] = alpha * sum_i gs[i][j] q[i]
+    weighted_rows_any(gq, os, gs.data(), wp, 1, kf.data(), dh, w, w, dh, alpha);
+    weighted_rows_any(gk, os, gs.data(), 1, wp, qf.data(), dh, w, w, dh, alpha);
+  }
+};
+
+// The keep mask's bits, checked against the attention's shape: null when empty (no dropout).
+const uint64_t* keep_words(const at::Tensor& keep_bits, int64_t heads, int64_t n_seq,
+                           int64_t w) {
+  if (keep_bits.numel() == 0) return nullptr;
+  TORCH_CHECK(keep_bits.dim() == 4 && keep_bits.size(0) == heads && keep_bits.size(1) == n_seq &&
+              keep_bits.size(2) == w && keep_bits.size(3) == (w + 63) / 64 &&
+              keep_bits.is_contiguous() && keep_bits.scalar_type() == at::kLong,
+              "keep must be (heads, N, W, ceil(W / 64)) or empty");
+  return reinterpret_cast<const uint64_t*>(keep_bits.data_ptr<int64_t>());
+}
+
 // dL/dqkv (N, W, 3d) from dL/dout (N, W, d) and the forward's bits and keep mask (empty
 // without dropout).
 at::Tensor attention_backward(const at::Tensor& grad_in, const at::Tensor& bits,
@@ -958,76 +1021,115 @@ at::Tensor attention_backward(const at::Tensor& grad_in, const at::Tensor& bits,
   const int64_t n_seq = grad.size(0), w = grad.size(1), d = grad.size(2);
   TORCH_CHECK(d % heads == 0 && d / heads <= kMaxHead && bits.size(2) == n_seq &&
               bits.size(3) == w, "bits do not match grad");
-  const int64_t dh = d / heads, d3 = 3 * d, wp = padded(w);
+  const int64_t dh = d / heads, d3 = 3 * d, words = (w + 63) / 64;
   at::Tensor out = at::empty({n_seq, w, d3}, grad.options());
   if (grad.numel() == 0) return out;
   const float* gp = grad.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const auto* bp = reinterpret_cast<const uint64_t*>(bits.data_ptr<int64_t>());
-  const float alpha = static_cast<float>(alpha_in);
-  const bool dropping = keep_bits.numel() > 0;
-  const int64_t words = (w + 63) / 64;
-  TORCH_CHECK(!dropping || (keep_bits.dim() == 4 && keep_bits.size(0) == heads &&
-                            keep_bits.size(1) == n_seq && keep_bits.size(2) == w &&
-                            keep_bits.size(3) == words && keep_bits.is_contiguous()),
-              "keep must be (heads, N, W, ceil(W / 64)) or empty");
-  const auto* kbits =
-      dropping ? reinterpret_cast<const uint64_t*>(keep_bits.data_ptr<int64_t>()) : nullptr;
+  const uint64_t* kbits = keep_words(keep_bits, heads, n_seq, w);
   at::parallel_for(0, heads * n_seq, 4, [&](int64_t begin, int64_t end) {
-    // q, k (W, dh) and vᵀ (dh, Wp) as floats; the keep mask, kept counts and dL/dscores / alpha
-    std::vector<float> qf(w * dh), kf(w * dh), vt(dh * wp, 0.0f), counts(w * w), gs(w * wp);
-    std::vector<uint8_t> keep(dropping ? w * w + 8 : 0);  // the task's keep mask
+    AttentionBackwardTask work(w, dh);
     for (int64_t it = begin; it < end; ++it) {
       // a sequence's heads one after another (its rows, read by each, stay in cache); the
       // elements of the dropout stream are numbered head-major, task = head * N + n
       const int64_t n = it / heads, head = it % heads, task = head * n_seq + n;
-      const uint64_t* qb = bp + ((0 * heads + head) * n_seq + n) * w;
-      const uint64_t* kb = bp + ((1 * heads + head) * n_seq + n) * w;
-      const uint64_t* vb = bp + ((2 * heads + head) * n_seq + n) * w;
-      const float* g = gp + n * w * d + head * dh;  // row i: g + i * d, dh floats
-      float* gq = op + n * w * d3 + head * dh;      // rows of stride 3d
-      float* gk = gq + d;
-      float* gv = gq + 2 * d;
       if (head == 0 && n + 1 < n_seq)  // the next sequence's gradient rows, ahead of time
         for (int64_t e = 0; e < w * d; e += 16) __builtin_prefetch(gp + (n + 1) * w * d + e);
-      for (int64_t i = 0; i < w; ++i) {
-        bits_to_floats(qb[i], dh, qf.data() + i * dh);
-        bits_to_floats(kb[i], dh, kf.data() + i * dh);
-      }
-      for (int64_t c = 0; c < dh; ++c)  // by column of v: a loop over rows that vectorizes
-        for (int64_t i = 0; i < w; ++i) vt[c * wp + i] = static_cast<float>((vb[i] >> c) & 1);
-      // kp[i][j]: 1 where kept (the forward's mask); counts[i][j]: the kept count of query i
-      // and key j
-      const uint8_t* kp = keep.data();
-      if (dropping) {
-        const uint64_t* kept = kbits + task * w * words;
-        for (int64_t i = 0; i < w; ++i)
-          for (int64_t b = 0; b < words; ++b)
-            bits_to_bytes(kept[i * words + b], std::min<int64_t>(64, w - 64 * b),
-                          keep.data() + i * w + 64 * b);
-      }
-      if (dropping)
-        for (int64_t i = 0; i < w; ++i)
-          for (int64_t j = 0; j < w; ++j)
-            counts[i * w + j] = static_cast<float>(__builtin_popcountll(qb[i] & kb[j])) *
-                                static_cast<float>(kp[i * w + j]);
-      else
-        for (int64_t i = 0; i < w; ++i)
-          for (int64_t j = 0; j < w; ++j)
-            counts[i * w + j] = static_cast<float>(__builtin_popcountll(qb[i] & kb[j]));
-      // dL/dv[j] = alpha * sum_i counts[i][j] g[i]  (counts read by column)
-      weighted_rows_any(gv, d3, counts.data(), 1, w, g, d, w, w, dh, alpha);
-      // dL/dscores[i] / alpha = keep[i] * sum_c g[i][c] vᵀ[c]  (rows of Wp, zero past W)
-      weighted_rows_any(gs.data(), wp, g, d, 1, vt.data(), wp, dh, w, wp, 1.0f);
-      if (dropping)
-        for (int64_t i = 0; i < w; ++i)
-          for (int64_t j = 0; j < w; ++j) gs[i * wp + j] *= static_cast<float>(kp[i * w + j]);
-      // dL/dq[i] = alpha * sum_j gs[i][j] k[j];  dL/dk[j] = alpha * sum_i gs[i][j] q[i]
-      weighted_rows_any(gq, d3, gs.data(), wp, 1, kf.data(), dh, w, w, dh, alpha);
-      weighted_rows_any(gk, d3, gs.data(), 1, wp, qf.data(), dh, w, w, dh, alpha);
+      float* gq = op + n * w * d3 + head * dh;  // rows of stride 3d
+      work.run(bp + ((0 * heads + head) * n_seq + n) * w, bp + ((1 * heads + head) * n_seq + n) * w,
+               bp + ((2 * heads + head) * n_seq + n) * w,
+               kbits ? kbits + task * w * words : nullptr, gp + n * w * d + head * dh, d,
+               static_cast<float>(alpha_in), gq, gq + d, gq + 2 * d, d3);
     }
   });
   return out;
+}
+
+// LIFAttention's backward: dL/dx (T, B, W, 3d) and dL/dbias (3d,) (undefined without
+// bias_grad) from dL/dout (T * B, W, d), the LIF's membranes (T, B, W, 3d) and the attention's
+// bits and keep mask. One task per batch row b walks time backwards: each step's attention
+// backward (sequence t * B + b, every head) writes dL/dspikes (W, 3d) into cache, and the LIF's
+// backward step (backward_chunks' arithmetic) turns them into dL/dx there, so dL/dspikes,
+// (T, B, W, 3d) fp32, never goes to memory (44 MB each way per d64 layer). The membranes are
+// read and dL/dx written a whole sequence (W * 3d, contiguous) at a time. dL/dbias sums per
+// thread, in task order, then thread order.
+std::tuple<at::Tensor, at::Tensor> lif_attention_backward(
+    const at::Tensor& grad_in, const at::Tensor& mem, const at::Tensor& bits,
+    const at::Tensor& keep_bits, int64_t heads, double alpha, double beta_in, bool bias_grad) {
+  check_input(grad_in, "grad");
+  check_input(mem, "membranes");
+  TORCH_CHECK(mem.dim() == 4 && mem.is_contiguous() && mem.size(3) % 3 == 0,
+              "membranes must be contiguous (T, B, W, 3d)");
+  const int64_t steps = mem.size(0), batch = mem.size(1), w = mem.size(2), d3 = mem.size(3);
+  const int64_t d = d3 / 3, n_seq = steps * batch, block = w * d3;
+  const at::Tensor grad = grad_in.contiguous();
+  TORCH_CHECK(grad.dim() == 3 && grad.size(0) == n_seq && grad.size(1) == w && grad.size(2) == d,
+              "grad must be (T * B, W, d)");
+  TORCH_CHECK(heads > 0 && d % heads == 0 && d / heads <= kMaxHead && bits.dim() == 4 &&
+              bits.size(0) == 3 && bits.size(1) == heads && bits.size(2) == n_seq &&
+              bits.size(3) == w, "bits must be (3, heads, T * B, W)");
+  const int64_t dh = d / heads, words = (w + 63) / 64;
+  at::Tensor dx = at::empty(mem.sizes(), mem.options());
+  at::Tensor grad_bias = bias_grad ? at::zeros({d3}, mem.options()) : at::Tensor();
+  if (mem.numel() == 0) return {dx, grad_bias};
+  const float* gp = grad.data_ptr<float>();
+  const float* up = mem.data_ptr<float>();
+  float* xp = dx.data_ptr<float>();
+  const auto* bp = reinterpret_cast<const uint64_t*>(bits.data_ptr<int64_t>());
+  const uint64_t* kbits = keep_words(keep_bits, heads, n_seq, w);
+  const float beta = static_cast<float>(beta_in);
+  const int64_t threads = at::get_num_threads();
+  std::vector<float> sums(bias_grad ? threads * d3 : 0, 0.0f);
+  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+    AttentionBackwardTask work(w, dh);
+    // dL/dspikes of a sequence (W, 3d); dL/dU[t+1]; dL/dx summed over time
+    std::vector<float> spikes_grad(block), next(block), total(block);
+    float* const mine = bias_grad ? sums.data() + at::get_thread_num() * d3 : nullptr;
+    for (int64_t b = begin; b < end; ++b) {
+      std::fill(total.begin(), total.end(), 0.0f);
+      for (int64_t t = steps - 1; t >= 0; --t) {
+        const int64_t n = t * batch + b;  // the sequence: rows n * W .. of (T * B * W, ...)
+        if (t > 0) {  // the previous step's gradient and membranes, ahead of time
+          for (int64_t e = 0; e < w * d; e += 16) __builtin_prefetch(gp + (n - batch) * w * d + e);
+          for (int64_t e = 0; e < block; e += 16) __builtin_prefetch(up + (n - batch) * block + e);
+        }
+        for (int64_t head = 0; head < heads; ++head) {
+          const int64_t task = head * n_seq + n;
+          float* gq = spikes_grad.data() + head * dh;
+          work.run(bp + ((0 * heads + head) * n_seq + n) * w,
+                   bp + ((1 * heads + head) * n_seq + n) * w,
+                   bp + ((2 * heads + head) * n_seq + n) * w,
+                   kbits ? kbits + task * w * words : nullptr, gp + n * w * d + head * dh, d,
+                   static_cast<float>(alpha), gq, gq + d, gq + 2 * d, d3);
+        }
+        const bool last = t == steps - 1;  // nothing flows back from after T
+        const float decay = last ? 0.0f : beta;
+        const float* __restrict__ ut = up + n * block;
+        const float* __restrict__ gt = spikes_grad.data();
+        float* __restrict__ nx = next.data();
+        float* __restrict__ tot = total.data();
+        for (int64_t j = 0; j < block; ++j) {  // backward_chunks' arithmetic
+          float dd = std::fabs(ut[j] - kThreshold) * kSlope + 1.0f;
+          dd = dd * dd;
+          const float g = last ? gt[j] / dd : gt[j] / dd + decay * nx[j];
+          nx[j] = g;
+          tot[j] += g;
+        }
+        stream_floats(xp + n * block, nx, block);
+      }
+      if (bias_grad)
+        for (int64_t i = 0; i < w; ++i)
+          for (int64_t c = 0; c < d3; ++c) mine[c] += total[i * d3 + c];
+    }
+    stream_fence();
+  });
+  if (bias_grad) {
+    float* gb = grad_bias.data_ptr<float>();
+    for (int64_t t = 0; t < threads; ++t)
+      for (int64_t c = 0; c < d3; ++c) gb[c] += sums[t * d3 + c];
+  }
+  return {dx, grad_bias};
 }
 
 // dL/dW of a linear layer: gᵀ @ x for dL/dY g (R, M) and the layer's input x (R, N), fp32 or its
@@ -1182,6 +1284,8 @@ TORCH_LIBRARY(c5snn, m) {
         "bool dropping) -> (Tensor, Tensor, Tensor)");
   m.def("attention_backward(Tensor grad, Tensor bits, Tensor keep, int heads, float alpha) "
         "-> Tensor");
+  m.def("lif_attention_backward(Tensor grad, Tensor mem, Tensor bits, Tensor keep, int heads, "
+        "float alpha, float beta, bool bias_grad) -> (Tensor, Tensor)");
   m.def("lif_attention_forward(Tensor x, Tensor bias, float beta, bool keep, int heads, "
         "float alpha, int seed, int threshold, bool dropping) -> (Tensor, Tensor, Tensor, Tensor)");
 }
@@ -1196,6 +1300,7 @@ TORCH_LIBRARY_IMPL(c5snn, CPU, m) {
   m.impl("attention_forward", &attention_forward);
   m.impl("attention_backward", &attention_backward);
   m.impl("lif_attention_forward", &lif_attention_forward);
+  m.impl("lif_attention_backward", &lif_attention_backward);
 }
 
 TORCH_LIBRARY_IMPL(c5snn, CompositeExplicitAutograd, m) {

@@ -130,6 +130,7 @@ def _register_flop_formulas() -> None:
         return 2 * g_shape[0] * g_shape[1] * x_shape[1]
 
     @register_flop_formula(torch.ops.c5snn.attention_backward)
+    @register_flop_formula(torch.ops.c5snn.lif_attention_backward)
     def _backward(grad_shape, *args, **kwargs) -> int:
         n, w, d = grad_shape
         return 4 * (2 * n * w * w * d)
@@ -392,11 +393,9 @@ class LIFAttention(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         mem, bits, keep = ctx.saved_tensors
         t, b, w, d3 = mem.shape
-        grad_spikes = torch.ops.c5snn.attention_backward(  # (T * B, W, 3d)
-            grad_out.reshape(t * b, w, d3 // 3), bits, keep, ctx.n_heads, ctx.alpha)
-        columns = d3 if ctx.needs_input_grad[1] else 0
-        grad_x, grad_bias = torch.ops.c5snn.lif_backward(grad_spikes.view(mem.shape), mem,
-                                                         ctx.beta, False, 0, 0, 1.0, columns)
+        grad_x, grad_bias = torch.ops.c5snn.lif_attention_backward(
+            grad_out.reshape(t * b, w, d3 // 3), mem, bits, keep, ctx.n_heads, ctx.alpha,
+            ctx.beta, ctx.needs_input_grad[1])
         return (grad_x if ctx.needs_input_grad[0] else None,
                 grad_bias if ctx.needs_input_grad[1] else None, None, None, None, None, None, None)
 
