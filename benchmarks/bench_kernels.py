@@ -11,10 +11,16 @@
    the two 6-layer configurations' shapes; the dropout keep mask of a (2, 640, 90, 90)
    attention-score tensor. Best of 10 after a warm-up, in this process (flushed), on the
    allocator it was started with (jemalloc, as c5snn's workers, in docs/benchmarks.md).
-3. The model's GEMMs on the two libraries inside torch: torch's mm (MKL) and oneDNN
+3. The fused operators against the compiled operators they replace, forward + backward
+   through autograd at d64's shapes: `native.lif_pair` against two `native.lif` calls, and
+   `native.lif_attention` against `native.lif` then `native.Attention`. Medians of 5 rounds of
+   best-of-3, the two sides alternating, in this process.
+4. The model's GEMMs on the two libraries inside torch: torch's mm (MKL) and oneDNN
    (`c5snn.native.gemm`, what `c5snn.ops.matmul` runs off Intel CPUs): each 6-layer
    configuration's linear maps at B=64, W=90, T=10 (57,600 rows), forward, dL/dx and dL/dW,
-   and a 2048 x 2048 GEMM. Same process, same threads.
+   and a 2048 x 2048 GEMM; for dL/dW also c5snn's own kernel (`c5snn.native.weight_grad`, what
+   `c5snn.ops.weight_grad` runs where oneDNN was chosen) on the same fp32 input and on the uint8
+   copy the model keeps of spike input. Same process, same threads.
 
     .venv/bin/python benchmarks/bench_kernels.py [--threads 2]
 """
@@ -115,8 +121,44 @@ def attention_rows(d: int, heads: int) -> list[tuple[str, float, float]]:
     return rows
 
 
-def gemm_rows() -> list[tuple[str, float, float]]:
-    """(shape, torch mm ms, oneDNN ms) for the model's GEMMs; spikes as the forward's input."""
+def fused_rows() -> list[tuple[str, float, float]]:
+    """(operator, its parts ms, fused ms): forward + backward at d64's shapes, alternating."""
+    import statistics
+
+    import torch
+
+    from c5snn import native
+
+    x = (torch.randn(10, 64, 90, 64) * 1.5).requires_grad_()  # o_proj's currents
+    r = (torch.rand(10, 64, 90, 64) < 0.3).float().requires_grad_()  # the block input
+    bias = torch.randn(64).requires_grad_()
+    qkv = (torch.randn(10, 64, 90, 192) * 1.5).requires_grad_()  # the Q/K/V currents
+    qkv_bias = torch.randn(192).requires_grad_()
+    g, go = torch.randn(10, 64, 90, 64), torch.randn(10, 64, 90, 64)
+
+    def attention_parts():
+        spikes = native.lif(qkv, 0.8, bias=qkv_bias).reshape(640, 90, 192)
+        native.Attention.apply(spikes, 2, 32**-0.5, 0.1, True).view(10, 64, 90, 64).backward(go)
+
+    cases = [
+        ("LIF(r + LIF(x + b)) (10, 64, 90, 64): `lif_pair` / two `lif`",
+         lambda: native.lif(r, 0.8, residual=native.lif(x, 0.8, bias=bias)).backward(g),
+         lambda: native.lif_pair(x, 0.8, bias, r).backward(g)),
+        ("attention(LIF(x + b)) (10, 64, 90, 192), 2 heads, p=0.1: `lif_attention` / `lif` + "
+         "`Attention`", attention_parts,
+         lambda: native.lif_attention(qkv, 0.8, qkv_bias, 2, 32**-0.5, 0.1, True).backward(go)),
+    ]
+    rows = []
+    for name, parts, fused in cases:
+        times = [(best_ms(parts, 3), best_ms(fused, 3)) for _ in range(5)]
+        rows.append((f"{name}, forward + backward", statistics.median(t[0] for t in times),
+                     statistics.median(t[1] for t in times)))
+    return rows
+
+
+def gemm_rows() -> list[tuple[str, float, float, float | None, float | None]]:
+    """(shape, torch mm ms, oneDNN ms, c5snn dL/dW ms on fp32 and on uint8 x or None) for the
+    model's GEMMs; spikes as the forward's input."""
     import torch
 
     from c5snn import native
@@ -130,13 +172,19 @@ def gemm_rows() -> list[tuple[str, float, float]]:
         for name, k, m in maps:
             x = (torch.rand(n, k) < 0.3).float()
             w, g = torch.randn(m, k), torch.randn(n, m)
+            x8 = x.to(torch.uint8)
             for what, a, b in (("x @ Wᵀ", x, w.t()), ("dL/dx", g, w), ("dL/dW", g.t(), x)):
+                own = (None, None)
+                if what == "dL/dW":
+                    own = (best_ms(lambda g=g, x=x: native.weight_grad(g, x)),
+                           best_ms(lambda g=g, x8=x8: native.weight_grad(g, x8)))
                 rows.append((f"d{d} {name} {what}: ({a.shape[0]}, {a.shape[1]}) @ "
                              f"({b.shape[0]}, {b.shape[1]})",
                              best_ms(lambda a=a, b=b: torch.mm(a, b)),
-                             best_ms(lambda a=a, b=b: native.gemm(a, b))))
+                             best_ms(lambda a=a, b=b: native.gemm(a, b)), *own))
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    rows.append(("2048 x 2048", best_ms(lambda: torch.mm(a, b)), best_ms(lambda: native.gemm(a, b))))
+    rows.append(("2048 x 2048", best_ms(lambda: torch.mm(a, b)), best_ms(lambda: native.gemm(a, b)),
+                 None, None))
     return rows
 
 
@@ -163,10 +211,16 @@ def main() -> None:
     print("|---|---|---|---|")
     for name, slow, fast in kernels(args.threads):
         print(f"| {name} | {slow:.2f} | {fast:.2f} | {slow / fast:.1f}x |")
-    print("\n| GEMM | torch mm (MKL) ms | oneDNN ms | oneDNN speed-up |")
+    print("\n| fused operator | its parts ms | fused ms | speed-up |")
     print("|---|---|---|---|")
-    for name, mkl, dnnl in gemm_rows():
-        print(f"| {name} | {mkl:.2f} | {dnnl:.2f} | {mkl / dnnl:.2f}x |")
+    for name, parts, fused in fused_rows():
+        print(f"| {name} | {parts:.2f} | {fused:.2f} | {parts / fused:.2f}x |")
+    print("\n| GEMM | torch mm (MKL) ms | oneDNN ms | oneDNN speed-up | c5snn dL/dW ms, fp32 x |"
+          " c5snn dL/dW ms, uint8 x |")
+    print("|---|---|---|---|---|---|")
+    for name, mkl, dnnl, own, own8 in gemm_rows():
+        extra = (f"{own:.2f} | {own8:.2f}" if own is not None else "- | -")
+        print(f"| {name} | {mkl:.2f} | {dnnl:.2f} | {mkl / dnnl:.2f}x | {extra} |")
 
 
 if __name__ == "__main__":
