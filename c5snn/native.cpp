@@ -1,6 +1,8 @@
 // c5snn's compiled CPU operators (loaded by c5snn/native.py): the LIF recurrence, the dropout
-// keep mask and spike attention, each one pass over memory. Built with OpenMP, so at::parallel_for
-// runs on torch's threads (without it, ATen's inline parallel_for is a serial loop).
+// keep mask and spike attention, each one pass over memory, fused where one's output was read
+// only by the next (LIF pairs, the Q/K/V LIF with the attention), and a linear layer's dL/dW.
+// Built with OpenMP, so at::parallel_for runs on torch's threads (without it, ATen's inline
+// parallel_for is a serial loop).
 //
 // LIF.
 // The pure-torch recurrence (c5snn/lif.py) runs ~4 elementwise ops per time step over a

@@ -7,11 +7,15 @@ with their head-slice, uint8 and mask copies. `native.cpp` does each in one pass
 all T steps per block of neurons each way (and takes a residual, `LIF(a + b)`, so the block's
 sums are not materialised); dropout masks come from a counter-based generator seeded from
 torch's; attention runs one task per (head, sequence) in cache, q @ kᵀ as popcounts, its mask
-drawn inline from the same generator (`Attention`). LIF spikes and membranes, and attention
-outputs, equal the torch path's (tests/test_native.py); the dropout stream differs from the torch
-path's, with the same drop probability. (A one-pass masked scale was measured no faster than
-torch's three passes in a training step, and dropped.) The operators run on torch's OpenMP
-threads (`torch.set_num_threads`).
+drawn inline from the same generator (`Attention`). Where one operator's output was only ever
+read by the next, the two are fused so that it never goes to memory: the block's residual LIF
+chains `LIF(r + LIF(x + b))` (`LIFPair`), and the Q/K/V LIF with the attention that reads its
+spikes, as bits, both ways (`LIFAttention`). A linear layer's dL/dW has its own kernel
+(`weight_grad`: oneDNN's weakest product), where oneDNN runs the GEMMs. LIF spikes and membranes,
+and attention outputs, equal the torch path's (tests/test_native.py); the dropout stream differs
+from the torch path's, with the same drop probability. (A one-pass masked scale was measured no
+faster than torch's three passes in a training step, and dropped.) The operators run on torch's
+OpenMP threads (`torch.set_num_threads`).
 
 Build: `torch.utils.cpp_extension` compiles it with the machine's C++ compiler (g++, ninja from
 the `ninja` package) the first time a process needs it, into torch's extension cache
