@@ -269,6 +269,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lif_forward(
   return {spikes, mem, bytes};
 }
 
+// One backward step of a LIF neuron: dL/dU[t] from dL/dS[t] (gs), the membrane U[t] (u) and
+// dL/dU[t+1] (next; `last`: t = T - 1, nothing flows back from after T).
+inline float surrogate_step(float gs, float u, float next, bool last, float beta) {
+  float d = std::fabs(u - kThreshold) * kSlope + 1.0f;
+  d = d * d;
+  return last ? gs / d : gs / d + beta * next;
+}
+
+// Adds a block's per-neuron sums (neurons i0 .. i0 + n) into per-column sums (neuron m is column
+// m % columns): a linear layer's dL/dbias.
+inline void add_column_sums(const float* total, int64_t i0, int64_t n, int64_t columns,
+                            float* sums) {
+  int64_t c = i0 % columns;
+  for (int64_t j = 0; j < n; ++j) {
+    sums[c] += total[j];
+    c = c + 1 == columns ? 0 : c + 1;
+  }
+}
+
 // dL/dX from dL/dS (grad) and the forward's membranes, walking time backwards. With dropping,
 // grad is dL/d(dropped spikes): the forward's mask is drawn again and dL/dS = grad * factor
 // where kept, else 0. With kColumnSums, also dL/dbias: dL/dX summed over time per neuron here,
@@ -298,22 +317,14 @@ void backward_chunks(const float* gp, const float* up, float* op, float b, int64
             __builtin_prefetch(ut - neurons + j);
           }
         for (int64_t j = 0; j < n; ++j) {
-          float d = std::fabs(ut[j] - kThreshold) * kSlope + 1.0f;
-          d = d * d;
           const float gs = kDrop ? (dt[j] >= dr.limit ? gt[j] * dr.factor : 0.0f) : gt[j];
-          const float g = t == steps - 1 ? gs / d : gs / d + decay * next[j];
+          const float g = surrogate_step(gs, ut[j], next[j], t == steps - 1, decay);
           next[j] = g;
           if (kColumnSums) total[j] += g;
         }
         stream_floats(ot, next, n);
       }
-      if (kColumnSums) {
-        int64_t c = i0 % columns;
-        for (int64_t j = 0; j < n; ++j) {
-          mine[c] += total[j];
-          c = c + 1 == columns ? 0 : c + 1;
-        }
-      }
+      if (kColumnSums) add_column_sums(total, i0, n, columns, mine);
     }
     stream_fence();
   });
@@ -472,26 +483,16 @@ void pair_backward_chunks(const float* gp, const float* m1, const float* m2, flo
         const bool last = t == steps - 1;  // nothing flows back from after T
         const float decay = last ? 0.0f : b;
         for (int64_t j = 0; j < n; ++j) {  // backward_chunks' arithmetic, twice
-          float d2 = std::fabs(u2[j] - kThreshold) * kSlope + 1.0f;
-          d2 = d2 * d2;
-          const float g2 = last ? gt[j] / d2 : gt[j] / d2 + decay * next2[j];
+          const float g2 = surrogate_step(gt[j], u2[j], next2[j], last, decay);
           next2[j] = g2;
-          float d1 = std::fabs(u1[j] - kThreshold) * kSlope + 1.0f;
-          d1 = d1 * d1;
-          const float g1 = last ? g2 / d1 : g2 / d1 + decay * next1[j];
+          const float g1 = surrogate_step(g2, u1[j], next1[j], last, decay);
           next1[j] = g1;
           if (kColumnSums) total[j] += g1;
         }
         stream_floats(g2p + t * neurons + i0, next2, n);
         stream_floats(g1p + t * neurons + i0, next1, n);
       }
-      if (kColumnSums) {
-        int64_t c = i0 % columns;
-        for (int64_t j = 0; j < n; ++j) {
-          mine[c] += total[j];
-          c = c + 1 == columns ? 0 : c + 1;
-        }
-      }
+      if (kColumnSums) add_column_sums(total, i0, n, columns, mine);
     }
     stream_fence();
   });
@@ -1130,9 +1131,7 @@ std::tuple<at::Tensor, at::Tensor> lif_attention_backward(
         float* __restrict__ nx = next.data();
         float* __restrict__ tot = total.data();
         for (int64_t j = 0; j < block; ++j) {  // backward_chunks' arithmetic
-          float dd = std::fabs(ut[j] - kThreshold) * kSlope + 1.0f;
-          dd = dd * dd;
-          const float g = last ? gt[j] / dd : gt[j] / dd + decay * nx[j];
+          const float g = surrogate_step(gt[j], ut[j], nx[j], last, decay);
           nx[j] = g;
           tot[j] += g;
         }

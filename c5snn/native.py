@@ -233,6 +233,16 @@ def _load(root: Path) -> None:
                        is_python_module=False, verbose=False)
 
 
+def _spike_outputs(ctx, spikes: torch.Tensor, spikes8: torch.Tensor | None):
+    """A LIF Function's outputs: the spikes, or the pair (spikes, their uint8 copy), the copy
+    marked as taking no gradient."""
+    if spikes8 is None:
+        return spikes
+    ctx.mark_non_differentiable(spikes8)
+    ctx.set_materialize_grads(False)  # else autograd fills a zero "gradient" for the bytes
+    return spikes, spikes8
+
+
 class LIF(torch.autograd.Function):
     """Spikes `(T, ...)` of LIF neurons driven by `x` (+ `residual`, or + `bias` over the last
     dimension), fp32; with `p` > 0, dropped out in the same pass (0 or 1/(1-p), `keep_mask`'s
@@ -255,11 +265,7 @@ class LIF(torch.autograd.Function):
         if keep:
             ctx.save_for_backward(mem)
         ctx.beta = beta
-        if not bytes:
-            return spikes
-        ctx.mark_non_differentiable(spikes8)
-        ctx.set_materialize_grads(False)  # else autograd fills a zero "gradient" for the bytes
-        return spikes, spikes8
+        return _spike_outputs(ctx, spikes, spikes8 if bytes else None)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor, *unused):  # only the spikes carry a gradient
@@ -301,11 +307,7 @@ class LIFPair(torch.autograd.Function):
         if keep:
             ctx.save_for_backward(mem1, mem2)
         ctx.beta = beta
-        if not bytes:
-            return spikes
-        ctx.mark_non_differentiable(spikes8)
-        ctx.set_materialize_grads(False)  # else autograd fills a zero "gradient" for the bytes
-        return spikes, spikes8
+        return _spike_outputs(ctx, spikes, spikes8 if bytes else None)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor, *unused):
