@@ -160,8 +160,9 @@ def weight_grad(grad: torch.Tensor, x: torch.Tensor, value: float = 1.0) -> torc
 
     Where `matmul` chose oneDNN (CPUs not made by Intel), fp32 CPU gradients go to c5snn's own
     kernel (`c5snn.native.weight_grad`): on the AMD machine measured it summed these products
-    (rows = all of a batch's T * B * W, in and out = the layer's widths) 1.2-1.7x faster than
-    oneDNN, converting uint8 input in cache (docs/benchmarks.md). The rest go to `matmul`."""
+    (rows = all of a batch's T * B * W, in and out = the layer's widths) 1.1-1.5x faster than
+    oneDNN on the model's inputs, converting uint8 input in cache (docs/benchmarks.md). The rest
+    go to `matmul`."""
     if (grad.dtype == torch.float32 and native.serves(grad.device)
             and not torch.is_autocast_enabled(grad.device.type)
             and native.gemm_library() == "onednn"):
