@@ -186,7 +186,8 @@ void forward_chunks(const float* a, int64_t sa, const float* b, int64_t sb, int6
         const float* bt =
             kAdd == kResidual ? b + t * sb + i0 : (kAdd == kBias ? bias : nullptr);
         if (t + 1 < steps) {  // the next step's inputs lie on other pages: prefetch them
-          for (int64_t j = 0; sa != 0 && j < n; j += 16) __builtin_prefetch(a + (t + 1) * sa + i0 + j);
+          for (int64_t j = 0; sa != 0 && j < n; j += 16)
+            __builtin_prefetch(a + (t + 1) * sa + i0 + j);
           for (int64_t j = 0; kAdd == kResidual && sb != 0 && j < n; j += 16)
             __builtin_prefetch(b + (t + 1) * sb + i0 + j);
         }
@@ -267,6 +268,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lif_forward(
     });
   });
   return {spikes, mem, bytes};
+}
+
+// Adds per-thread sums (threads x columns, each thread's row summed in its own order) into
+// out (columns,) in thread order: the same result for the same thread count.
+inline void fold_thread_sums(const std::vector<float>& sums, int64_t threads, int64_t columns,
+                             float* out) {
+  for (int64_t t = 0; t < threads; ++t)
+    for (int64_t c = 0; c < columns; ++c) out[c] += sums[t * columns + c];
 }
 
 // One backward step of a LIF neuron: dL/dU[t] from dL/dS[t] (gs), the membrane U[t] (u) and
@@ -361,11 +370,7 @@ std::tuple<at::Tensor, at::Tensor> lif_backward(const at::Tensor& grad_in, const
     dropping ? run(backward_chunks<true, true>) : run(backward_chunks<false, true>);
   else
     dropping ? run(backward_chunks<true, false>) : run(backward_chunks<false, false>);
-  if (columns > 0) {
-    float* gb = grad_bias.data_ptr<float>();
-    for (int64_t t = 0; t < threads; ++t)
-      for (int64_t c = 0; c < columns; ++c) gb[c] += sums[t * columns + c];
-  }
+  if (columns > 0) fold_thread_sums(sums, threads, columns, grad_bias.data_ptr<float>());
   return {out, grad_bias};
 }
 
@@ -523,11 +528,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lif_pair_backward(
         g1.data_ptr<float>(), g2.data_ptr<float>(), static_cast<float>(beta), steps, neurons,
         columns, sums.data());
   });
-  if (columns > 0) {  // per-thread column sums, added in thread order
-    float* gb = grad_bias.data_ptr<float>();
-    for (int64_t t = 0; t < threads; ++t)
-      for (int64_t c = 0; c < columns; ++c) gb[c] += sums[t * columns + c];
-  }
+  if (columns > 0) fold_thread_sums(sums, threads, columns, grad_bias.data_ptr<float>());
   return {g2, g1, grad_bias};
 }
 
@@ -798,7 +799,8 @@ inline void mask_row(float* row, int64_t n, const uint64_t* kept) {
     const int64_t len = std::min<int64_t>(16, n - j);
     const __mmask16 lanes = static_cast<__mmask16>(len == 16 ? 0xFFFF : (1u << len) - 1);
     const __m512 keep = _mm512_maskz_mov_ps(static_cast<__mmask16>(kept[j / 64] >> (j % 64)), one);
-    _mm512_mask_storeu_ps(row + j, lanes, _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes, row + j), keep));
+    const __m512 v = _mm512_maskz_loadu_ps(lanes, row + j);
+    _mm512_mask_storeu_ps(row + j, lanes, _mm512_mul_ps(v, keep));
   }
 #endif
   for (; j < n; ++j) row[j] *= static_cast<float>((kept[j / 64] >> (j % 64)) & 1);
@@ -1143,11 +1145,7 @@ std::tuple<at::Tensor, at::Tensor> lif_attention_backward(
     }
     stream_fence();
   });
-  if (bias_grad) {
-    float* gb = grad_bias.data_ptr<float>();
-    for (int64_t t = 0; t < threads; ++t)
-      for (int64_t c = 0; c < d3; ++c) gb[c] += sums[t * d3 + c];
-  }
+  if (bias_grad) fold_thread_sums(sums, threads, d3, grad_bias.data_ptr<float>());
   return {dx, grad_bias};
 }
 
@@ -1176,7 +1174,8 @@ constexpr int kTileN = 4, kTileV = 1;  // 8 ymm accumulators
 // c[i][16v ..] += sum_{k < rows} a[k * kN + i] * g[k * gs + 16v ..] for i < kN, v < kV.
 template <int kN, int kV>
 inline void outer_tile(float* __restrict__ c, int64_t cs, const float* __restrict__ a,
-                       int64_t as, const float* __restrict__ g, int64_t gs, int64_t rows, const float* pf) {
+                       int64_t as, const float* __restrict__ g, int64_t gs, int64_t rows,
+                       const float* pf) {
   vec16 acc[kN][kV] = {};
   for (int64_t k = 0; k < rows; ++k) {
     const auto* gr = reinterpret_cast<const vec16u*>(g + k * gs);
@@ -1218,11 +1217,15 @@ void outer_row_tiles(float* c, int64_t mp, const float* a, int64_t as, const flo
 
 // The tile of x's columns n0 .. n0 + w (w <= kTileN), rows r0 .. r0 + rows: `a` holds them row
 // after row (w values per row); `c` is the tile's first row of the (N, mp) sums.
-void outer_tile_any(int w, float* c, int64_t mp, const float* a, int64_t as, const float* g, int64_t gs,
-                    int64_t rows, const float* pf) {
+void outer_tile_any(int w, float* c, int64_t mp, const float* a, int64_t as, const float* g,
+                    int64_t gs, int64_t rows, const float* pf) {
   switch (w) {
-    case 6: if constexpr (kTileN >= 6) return outer_row_tiles<6>(c, mp, a, as, g, gs, rows, pf); break;
-    case 5: if constexpr (kTileN >= 5) return outer_row_tiles<5>(c, mp, a, as, g, gs, rows, pf); break;
+    case 6:
+      if constexpr (kTileN >= 6) return outer_row_tiles<6>(c, mp, a, as, g, gs, rows, pf);
+      break;
+    case 5:
+      if constexpr (kTileN >= 5) return outer_row_tiles<5>(c, mp, a, as, g, gs, rows, pf);
+      break;
     case 4: return outer_row_tiles<4>(c, mp, a, as, g, gs, rows, pf);
     case 3: return outer_row_tiles<3>(c, mp, a, as, g, gs, rows, pf);
     case 2: return outer_row_tiles<2>(c, mp, a, as, g, gs, rows, pf);
