@@ -761,13 +761,15 @@ inline uint64_t byte_bits(const uint8_t* x, int64_t n) {
 #endif
 }
 
-// out[j] = popcount(q & kb[j]) for j < n (the counts of a query against every key), times the
-// keep mask's bit j where `kept` (the row's mask words) is given: count * keep, 0 or 1, as the
-// torch path's counts.mul_(keep). With AVX-512 (VPOPCNTDQ, DQ) 16 keys per step, the mask
-// applied as a register mask; expanding it to bytes first and multiplying cost backward a
-// tenth of its time.
+// out[j] = popcount(q & kb[j]) * scale for j < n (the counts of a query against every key),
+// times the keep mask's bit j where `kept` (the row's mask words) is given: (count * keep) *
+// scale, keep 0 or 1, as the torch path's counts.mul_(keep) and its scores' (count * alpha).
+// With AVX-512 (VPOPCNTDQ, DQ) 16 keys per step, the mask applied as a register mask:
+// expanding it to bytes first and multiplying cost backward a tenth of its time, and the
+// forward's scalar loop (which GCC did not vectorize) half of its task's time outside the
+// product.
 inline void count_row(uint64_t q, const uint64_t* kb, int64_t n, const uint64_t* kept,
-                      float* out) {
+                      float scale, float* out) {
   int64_t j = 0;
 #if defined(__AVX512VPOPCNTDQ__) && defined(__AVX512DQ__)
   const __m512i qv = _mm512_set1_epi64(static_cast<long long>(q));
@@ -781,12 +783,12 @@ inline void count_row(uint64_t q, const uint64_t* kb, int64_t n, const uint64_t*
     __m512 counts = _mm512_insertf32x8(_mm512_castps256_ps512(flo), fhi, 1);
     if (kept) counts = _mm512_maskz_mov_ps(static_cast<__mmask16>(kept[j / 64] >> (j % 64)),
                                            counts);
-    _mm512_mask_storeu_ps(out + j, lanes, counts);
+    _mm512_mask_storeu_ps(out + j, lanes, _mm512_mul_ps(counts, _mm512_set1_ps(scale)));
   }
 #endif
   for (; j < n; ++j) {
     const float count = static_cast<float>(__builtin_popcountll(q & kb[j]));
-    out[j] = kept ? count * static_cast<float>((kept[j / 64] >> (j % 64)) & 1) : count;
+    out[j] = (kept ? count * static_cast<float>((kept[j / 64] >> (j % 64)) & 1) : count) * scale;
   }
 }
 
@@ -859,15 +861,10 @@ void attention_tasks(const float* src, uint64_t* bp, int64_t n_seq, int64_t w, i
         for (int64_t i = 0; i < w; ++i)
           for (int64_t b = 0; b < words; ++b)
             kept[i * words + b] = byte_bits(kp + i * w + 64 * b, std::min<int64_t>(64, w - 64 * b));
-        for (int64_t i = 0; i < w; ++i)
-          for (int64_t j = 0; j < w; ++j)
-            scores[i * w + j] = static_cast<float>(__builtin_popcountll(qb[i] & kb[j])) *
-                                static_cast<float>(kp[i * w + j]) * alpha;
-      } else {
-        for (int64_t i = 0; i < w; ++i)
-          for (int64_t j = 0; j < w; ++j)
-            scores[i * w + j] = static_cast<float>(__builtin_popcountll(qb[i] & kb[j])) * alpha;
       }
+      for (int64_t i = 0; i < w; ++i)  // scores[i][j] = (count * keep) * alpha
+        count_row(qb[i], kb, w, dropping ? kbits + task * w * words + i * words : nullptr, alpha,
+                  scores.data() + i * w);
       // out[i] = sum_j scores[i][j] v[j]
       weighted_rows_any(dst + n * w * d + head * dh, d, scores.data(), w, 1, v, vs, w, w, dh,
                         1.0f);
@@ -1009,7 +1006,7 @@ struct AttentionBackwardTask {
       for (int64_t i = 0; i < w; ++i) vt[c * wp + i] = static_cast<float>((vb[i] >> c) & 1);
     // counts[i][j]: the kept count of query i and key j (the forward's mask, `kept`)
     for (int64_t i = 0; i < w; ++i)
-      count_row(qb[i], kb, w, kept ? kept + i * words : nullptr, counts.data() + i * w);
+      count_row(qb[i], kb, w, kept ? kept + i * words : nullptr, 1.0f, counts.data() + i * w);
     // dL/dv[j] = alpha * sum_i counts[i][j] g[i]  (counts read by column)
     weighted_rows_any(gv, os, counts.data(), 1, w, g, gstride, w, w, dh, alpha);
     // dL/dscores[i] / alpha = keep[i] * sum_c g[i][c] vᵀ[c]  (rows of Wp, zero past W)
