@@ -56,17 +56,18 @@ def lif_function(kernel: str) -> Callable[..., torch.Tensor]:
 
 
 def lif_pair_function(kernel: str) -> Callable[..., torch.Tensor]:
-    """`fire_pair(x, beta, bias, residual, bytes=False)`: the spikes of `LIF(residual + LIF(x +
-    bias))`, the block's two residual sums, as `lif_function(kernel)` would give them in two
-    calls. "torch" on the CPU runs both in one compiled pass each way (`c5snn.native.lif_pair`:
-    the inner spikes never go to memory); the rest makes the two calls."""
+    """`fire_pair(x, beta, bias, residual, bytes=False, residual8=None)`: the spikes of
+    `LIF(residual + LIF(x + bias))`, the block's two residual sums, as `lif_function(kernel)`
+    would give them in two calls. "torch" on the CPU runs both in one compiled pass each way
+    (`c5snn.native.lif_pair`: the inner spikes never go to memory), reading spike residuals from
+    their uint8 copy `residual8` where there is one; the rest makes the two calls."""
     fire = lif_function(kernel)
 
     def fire_pair(x: torch.Tensor, beta: float, bias: torch.Tensor, residual: torch.Tensor,
-                  bytes: bool = False):
+                  bytes: bool = False, residual8: torch.Tensor | None = None):
         if (kernel == "torch" and native.serves(x.device) and x.dtype == torch.float32
                 and residual.dtype == torch.float32):
-            return native.lif_pair(x, beta, bias, residual, bytes)
+            return native.lif_pair(x, beta, bias, residual, bytes, residual8)
         return fire(residual, beta, residual=fire(x, beta, bias=bias), bytes=bytes)
 
     return fire_pair
@@ -121,7 +122,8 @@ class SpikingBlock(BlockWeights):
         """Spikes `(T, B, W, d)` and their uint8 copy (None on the torch paths) from the block
         input `x` `(T, B, W, d)`: the first block's currents (maybe constant over T: stride 0)
         or the previous block's spikes, with their uint8 copy `x8`, which the Q/K/V projection
-        keeps for backward instead of `x` (a quarter of the bytes)."""
+        keeps for backward and the first residual sum reads, instead of `x` (a quarter of the
+        bytes)."""
         # Q, K and V as one GEMM (d -> 3d, K = d) and one LIF: fewer, larger kernels; the
         # weights stay three nn.Linear (the reference's state-dict keys) and are joined here.
         weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
@@ -130,7 +132,8 @@ class SpikingBlock(BlockWeights):
             _project(x, weight, x8), self.beta, bias, self.n_heads, self.scale, self.dropout,
             self.training)
         r1, r1_bytes = self._lif_pair(  # LIF(x + o), o = LIF(o_proj(mixed)): (T, B, W, d)
-            _project(mixed, self.o_proj.weight), self.beta, self.o_proj.bias, x, bytes=True)
+            _project(mixed, self.o_proj.weight), self.beta, self.o_proj.bias, x, bytes=True,
+            residual8=x8)
         dropping = self.training and self.dropout > 0
         hidden, hidden_bytes = self._lif(  # (T, B, W, d_ffn): 0 or 1/(1-p)
             linear(r1, self.ffn1.weight, r1_bytes, spikes=True), self.beta, bias=self.ffn1.bias,
@@ -138,7 +141,8 @@ class SpikingBlock(BlockWeights):
         f_currents = linear(hidden, self.ffn2.weight, hidden_bytes,
                             1 / (1 - self.dropout) if dropping else 1.0, spikes=True)
         # LIF(r1 + f), f = LIF(ffn2(hidden)): (T, B, W, d) spikes and their uint8 copy
-        return self._lif_pair(f_currents, self.beta, self.ffn2.bias, r1, bytes=True)
+        return self._lif_pair(f_currents, self.beta, self.ffn2.bias, r1, bytes=True,
+                              residual8=r1_bytes)
 
 
 class SpikingTransformer(nn.Module):

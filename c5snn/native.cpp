@@ -381,11 +381,14 @@ std::tuple<at::Tensor, at::Tensor> lif_backward(const at::Tensor& grad_in, const
 // backward writes dL/d(r + o) and dL/d(a + bias) from one walk over time. Per neuron and step
 // that is 21 bytes forward (a, r in; y, its uint8 copy, both membranes out) instead of 29, and
 // 20 backward instead of 24. The arithmetic is the two separate passes', in their order, so
-// spikes and membranes are bitwise theirs and the gradients agree to rounding.
-template <bool kKeepMembranes, bool kBytes>
+// spikes and membranes are bitwise theirs and the gradients agree to rounding. Where r is
+// spikes (0 or 1: a block's input or r1), kResidualBytes reads their uint8 copy r8 instead,
+// the same values in a quarter of the bytes (18 per neuron and step).
+template <bool kKeepMembranes, bool kBytes, bool kResidualBytes>
 void pair_forward_chunks(const float* a, int64_t sa, const float* bias_p, int64_t columns,
-                         const float* r, int64_t sr, float* spikes, uint8_t* bytes, float* mem1,
-                         float* mem2, float beta, int64_t steps, int64_t neurons) {
+                         const float* r, const uint8_t* r8, int64_t sr, float* spikes,
+                         uint8_t* bytes, float* mem1, float* mem2, float beta, int64_t steps,
+                         int64_t neurons) {
   at::parallel_for(0, neurons, 4 * kChunk, [&](int64_t begin, int64_t end) {
     float u1[kChunk], s1[kChunk], u2[kChunk], s2[kChunk], bias[kChunk], out[kChunk];
     uint8_t out8[kChunk];
@@ -396,11 +399,16 @@ void pair_forward_chunks(const float* a, int64_t sa, const float* bias_p, int64_
         if (t + 1 < steps) {  // the next step's inputs lie on other pages: prefetch them
           for (int64_t j = 0; sa != 0 && j < n; j += 16)
             __builtin_prefetch(a + (t + 1) * sa + i0 + j);
-          for (int64_t j = 0; sr != 0 && j < n; j += 16)
-            __builtin_prefetch(r + (t + 1) * sr + i0 + j);
+          if (kResidualBytes)
+            for (int64_t j = 0; sr != 0 && j < n; j += 64)
+              __builtin_prefetch(r8 + (t + 1) * sr + i0 + j);
+          else
+            for (int64_t j = 0; sr != 0 && j < n; j += 16)
+              __builtin_prefetch(r + (t + 1) * sr + i0 + j);
         }
         const float* __restrict__ at_ = a + t * sa + i0;
-        const float* __restrict__ rt = r + t * sr + i0;
+        const float* __restrict__ rt = kResidualBytes ? nullptr : r + t * sr + i0;
+        const uint8_t* __restrict__ rt8 = kResidualBytes ? r8 + t * sr + i0 : nullptr;
         const float decay = t == 0 ? 0.0f : beta;
         for (int64_t j = 0; j < n; ++j) {  // lif_step's arithmetic, twice
           const float x1 = at_[j] + bias[j];
@@ -408,7 +416,7 @@ void pair_forward_chunks(const float* a, int64_t sa, const float* bias_p, int64_
           const float o = v1 > kThreshold ? 1.0f : 0.0f;
           u1[j] = v1;
           s1[j] = o;
-          const float x2 = rt[j] + o;
+          const float x2 = (kResidualBytes ? static_cast<float>(rt8[j]) : rt[j]) + o;
           const float v2 = t == 0 ? x2 : (u2[j] * decay + x2) - s2[j];
           const float y = v2 > kThreshold ? 1.0f : 0.0f;
           u2[j] = v2;
@@ -429,14 +437,21 @@ void pair_forward_chunks(const float* a, int64_t sa, const float* bias_p, int64_
 }
 
 // (y, its uint8 copy or undefined, membranes of LIF1, of LIF2; both undefined without keep).
+// With r8, the residual's uint8 copy (r is spikes), r8 is read instead of r.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lif_pair_forward(
     const at::Tensor& a_in, const at::Tensor& bias_in, const at::Tensor& r_in, double beta,
-    bool keep, bool want_bytes) {
+    bool keep, bool want_bytes, const std::optional<at::Tensor>& r8_in) {
   check_input(a_in, "x");
   check_input(r_in, "residual");
   check_input(bias_in, "bias");
   TORCH_CHECK(r_in.sizes() == a_in.sizes(), "residual must have the shape of x");
-  const at::Tensor a = time_major(a_in), r = time_major(r_in);
+  const at::Tensor a = time_major(a_in);
+  const bool residual_bytes = r8_in.has_value();
+  if (residual_bytes)
+    TORCH_CHECK(r8_in->sizes() == a_in.sizes() && r8_in->scalar_type() == at::kByte &&
+                r8_in->device().is_cpu(), "residual8 must be uint8 with the shape of x");
+  // the residual as read: its uint8 copy (time-major, like x) or itself
+  const at::Tensor r = residual_bytes ? time_major(*r8_in) : time_major(r_in);
   TORCH_CHECK(a.dim() >= 2 && bias_in.dim() == 1 && bias_in.size(0) == a.size(-1),
               "bias must be (C,) for x (T, ..., C)");
   const at::Tensor bias = bias_in.contiguous();
@@ -451,12 +466,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lif_pair_forward(
   if (a.numel() == 0) return {spikes, bytes, mem1, mem2};
   with_flag(keep, [&](auto k) {
     with_flag(want_bytes, [&](auto by) {
-      pair_forward_chunks<decltype(k)::value, decltype(by)::value>(
-          a.data_ptr<float>(), time_stride(a, neurons), bias.data_ptr<float>(), a.size(-1),
-          r.data_ptr<float>(), time_stride(r, neurons), spikes.data_ptr<float>(),
-          want_bytes ? bytes.data_ptr<uint8_t>() : nullptr,
-          keep ? mem1.data_ptr<float>() : nullptr, keep ? mem2.data_ptr<float>() : nullptr,
-          static_cast<float>(beta), steps, neurons);
+      with_flag(residual_bytes, [&](auto rb) {
+        pair_forward_chunks<decltype(k)::value, decltype(by)::value, decltype(rb)::value>(
+            a.data_ptr<float>(), time_stride(a, neurons), bias.data_ptr<float>(), a.size(-1),
+            residual_bytes ? nullptr : r.data_ptr<float>(),
+            residual_bytes ? r.data_ptr<uint8_t>() : nullptr, time_stride(r, neurons),
+            spikes.data_ptr<float>(), want_bytes ? bytes.data_ptr<uint8_t>() : nullptr,
+            keep ? mem1.data_ptr<float>() : nullptr, keep ? mem2.data_ptr<float>() : nullptr,
+            static_cast<float>(beta), steps, neurons);
+      });
     });
   });
   return {spikes, bytes, mem1, mem2};
@@ -1292,7 +1310,7 @@ TORCH_LIBRARY(c5snn, m) {
   m.def("lif_backward(Tensor grad, Tensor mem, float beta, bool dropping, int seed, "
         "int threshold, float factor, int bias_columns) -> (Tensor, Tensor)");
   m.def("lif_pair_forward(Tensor x, Tensor bias, Tensor residual, float beta, bool keep, "
-        "bool bytes) -> (Tensor, Tensor, Tensor, Tensor)");
+        "bool bytes, Tensor? residual8=None) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("lif_pair_backward(Tensor grad, Tensor mem1, Tensor mem2, float beta, "
         "int bias_columns) -> (Tensor, Tensor, Tensor)");
   m.def("keep_mask(int[] size, int seed, int threshold) -> Tensor");

@@ -297,13 +297,14 @@ class LIFPair(torch.autograd.Function):
     """`LIF2(residual + LIF1(x + bias))`, two LIF layers in one pass each way (`lif_pair_forward`
     in native.cpp): the spikes of LIF1 never go to memory, and backward walks time once for
     both. Spikes bitwise those of the two `LIF` calls; gradients to rounding. With `bytes`, also
-    the spikes' uint8 copy. Backward keeps both layers' membranes."""
+    the spikes' uint8 copy. Where the residual is spikes with a uint8 copy `residual8`, the pass
+    reads the copy (a quarter of the bytes). Backward keeps both layers' membranes."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor, beta: float,
-                bytes: bool, keep: bool):
+                bytes: bool, keep: bool, residual8: torch.Tensor | None):
         spikes, spikes8, mem1, mem2 = torch.ops.c5snn.lif_pair_forward(x, bias, residual, beta,
-                                                                       keep, bytes)
+                                                                       keep, bytes, residual8)
         if keep:
             ctx.save_for_backward(mem1, mem2)
         ctx.beta = beta
@@ -317,14 +318,15 @@ class LIFPair(torch.autograd.Function):
                                                                         ctx.beta, columns)
         return (grad_x if ctx.needs_input_grad[0] else None,
                 grad_bias if ctx.needs_input_grad[1] else None,
-                grad_sum if ctx.needs_input_grad[2] else None, None, None, None)
+                grad_sum if ctx.needs_input_grad[2] else None, None, None, None, None)
 
 
 def lif_pair(x: torch.Tensor, beta: float, bias: torch.Tensor, residual: torch.Tensor,
-             bytes: bool = False):
+             bytes: bool = False, residual8: torch.Tensor | None = None):
     """Spikes `(T, ...)` of `LIF(residual + LIF(x + bias))` on the CPU (fp32; `bias` `(C,)` over
-    the last dimension); with `bytes`, the pair (spikes, their uint8 copy)."""
-    return LIFPair.apply(x, bias, residual, beta, bytes, _recorded(x, bias, residual))
+    the last dimension); with `bytes`, the pair (spikes, their uint8 copy). `residual8`: where
+    the residual is spikes (0 or 1), their uint8 copy, read in its place."""
+    return LIFPair.apply(x, bias, residual, beta, bytes, _recorded(x, bias, residual), residual8)
 
 
 def _seed() -> int:

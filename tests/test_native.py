@@ -139,6 +139,29 @@ def test_lif_pair_is_the_two_lifs_it_fuses(shape, constant):
     assert torch.equal(native.lif_pair(x.detach(), 0.8, bias.detach(), r.detach()), spikes)
 
 
+@pytest.mark.parametrize("constant", [False, True])
+def test_lif_pair_reads_a_spike_residual_from_its_uint8_copy(constant):
+    """A residual of spikes (a block's input, r1) may come as its uint8 copy, read in its place:
+    the same spikes, bytes and membranes bitwise, and the residual's gradient still reaches it."""
+    shape = (6, 3, 90, 64)
+    x = _currents(*shape)
+    bias = _currents(shape[-1], seed=5)
+    r = (_currents(1 if constant else shape[0], *shape[1:], seed=6) > 0.5).float()
+    r8 = r.to(torch.uint8).expand(*shape)  # constant over T: stride 0, as the first block's
+    r = r.expand(*shape)
+    plain = torch.ops.c5snn.lif_pair_forward(x, bias, r, 0.8, True, True, None)
+    # given the copy, the fp32 residual is not read: zeros in its place change nothing
+    read8 = torch.ops.c5snn.lif_pair_forward(x, bias, torch.zeros(shape), 0.8, True, True, r8)
+    assert 0 < plain[0].mean() < 1 and r8.sum() > 0
+    for got, expected in zip(read8, plain, strict=True):
+        assert torch.equal(got, expected)
+    residual = r.clone().requires_grad_()
+    spikes, _ = native.lif_pair(x, 0.8, bias, residual, bytes=True, residual8=r8)
+    assert torch.equal(spikes, plain[0])
+    spikes.sum().backward()
+    assert residual.grad.norm() > 0
+
+
 @pytest.mark.parametrize("shape", [(10, 4, 9, 16), (7, 1001), (3, 5, 90, 128)])
 def test_lif_with_dropout_in_its_pass_is_dropout_of_the_lif_with_the_same_mask(shape):
     """The FFN's hidden spikes: LIF and dropout in one pass must equal LIF, then dropout with
