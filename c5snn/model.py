@@ -16,7 +16,7 @@ from torch import nn
 from c5snn import native
 from c5snn.data import N_PARTS
 from c5snn.lif import lif_torch
-from c5snn.ops import dropout_spikes, linear, spike_attention
+from c5snn.ops import dropout_spikes, fuses_linear, linear, linear_lif, linear_lif_pair, spike_attention
 from c5snn.reference import BlockWeights, ReferenceSpikingTransformer
 
 
@@ -55,20 +55,48 @@ def lif_function(kernel: str) -> Callable[..., torch.Tensor]:
     return fire
 
 
-def lif_pair_function(kernel: str) -> Callable[..., torch.Tensor]:
-    """`fire_pair(x, beta, bias, residual, bytes=False, residual8=None)`: the spikes of
-    `LIF(residual + LIF(x + bias))`, the block's two residual sums, as `lif_function(kernel)`
-    would give them in two calls. "torch" on the CPU runs both in one compiled pass each way
-    (`c5snn.native.lif_pair`: the inner spikes never go to memory), reading spike residuals from
-    their uint8 copy `residual8` where there is one; the rest makes the two calls."""
+def linear_lif_function(kernel: str) -> Callable[..., tuple]:
+    """`fire_linear(x, weight, beta, bias, x8=None, value=1.0, spikes=False, dropout=0.0)`:
+    (spikes, their uint8 copy or None) of `LIF(x @ weightᵀ + bias)`, dropped out with
+    probability `dropout`, as `c5snn.ops.linear` and `lif_function(kernel)` would give them; the
+    linear map summed inside the LIF's pass where `c5snn.ops.fuses_linear`
+    (`c5snn.ops.LinearLIF`)."""
     fire = lif_function(kernel)
 
-    def fire_pair(x: torch.Tensor, beta: float, bias: torch.Tensor, residual: torch.Tensor,
-                  bytes: bool = False, residual8: torch.Tensor | None = None):
-        if (kernel == "torch" and native.serves(x.device) and x.dtype == torch.float32
-                and residual.dtype == torch.float32):
-            return native.lif_pair(x, beta, bias, residual, bytes, residual8)
-        return fire(residual, beta, residual=fire(x, beta, bias=bias), bytes=bytes)
+    def fire_linear(x: torch.Tensor, weight: torch.Tensor, beta: float, bias: torch.Tensor,
+                    x8: torch.Tensor | None = None, value: float = 1.0, spikes: bool = False,
+                    dropout: float = 0.0):
+        if kernel == "torch" and fuses_linear(x, weight) and (x8 is not None or not spikes):
+            return linear_lif(x, weight, beta, bias, x8, value, dropout, True)
+        return fire(linear(x, weight, x8, value, spikes), beta, bias=bias, dropout=dropout,
+                    bytes=True)
+
+    return fire_linear
+
+
+def linear_lif_pair_function(kernel: str) -> Callable[..., tuple]:
+    """`fire_pair(x, weight, beta, bias, residual, x8=None, value=1.0, spikes=False,
+    residual8=None)`: (spikes, their uint8 copy or None) of `LIF(residual + LIF(x @ weightᵀ +
+    bias))`, the block's two residual sums, as `c5snn.ops.linear` and two `lif_function(kernel)`
+    calls would give them (`x8`, `value`, `spikes`: the linear map's spike input, as `linear`
+    takes it). "torch" on the CPU runs both LIFs in one compiled pass each way
+    (`c5snn.native.lif_pair`: the inner spikes never go to memory), with the linear map summed
+    inside that pass where `c5snn.ops.fuses_linear` (`c5snn.ops.LinearLIFPair`: nor do the
+    currents), and spike residuals read from their uint8 copy `residual8`; the rest makes the
+    separate calls."""
+    fire = lif_function(kernel)
+
+    def fire_pair(x: torch.Tensor, weight: torch.Tensor, beta: float, bias: torch.Tensor,
+                  residual: torch.Tensor, x8: torch.Tensor | None = None, value: float = 1.0,
+                  spikes: bool = False, residual8: torch.Tensor | None = None):
+        pair = (kernel == "torch" and native.serves(x.device) and x.dtype == torch.float32
+                and residual.dtype == torch.float32)
+        if pair and fuses_linear(x, weight) and (x8 is not None or not spikes):
+            return linear_lif_pair(x, weight, beta, bias, residual, x8, value, residual8, True)
+        currents = linear(x, weight, x8, value, spikes)
+        if pair:
+            return native.lif_pair(currents, beta, bias, residual, True, residual8)
+        return fire(residual, beta, residual=fire(currents, beta, bias=bias), bytes=True)
 
     return fire_pair
 
@@ -110,8 +138,8 @@ class SpikingBlock(BlockWeights):
     def __init__(self, d_model: int, n_heads: int, d_ffn: int, beta: float, dropout: float,
                  lif_kernel: str = "torch"):
         super().__init__(d_model, d_ffn)
-        self._lif = lif_function(lif_kernel)  # chosen once, not branched every step
-        self._lif_pair = lif_pair_function(lif_kernel)
+        self._linear_lif = linear_lif_function(lif_kernel)  # chosen once, not every step
+        self._linear_lif_pair = linear_lif_pair_function(lif_kernel)
         self._lif_attention = lif_attention_function(lif_kernel)
         self.n_heads = n_heads
         self.beta = beta
@@ -131,18 +159,16 @@ class SpikingBlock(BlockWeights):
         mixed = self._lif_attention(  # attention of the spikes LIF(q | k | v): (T, B, W, d)
             _project(x, weight, x8), self.beta, bias, self.n_heads, self.scale, self.dropout,
             self.training)
-        r1, r1_bytes = self._lif_pair(  # LIF(x + o), o = LIF(o_proj(mixed)): (T, B, W, d)
-            _project(mixed, self.o_proj.weight), self.beta, self.o_proj.bias, x, bytes=True,
-            residual8=x8)
+        r1, r1_bytes = self._linear_lif_pair(  # LIF(x + o), o = LIF(o_proj(mixed)): (T, B, W, d)
+            mixed, self.o_proj.weight, self.beta, self.o_proj.bias, x, residual8=x8)
         dropping = self.training and self.dropout > 0
-        hidden, hidden_bytes = self._lif(  # (T, B, W, d_ffn): 0 or 1/(1-p)
-            linear(r1, self.ffn1.weight, r1_bytes, spikes=True), self.beta, bias=self.ffn1.bias,
-            dropout=self.dropout if dropping else 0.0, bytes=True)
-        f_currents = linear(hidden, self.ffn2.weight, hidden_bytes,
-                            1 / (1 - self.dropout) if dropping else 1.0, spikes=True)
+        hidden, hidden_bytes = self._linear_lif(  # (T, B, W, d_ffn): 0 or 1/(1-p)
+            r1, self.ffn1.weight, self.beta, self.ffn1.bias, r1_bytes, spikes=True,
+            dropout=self.dropout if dropping else 0.0)
         # LIF(r1 + f), f = LIF(ffn2(hidden)): (T, B, W, d) spikes and their uint8 copy
-        return self._lif_pair(f_currents, self.beta, self.ffn2.bias, r1, bytes=True,
-                              residual8=r1_bytes)
+        return self._linear_lif_pair(hidden, self.ffn2.weight, self.beta, self.ffn2.bias, r1,
+                                     hidden_bytes, 1 / (1 - self.dropout) if dropping else 1.0,
+                                     spikes=True, residual8=r1_bytes)
 
 
 class SpikingTransformer(nn.Module):

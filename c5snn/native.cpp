@@ -169,6 +169,16 @@ inline void lif_step(int64_t t, int64_t n, float beta, const float* __restrict__
   if (kBytes) stream_bytes(bt8, out8, n);
 }
 
+// lif_step as a function of its own, for callers into which it did not vectorize once inlined
+// (GCC lost its pointers' restrict there; see pair_step).
+template <Addend kAdd, bool kKeepMembranes, bool kDrop, bool kBytes>
+__attribute__((noinline)) void lif_step_out_of_line(
+    int64_t t, int64_t n, float beta, const float* __restrict__ a, const float* __restrict__ b,
+    float* __restrict__ u, float* __restrict__ s, float* __restrict__ st, float* __restrict__ mt,
+    uint8_t* __restrict__ bt8, const int16_t* __restrict__ dt, const Dropout& dr) {
+  lif_step<kAdd, kKeepMembranes, kDrop, kBytes>(t, n, beta, a, b, u, s, st, mt, bt8, dt, dr);
+}
+
 template <Addend kAdd, bool kKeepMembranes, bool kDrop, bool kBytes>
 void forward_chunks(const float* a, int64_t sa, const float* b, int64_t sb, int64_t columns,
                     float* spikes, float* mem, uint8_t* bytes, float beta, int64_t steps,
@@ -384,14 +394,49 @@ std::tuple<at::Tensor, at::Tensor> lif_backward(const at::Tensor& grad_in, const
 // spikes and membranes are bitwise theirs and the gradients agree to rounding. Where r is
 // spikes (0 or 1: a block's input or r1), kResidualBytes reads their uint8 copy r8 instead,
 // the same values in a quarter of the bytes (18 per neuron and step).
+// One time step of the pair for n <= kChunk neurons: states u1, s1, u2, s2 (updated in place),
+// currents a, the bias's values for these neurons, the residual's (r, or its uint8 copy r8 with
+// kResidualBytes); writes y, its uint8 copy and both membranes at these neurons' places. Not
+// inlined: inlined into its callers, GCC lost the pointers' restrict and left the loop scalar
+// (versioning for aliases, 12x slower).
+template <bool kKeepMembranes, bool kBytes, bool kResidualBytes>
+__attribute__((noinline)) void pair_step(int64_t t, int64_t n, float beta, const float* __restrict__ a,
+                      const float* __restrict__ bias, const float* __restrict__ rt,
+                      const uint8_t* __restrict__ rt8, float* __restrict__ u1,
+                      float* __restrict__ s1, float* __restrict__ u2, float* __restrict__ s2,
+                      float* yt, uint8_t* yt8, float* m1t, float* m2t) {
+  float out[kChunk];
+  uint8_t out8[kChunk];
+  const float decay = t == 0 ? 0.0f : beta;
+  for (int64_t j = 0; j < n; ++j) {  // lif_step's arithmetic, twice
+    const float x1 = a[j] + bias[j];
+    const float v1 = t == 0 ? x1 : (u1[j] * decay + x1) - s1[j];
+    const float o = v1 > kThreshold ? 1.0f : 0.0f;
+    u1[j] = v1;
+    s1[j] = o;
+    const float x2 = (kResidualBytes ? static_cast<float>(rt8[j]) : rt[j]) + o;
+    const float v2 = t == 0 ? x2 : (u2[j] * decay + x2) - s2[j];
+    const float y = v2 > kThreshold ? 1.0f : 0.0f;
+    u2[j] = v2;
+    s2[j] = y;
+    out[j] = y;
+    if (kBytes) out8[j] = y != 0.0f;
+  }
+  stream_floats(yt, out, n);
+  if (kKeepMembranes) {
+    stream_floats(m1t, u1, n);
+    stream_floats(m2t, u2, n);
+  }
+  if (kBytes) stream_bytes(yt8, out8, n);
+}
+
 template <bool kKeepMembranes, bool kBytes, bool kResidualBytes>
 void pair_forward_chunks(const float* a, int64_t sa, const float* bias_p, int64_t columns,
                          const float* r, const uint8_t* r8, int64_t sr, float* spikes,
                          uint8_t* bytes, float* mem1, float* mem2, float beta, int64_t steps,
                          int64_t neurons) {
   at::parallel_for(0, neurons, 4 * kChunk, [&](int64_t begin, int64_t end) {
-    float u1[kChunk], s1[kChunk], u2[kChunk], s2[kChunk], bias[kChunk], out[kChunk];
-    uint8_t out8[kChunk];
+    float u1[kChunk], s1[kChunk], u2[kChunk], s2[kChunk], bias[kChunk];
     for (int64_t i0 = begin; i0 < end; i0 += kChunk) {
       const int64_t n = std::min(kChunk, end - i0);
       tile_bias(bias_p, columns, i0, n, bias);
@@ -406,30 +451,12 @@ void pair_forward_chunks(const float* a, int64_t sa, const float* bias_p, int64_
             for (int64_t j = 0; sr != 0 && j < n; j += 16)
               __builtin_prefetch(r + (t + 1) * sr + i0 + j);
         }
-        const float* __restrict__ at_ = a + t * sa + i0;
-        const float* __restrict__ rt = kResidualBytes ? nullptr : r + t * sr + i0;
-        const uint8_t* __restrict__ rt8 = kResidualBytes ? r8 + t * sr + i0 : nullptr;
-        const float decay = t == 0 ? 0.0f : beta;
-        for (int64_t j = 0; j < n; ++j) {  // lif_step's arithmetic, twice
-          const float x1 = at_[j] + bias[j];
-          const float v1 = t == 0 ? x1 : (u1[j] * decay + x1) - s1[j];
-          const float o = v1 > kThreshold ? 1.0f : 0.0f;
-          u1[j] = v1;
-          s1[j] = o;
-          const float x2 = (kResidualBytes ? static_cast<float>(rt8[j]) : rt[j]) + o;
-          const float v2 = t == 0 ? x2 : (u2[j] * decay + x2) - s2[j];
-          const float y = v2 > kThreshold ? 1.0f : 0.0f;
-          u2[j] = v2;
-          s2[j] = y;
-          out[j] = y;
-          if (kBytes) out8[j] = y != 0.0f;
-        }
-        stream_floats(spikes + t * neurons + i0, out, n);
-        if (kKeepMembranes) {
-          stream_floats(mem1 + t * neurons + i0, u1, n);
-          stream_floats(mem2 + t * neurons + i0, u2, n);
-        }
-        if (kBytes) stream_bytes(bytes + t * neurons + i0, out8, n);
+        const int64_t o = t * neurons + i0;
+        pair_step<kKeepMembranes, kBytes, kResidualBytes>(
+            t, n, beta, a + t * sa + i0, bias, kResidualBytes ? nullptr : r + t * sr + i0,
+            kResidualBytes ? r8 + t * sr + i0 : nullptr, u1, s1, u2, s2, spikes + o,
+            kBytes ? bytes + o : nullptr, kKeepMembranes ? mem1 + o : nullptr,
+            kKeepMembranes ? mem2 + o : nullptr);
       }
     }
     stream_fence();
@@ -563,6 +590,15 @@ void mkldnn_matmul(const at::Tensor& mat1, const at::Tensor& mat2, const at::Ten
 namespace {
 
 bool onednn_available() { return at::native::mkldnn_matmul != nullptr; }
+
+// Whether the linear_lif operators' sums are fused multiply-adds, as oneDNN's are.
+bool fused_linear_available() {
+#ifdef __FMA__
+  return true;
+#else
+  return false;
+#endif
+}
 
 // a @ b for 2-D fp32 a (M, K) and b (K, N), either possibly transposed (a strided view), with
 // oneDNN where torch carries it. torch's mm on the CPU calls MKL's sgemm, which runs its AVX2
@@ -1301,6 +1337,259 @@ at::Tensor weight_grad(const at::Tensor& g_in, const at::Tensor& x_in, double sc
   return out;
 }
 
+// Linear maps with the LIF as their epilogue. A projection's currents (T * R rows of N) were
+// written by the GEMM and read back by the LIF, 4 bytes each way per neuron and step (103 MB
+// each way per d64 block). Here a thread takes kTileN rows of the R (fixed over time) and walks
+// time: each step's currents of its rows, kTileN x N, are summed into a buffer in cache
+// (`outer_tile`'s kernel: per output, products over K added in K's order by fused multiply-adds
+// from zero, which is how oneDNN's kernels sum these products: bitwise its currents on the
+// machines measured, tests/test_native.py) and the LIF's step reads them there, its membranes
+// kept in the thread's buffers between steps. The input is read as the layer's input, or as
+// its uint8 copy (spike input of value `value`: 0 or value, as the fp32 tensor holds it).
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=fast")
+
+// c[i][16v ..] = sum_{k < depth} a[i * as + k] * g[k * gs + 16v ..] for i < kN, v < kV: rows
+// of a times the (depth, N) matrix g, each output summed over k in order by fused multiply-adds
+// from zero (the accumulators start at zero and are stored, not added).
+template <int kN, int kV>
+inline void project_tile(float* __restrict__ c, int64_t cs, const float* __restrict__ a,
+                         int64_t as, const float* __restrict__ g, int64_t gs, int64_t depth) {
+  vec16 acc[kN][kV] = {};
+  for (int64_t k = 0; k < depth; ++k) {
+    const auto* gr = reinterpret_cast<const vec16u*>(g + k * gs);
+    vec16 gv[kV];
+    for (int v = 0; v < kV; ++v) gv[v] = gr[v];
+    for (int i = 0; i < kN; ++i) {
+      const float x = a[i * as + k];
+      for (int v = 0; v < kV; ++v) acc[i][v] += x * gv[v];
+    }
+  }
+  for (int i = 0; i < kN; ++i)
+    for (int v = 0; v < kV; ++v) *reinterpret_cast<vec16u*>(c + i * cs + 16 * v) = acc[i][v];
+}
+
+#pragma GCC pop_options
+
+// project_tile over all n / 16 vectors of columns (n % 16 == 0), kN rows.
+template <int kN>
+void project_rows(float* c, const float* a, int64_t as, const float* g, int64_t n,
+                  int64_t depth) {
+  const int64_t vectors = n / 16;
+  int64_t v = 0;
+  for (; v + kTileV <= vectors; v += kTileV)
+    project_tile<kN, kTileV>(c + 16 * v, n, a, as, g + 16 * v, n, depth);
+  for (; v < vectors; ++v) project_tile<kN, 1>(c + 16 * v, n, a, as, g + 16 * v, n, depth);
+}
+
+// Currents of a (T, R, K) input's rows by a weight transposed, wt (K, N).
+struct Projection {
+  const float* x;      // (T, R, K) fp32, rows contiguous, or null with x8
+  const uint8_t* x8;   // (T, R, K): 1 where the input is `value`, else 0
+  float value;
+  int64_t sx, k, n;    // time stride of x (elements; 0: constant over T), K, N
+  const float* wt;     // (K, N)
+
+  // currents (nr, N) of rows r0 .. r0 + nr (nr <= kTileN) at step t into out; rows holds
+  // kTileN * K floats (the uint8 input's rows as floats)
+  void currents(int64_t t, int64_t r0, int64_t nr, float* rows, float* out) const {
+    const float* a = x ? x + t * sx + r0 * k : rows;
+    if (!x) {
+      const uint8_t* src = x8 + t * sx + r0 * k;
+      for (int64_t j = 0; j < nr * k; ++j) rows[j] = static_cast<float>(src[j]) * value;
+    }
+    if (nr == kTileN) return project_rows<kTileN>(out, a, k, wt, n, k);
+    if constexpr (kTileN > 5) if (nr == 5) return project_rows<5>(out, a, k, wt, n, k);
+    if constexpr (kTileN > 4) if (nr == 4) return project_rows<4>(out, a, k, wt, n, k);
+    if (nr == 3) return project_rows<3>(out, a, k, wt, n, k);
+    if (nr == 2) return project_rows<2>(out, a, k, wt, n, k);
+    if (nr == 1) return project_rows<1>(out, a, k, wt, n, k);
+    TORCH_CHECK(false, "projection: bad row count");
+  }
+
+  // prefetch rows r0 .. r0 + nr of step t
+  void prefetch(int64_t t, int64_t r0, int64_t nr) const {
+    const int64_t row = t * sx + r0 * k;
+    if (x8)
+      for (int64_t j = 0; j < nr * k; j += 64) __builtin_prefetch(x8 + row + j);
+    else
+      for (int64_t j = 0; j < nr * k; j += 16) __builtin_prefetch(x + row + j);
+  }
+};
+
+// The projection of a (T, ..., K) input x, or of its uint8 copy x8 (entries 0 or value), by
+// weight (N, K): checked, time-major, with the weight transposed into wt (K, N), which must
+// outlive it (a loop here, not aten ops: no kernels of its own on a profile).
+Projection projection(const at::Tensor& x, const std::optional<at::Tensor>& x8, double value,
+                      const at::Tensor& weight_in, std::vector<float>& wt, int64_t rows) {
+  TORCH_CHECK(weight_in.dim() == 2 && weight_in.scalar_type() == at::kFloat &&
+              weight_in.device().is_cpu() && weight_in.size(1) == x.size(-1) &&
+              weight_in.size(0) % 16 == 0,
+              "weight must be fp32 (N, K) with N a multiple of 16, K the input's last dimension");
+  const at::Tensor weight = weight_in.contiguous();
+  const int64_t k = x.size(-1), n = weight.size(0);
+  const float* w = weight.data_ptr<float>();
+  wt.resize(k * n);
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t kk = 0; kk < k; ++kk) wt[kk * n + j] = w[j * k + kk];
+  if (x8.has_value()) {
+    TORCH_CHECK(x8->sizes() == x.sizes() && x8->scalar_type() == at::kByte && x8->is_contiguous(),
+                "x8 must be x's contiguous uint8 copy");
+    return {nullptr, x8->data_ptr<uint8_t>(), static_cast<float>(value), rows * k, k, n,
+            wt.data()};
+  }
+  return {x.data_ptr<float>(), nullptr, 1.0f, time_stride(x, rows * k), k, n, wt.data()};
+}
+
+// lif_pair_forward of the currents x @ weightᵀ, in one pass: (y, its uint8 copy or undefined,
+// membranes of LIF1, of LIF2).
+template <bool kKeepMembranes, bool kBytes, bool kResidualBytes>
+void linear_pair_rows(const Projection& proj, int64_t rows, const float* bias_p, const float* r,
+                      const uint8_t* r8, int64_t sr, float* spikes, uint8_t* bytes, float* mem1,
+                      float* mem2, float beta, int64_t steps) {
+  const int64_t n = proj.n, neurons = rows * n;
+  at::parallel_for(0, (rows + kTileN - 1) / kTileN, 4, [&](int64_t begin, int64_t end) {
+    const int64_t size = kTileN * n;
+    std::vector<float> u1(size), s1(size), u2(size), s2(size), bias(size), cur(size),
+        in_rows(proj.k * kTileN);
+    tile_bias(bias_p, n, 0, size, bias.data());
+    for (int64_t block = begin; block < end; ++block) {
+      const int64_t r0 = block * kTileN, nr = std::min<int64_t>(kTileN, rows - r0), i0 = r0 * n;
+      for (int64_t t = 0; t < steps; ++t) {
+        if (t + 1 < steps) {  // the next step's rows lie on other pages
+          proj.prefetch(t + 1, r0, nr);
+          if (sr != 0)
+            for (int64_t j = 0; j < nr * n; j += kResidualBytes ? 64 : 16)
+              __builtin_prefetch(kResidualBytes ? static_cast<const void*>(r8 + (t + 1) * sr + i0 + j)
+                                                : static_cast<const void*>(r + (t + 1) * sr + i0 + j));
+        }
+        proj.currents(t, r0, nr, in_rows.data(), cur.data());
+        for (int64_t p = 0; p < nr * n; p += kChunk) {
+          const int64_t len = std::min(kChunk, nr * n - p), o = t * neurons + i0 + p;
+          pair_step<kKeepMembranes, kBytes, kResidualBytes>(
+              t, len, beta, cur.data() + p, bias.data() + p,
+              kResidualBytes ? nullptr : r + t * sr + i0 + p,
+              kResidualBytes ? r8 + t * sr + i0 + p : nullptr, u1.data() + p, s1.data() + p,
+              u2.data() + p, s2.data() + p, spikes + o, kBytes ? bytes + o : nullptr,
+              kKeepMembranes ? mem1 + o : nullptr, kKeepMembranes ? mem2 + o : nullptr);
+        }
+      }
+    }
+    stream_fence();
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_lif_pair_forward(
+    const at::Tensor& x_in, const std::optional<at::Tensor>& x8, double value,
+    const at::Tensor& weight, const at::Tensor& bias_in, const at::Tensor& r_in,
+    const std::optional<at::Tensor>& r8_in, double beta, bool keep, bool want_bytes) {
+  check_input(x_in, "x");
+  check_input(r_in, "residual");
+  check_input(bias_in, "bias");
+  const at::Tensor x = x8.has_value() ? x_in : time_major(x_in);
+  const int64_t steps = x.size(0), n = weight.size(0);
+  const int64_t rows = steps ? x.numel() / steps / x.size(-1) : 0;
+  TORCH_CHECK(r_in.dim() == x.dim() && r_in.size(-1) == n && r_in.numel() == steps * rows * n,
+              "residual must be (T, ..., N)");
+  TORCH_CHECK(bias_in.dim() == 1 && bias_in.size(0) == n, "bias must be (N,)");
+  const bool residual_bytes = r8_in.has_value();
+  if (residual_bytes)
+    TORCH_CHECK(r8_in->sizes() == r_in.sizes() && r8_in->scalar_type() == at::kByte,
+                "residual8 must be uint8 with the residual's shape");
+  const at::Tensor r = residual_bytes ? time_major(*r8_in) : time_major(r_in);
+  const at::Tensor bias = bias_in.contiguous();
+  const auto options = r_in.options().memory_format(at::MemoryFormat::Contiguous);
+  at::Tensor spikes = at::empty(r_in.sizes(), options);
+  at::Tensor mem1 = keep ? at::empty_like(spikes) : at::Tensor();
+  at::Tensor mem2 = keep ? at::empty_like(spikes) : at::Tensor();
+  at::Tensor bytes = want_bytes ? at::empty_like(spikes, spikes.options().dtype(at::kByte))
+                                : at::Tensor();
+  if (spikes.numel() == 0) return {spikes, bytes, mem1, mem2};
+  std::vector<float> wt;
+  const Projection proj = projection(x, x8, value, weight, wt, rows);
+  with_flag(keep, [&](auto k) {
+    with_flag(want_bytes, [&](auto by) {
+      with_flag(residual_bytes, [&](auto rb) {
+        linear_pair_rows<decltype(k)::value, decltype(by)::value, decltype(rb)::value>(
+            proj, rows, bias.data_ptr<float>(), residual_bytes ? nullptr : r.data_ptr<float>(),
+            residual_bytes ? r.data_ptr<uint8_t>() : nullptr, time_stride(r, rows * n),
+            spikes.data_ptr<float>(), want_bytes ? bytes.data_ptr<uint8_t>() : nullptr,
+            keep ? mem1.data_ptr<float>() : nullptr, keep ? mem2.data_ptr<float>() : nullptr,
+            static_cast<float>(beta), steps);
+      });
+    });
+  });
+  return {spikes, bytes, mem1, mem2};
+}
+
+// lif_forward of the currents x @ weightᵀ + bias, in one pass (the FFN's first layer: dropout
+// and the uint8 copy in the same pass, as lif_forward's).
+template <bool kKeepMembranes, bool kDrop, bool kBytes>
+void linear_lif_rows(const Projection& proj, int64_t rows, const float* bias_p, float* spikes,
+                     float* mem, uint8_t* bytes, float beta, int64_t steps, Dropout drop) {
+  const int64_t n = proj.n, neurons = rows * n;
+  at::parallel_for(0, (rows + kTileN - 1) / kTileN, 4, [&](int64_t begin, int64_t end) {
+    const int64_t size = kTileN * n;
+    std::vector<float> u(size), s(size), bias(size), cur(size), in_rows(proj.k * kTileN);
+    int16_t draws[kChunk + 8];
+    const Dropout dr = drop;  // a local copy: the stores below may not alias it
+    tile_bias(bias_p, n, 0, size, bias.data());
+    for (int64_t block = begin; block < end; ++block) {
+      const int64_t r0 = block * kTileN, nr = std::min<int64_t>(kTileN, rows - r0), i0 = r0 * n;
+      for (int64_t t = 0; t < steps; ++t) {
+        if (t + 1 < steps) proj.prefetch(t + 1, r0, nr);  // on other pages
+        proj.currents(t, r0, nr, in_rows.data(), cur.data());
+        for (int64_t p = 0; p < nr * n; p += kChunk) {
+          const int64_t len = std::min(kChunk, nr * n - p), o = t * neurons + i0 + p;
+          lif_step_out_of_line<kBias, kKeepMembranes, kDrop, kBytes>(
+              t, len, beta, cur.data() + p, bias.data() + p, u.data() + p, s.data() + p,
+              spikes + o, kKeepMembranes ? mem + o : nullptr, kBytes ? bytes + o : nullptr,
+              kDrop ? cut_draws(dr.seed, o, len, draws) : nullptr, dr);
+        }
+      }
+    }
+    stream_fence();
+  });
+}
+
+// (spikes, membranes or undefined, uint8 copy or undefined) of LIF(x @ weightᵀ + bias), as
+// lif_forward of the GEMM's currents gives them (dropped out with keep_mask's stream at seed).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_lif_forward(
+    const at::Tensor& x_in, const std::optional<at::Tensor>& x8, double value,
+    const at::Tensor& weight, const at::Tensor& bias_in, double beta, bool keep, bool dropping,
+    int64_t seed, int64_t threshold, double factor, bool want_bytes) {
+  check_input(x_in, "x");
+  check_input(bias_in, "bias");
+  const at::Tensor x = x8.has_value() ? x_in : time_major(x_in);
+  const int64_t steps = x.size(0), n = weight.size(0);
+  const int64_t rows = steps ? x.numel() / steps / x.size(-1) : 0;
+  TORCH_CHECK(bias_in.dim() == 1 && bias_in.size(0) == n, "bias must be (N,)");
+  const at::Tensor bias = bias_in.contiguous();
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = n;
+  at::Tensor spikes = at::empty(shape, x_in.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor mem = keep ? at::empty_like(spikes) : at::Tensor();
+  at::Tensor bytes = want_bytes ? at::empty_like(spikes, spikes.options().dtype(at::kByte))
+                                : at::Tensor();
+  if (spikes.numel() == 0) return {spikes, mem, bytes};
+  std::vector<float> wt;
+  const Projection proj = projection(x, x8, value, weight, wt, rows);
+  const Dropout drop{static_cast<uint64_t>(seed), static_cast<int16_t>(threshold),
+                     static_cast<float>(factor)};
+  with_flag(keep, [&](auto k) {
+    with_flag(dropping, [&](auto dr) {
+      with_flag(want_bytes, [&](auto by) {
+        linear_lif_rows<decltype(k)::value, decltype(dr)::value, decltype(by)::value>(
+            proj, rows, bias.data_ptr<float>(), spikes.data_ptr<float>(),
+            keep ? mem.data_ptr<float>() : nullptr,
+            want_bytes ? bytes.data_ptr<uint8_t>() : nullptr, static_cast<float>(beta), steps,
+            drop);
+      });
+    });
+  });
+  return {spikes, mem, bytes};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(c5snn, m) {
@@ -1317,6 +1606,13 @@ TORCH_LIBRARY(c5snn, m) {
   m.def("gemm(Tensor a, Tensor b) -> Tensor");
   m.def("weight_grad(Tensor g, Tensor x, float scale) -> Tensor");
   m.def("onednn_available() -> bool");
+  m.def("fused_linear_available() -> bool");
+  m.def("linear_lif_forward(Tensor x, Tensor? x8, float value, Tensor weight, Tensor bias, "
+        "float beta, bool keep, bool dropping, int seed, int threshold, float factor, "
+        "bool bytes) -> (Tensor, Tensor, Tensor)");
+  m.def("linear_lif_pair_forward(Tensor x, Tensor? x8, float value, Tensor weight, Tensor bias, "
+        "Tensor residual, Tensor? residual8, float beta, bool keep, bool bytes) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def("attention_forward(Tensor qkv, int heads, float alpha, int seed, int threshold, "
         "bool dropping) -> (Tensor, Tensor, Tensor)");
   m.def("attention_backward(Tensor grad, Tensor bits, Tensor keep, int heads, float alpha) "
@@ -1334,6 +1630,8 @@ TORCH_LIBRARY_IMPL(c5snn, CPU, m) {
   m.impl("lif_pair_backward", &lif_pair_backward);
   m.impl("gemm", &gemm);
   m.impl("weight_grad", &weight_grad);
+  m.impl("linear_lif_pair_forward", &linear_lif_pair_forward);
+  m.impl("linear_lif_forward", &linear_lif_forward);
   m.impl("attention_forward", &attention_forward);
   m.impl("attention_backward", &attention_backward);
   m.impl("lif_attention_forward", &lif_attention_forward);
@@ -1343,4 +1641,5 @@ TORCH_LIBRARY_IMPL(c5snn, CPU, m) {
 TORCH_LIBRARY_IMPL(c5snn, CompositeExplicitAutograd, m) {
   m.impl("keep_mask", &keep_mask);  // no tensor argument to dispatch on
   m.impl("onednn_available", &onednn_available);
+  m.impl("fused_linear_available", &fused_linear_available);
 }

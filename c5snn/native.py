@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import math
 import os
 import shutil
 import subprocess
@@ -129,15 +130,24 @@ def _register_flop_formulas() -> None:
     def _gemm(a_shape, b_shape, *args, **kwargs) -> int:
         return 2 * a_shape[0] * a_shape[1] * b_shape[1]
 
+    def _linear_lif(x_shape, x8_shape, value, w_shape, *args, **kwargs) -> int:
+        return 2 * math.prod(x_shape) * w_shape[0]  # the currents x @ weightᵀ, summed inside
+
+    for op in (torch.ops.c5snn.linear_lif_forward, torch.ops.c5snn.linear_lif_pair_forward):
+        register_flop_formula(op)(_linear_lif)  # (stacked, the decorators would wrap twice)
+
     @register_flop_formula(torch.ops.c5snn.weight_grad)
     def _weight_grad(g_shape, x_shape, *args, **kwargs) -> int:
         return 2 * g_shape[0] * g_shape[1] * x_shape[1]
 
-    @register_flop_formula(torch.ops.c5snn.attention_backward)
-    @register_flop_formula(torch.ops.c5snn.lif_attention_backward)
     def _backward(grad_shape, *args, **kwargs) -> int:
         n, w, d = grad_shape
         return 4 * (2 * n * w * w * d)
+
+    # one registration per operator: stacked, the decorators wrap the formula twice, and the
+    # outer wrapper's call then passes out_shape twice (counting attention_backward raised)
+    for op in (torch.ops.c5snn.attention_backward, torch.ops.c5snn.lif_attention_backward):
+        register_flop_formula(op)(_backward)
 
 
 def serves(device: torch.device) -> bool:
@@ -173,6 +183,29 @@ def gemm_library() -> str:
 def gemm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """`a @ b` for 2-D fp32 CPU tensors (either may be a transposed view) on oneDNN."""
     return torch.ops.c5snn.gemm(a, b)
+
+
+def linear_lif_pair_forward(x, x8, value, weight, bias, residual, residual8, beta, keep, bytes):
+    """(spikes, their uint8 copy, membranes of both LIFs) of `LIF(residual + LIF(x @ weightᵀ +
+    bias))` (`c5snn.ops.LinearLIFPair`): the currents summed in cache, never in memory."""
+    return torch.ops.c5snn.linear_lif_pair_forward(x, x8, value, weight, bias, residual,
+                                                   residual8, beta, keep, bytes)
+
+
+def linear_lif_forward(x, x8, value, weight, bias, beta, keep, dropping, seed, threshold, factor,
+                       bytes):
+    """(spikes, membranes, their uint8 copy) of `LIF(x @ weightᵀ + bias)`, dropped out
+    (`c5snn.ops.LinearLIF`): the currents summed in cache, never in memory."""
+    return torch.ops.c5snn.linear_lif_forward(x, x8, value, weight, bias, beta, keep, dropping,
+                                              seed, threshold, factor, bytes)
+
+
+@functools.cache
+def fused_linear() -> bool:
+    """Whether this build sums the linear_lif operators' products with fused multiply-adds (FMA
+    in the instruction set), as oneDNN's kernels do: without, their currents would round
+    differently from oneDNN's, and the model uses the separate GEMM."""
+    return available() and torch.ops.c5snn.fused_linear_available()
 
 
 def weight_grad(grad: torch.Tensor, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
@@ -233,7 +266,7 @@ def _load(root: Path) -> None:
                        is_python_module=False, verbose=False)
 
 
-def _spike_outputs(ctx, spikes: torch.Tensor, spikes8: torch.Tensor | None):
+def spike_outputs(ctx, spikes: torch.Tensor, spikes8: torch.Tensor | None):
     """A LIF Function's outputs: the spikes, or the pair (spikes, their uint8 copy), the copy
     marked as taking no gradient."""
     if spikes8 is None:
@@ -250,7 +283,7 @@ class LIF(torch.autograd.Function):
     pass, for a layer that keeps its input for backward (`c5snn.ops.Linear`).
 
     Backward keeps the membranes (fp32, one `(T, ...)` tensor; none where autograd does not
-    record the call, `_recorded`) and the dropout seed (the mask is drawn again), returns the
+    record the call, `recorded`) and the dropout seed (the mask is drawn again), returns the
     same dL/dX to `x` and `residual`, and sums it into dL/dbias in the same pass (the sum a
     linear layer's backward would otherwise make over dL/dX).
     """
@@ -258,14 +291,14 @@ class LIF(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, residual: torch.Tensor | None, bias: torch.Tensor | None,
                 beta: float, p: float, bytes: bool, keep: bool):
-        ctx.dropout = (p > 0.0, _seed() if p > 0.0 else 0, keep_threshold(p),
+        ctx.dropout = (p > 0.0, draw_seed() if p > 0.0 else 0, keep_threshold(p),
                        1.0 / (1.0 - p))
         spikes, mem, spikes8 = torch.ops.c5snn.lif_forward(x, residual, bias, beta, keep,
                                                            *ctx.dropout, bytes)
         if keep:
             ctx.save_for_backward(mem)
         ctx.beta = beta
-        return _spike_outputs(ctx, spikes, spikes8 if bytes else None)
+        return spike_outputs(ctx, spikes, spikes8 if bytes else None)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor, *unused):  # only the spikes carry a gradient
@@ -278,7 +311,7 @@ class LIF(torch.autograd.Function):
                 grad_bias if ctx.needs_input_grad[2] else None, None, None, None, None)
 
 
-def _recorded(*tensors: torch.Tensor | None) -> bool:
+def recorded(*tensors: torch.Tensor | None) -> bool:
     """Whether autograd records an operator on `tensors`, so that it must keep state for
     backward. Inside an autograd Function's forward `ctx.needs_input_grad` cannot tell: it
     says True under `torch.no_grad()` too (a validation pass), so the wrappers decide."""
@@ -290,7 +323,7 @@ def lif(x: torch.Tensor, beta: float, residual: torch.Tensor | None = None,
     """Spikes `(T, ...)` of LIF neurons driven by fp32 currents `x` (+ `residual`, or + `bias`
     `(C,)` over the last dimension) on the CPU, dropped out with probability `dropout` (no
     residual then); with `bytes`, the pair (spikes, their uint8 copy)."""
-    return LIF.apply(x, residual, bias, beta, dropout, bytes, _recorded(x, residual, bias))
+    return LIF.apply(x, residual, bias, beta, dropout, bytes, recorded(x, residual, bias))
 
 
 class LIFPair(torch.autograd.Function):
@@ -308,7 +341,7 @@ class LIFPair(torch.autograd.Function):
         if keep:
             ctx.save_for_backward(mem1, mem2)
         ctx.beta = beta
-        return _spike_outputs(ctx, spikes, spikes8 if bytes else None)
+        return spike_outputs(ctx, spikes, spikes8 if bytes else None)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor, *unused):
@@ -326,10 +359,10 @@ def lif_pair(x: torch.Tensor, beta: float, bias: torch.Tensor, residual: torch.T
     """Spikes `(T, ...)` of `LIF(residual + LIF(x + bias))` on the CPU (fp32; `bias` `(C,)` over
     the last dimension); with `bytes`, the pair (spikes, their uint8 copy). `residual8`: where
     the residual is spikes (0 or 1), their uint8 copy, read in its place."""
-    return LIFPair.apply(x, bias, residual, beta, bytes, _recorded(x, bias, residual), residual8)
+    return LIFPair.apply(x, bias, residual, beta, bytes, recorded(x, bias, residual), residual8)
 
 
-def _seed() -> int:
+def draw_seed() -> int:
     """A seed for the counter-based stream, drawn from torch's default generator (so
     `torch.manual_seed` makes the masks reproducible)."""
     return int(torch.empty((), dtype=torch.int64).random_())
@@ -339,7 +372,7 @@ def keep_mask(shape, threshold: int) -> torch.Tensor:
     """uint8 dropout mask on the CPU, 1 where the element's int16 draw is >= `threshold` (see
     `c5snn.ops.keep_mask`), seeded from torch's default generator (so `torch.manual_seed` makes
     it reproducible)."""
-    return torch.ops.c5snn.keep_mask(list(shape), _seed(), threshold)
+    return torch.ops.c5snn.keep_mask(list(shape), draw_seed(), threshold)
 
 
 def keep_threshold(p: float) -> int:
@@ -362,7 +395,7 @@ class Attention(torch.autograd.Function):
     def forward(ctx, qkv: torch.Tensor, n_heads: int, scale: float, p: float, training: bool):
         dropping = training and p > 0.0
         alpha = scale / (1.0 - p) if dropping else scale
-        seed, threshold = _seed() if dropping else 0, keep_threshold(p)
+        seed, threshold = draw_seed() if dropping else 0, keep_threshold(p)
         out, bits, keep = torch.ops.c5snn.attention_forward(qkv, n_heads, alpha, seed, threshold,
                                                             dropping)
         ctx.save_for_backward(bits, keep)
@@ -389,7 +422,7 @@ class LIFAttention(torch.autograd.Function):
                 scale: float, p: float, training: bool, grads: bool):
         dropping = training and p > 0.0
         alpha = scale / (1.0 - p) if dropping else scale
-        seed, threshold = _seed() if dropping else 0, keep_threshold(p)
+        seed, threshold = draw_seed() if dropping else 0, keep_threshold(p)
         out, mem, bits, keep = torch.ops.c5snn.lif_attention_forward(
             x, bias, beta, grads, n_heads, alpha, seed, threshold, dropping)
         if grads:
@@ -412,4 +445,4 @@ def lif_attention(x: torch.Tensor, beta: float, bias: torch.Tensor, n_heads: int
                   p: float, training: bool) -> torch.Tensor:
     """`dropout(q @ kᵀ * scale) @ v` per head, q, k, v the column thirds of the spikes of
     `LIF(x + bias)`, `x` `(T, B, W, 3d)` fp32 on the CPU; see `LIFAttention`."""
-    return LIFAttention.apply(x, bias, beta, n_heads, scale, p, training, _recorded(x, bias))
+    return LIFAttention.apply(x, bias, beta, n_heads, scale, p, training, recorded(x, bias))

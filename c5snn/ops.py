@@ -192,21 +192,118 @@ class Linear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         kept, weight = ctx.saved_tensors
-        dtype = grad_out.dtype  # bf16 under autocast; autograd casts the grads back to fp32
-        flat = grad_out.reshape(-1, grad_out.shape[-1])  # (rows, out)
-        grad_x = grad_w = None
-        if ctx.needs_input_grad[0]:
-            grad_x = matmul(flat, weight.to(dtype)).view(*grad_out.shape[:-1], weight.shape[1])
-        if ctx.needs_input_grad[2]:
-            x = kept.reshape(-1, kept.shape[-1])  # (rows, in): 0/1 for a uint8 copy
-            grad_w = weight_grad(flat, x, ctx.value if ctx.spikes else 1.0)
+        grad_x, grad_w = linear_grads(grad_out, kept, weight, ctx.value if ctx.spikes else 1.0,
+                                      ctx.needs_input_grad[0], ctx.needs_input_grad[2])
         return grad_x, None, grad_w, None, None
+
+
+def linear_grads(grad_out, kept, weight, value: float, need_x: bool, need_w: bool):
+    """(dL/dx, dL/dW) of `x @ weightᵀ` from dL/dout `(..., out)` and what the layer kept of its
+    input `x` `(..., in)`: x itself or its uint8 copy (1 where x is `value`); None where not
+    needed. The two GEMMs autograd's linear would run, on `matmul` and `weight_grad`."""
+    dtype = grad_out.dtype  # bf16 under autocast; autograd casts the grads back to fp32
+    flat = grad_out.reshape(-1, grad_out.shape[-1])  # (rows, out)
+    grad_x = grad_w = None
+    if need_x:
+        grad_x = matmul(flat, weight.to(dtype)).view(*grad_out.shape[:-1], weight.shape[1])
+    if need_w:
+        x = kept.reshape(-1, kept.shape[-1])  # (rows, in): 0/1 for a uint8 copy
+        grad_w = weight_grad(flat, x, value)
+    return grad_x, grad_w
 
 
 def linear(x, weight, x8=None, value: float = 1.0, spikes: bool = False):
     """`x @ weightᵀ` (see `Linear`). For spike input `x` (0 or `value`), pass its uint8 copy `x8`
     or `spikes=True` to keep a quarter of the bytes for backward; else `x` is kept."""
     return Linear.apply(x, x8, weight, value, spikes)
+
+
+def fuses_linear(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `x @ weightᵀ` may be summed inside the LIF operator that reads it
+    (`c5snn.native`'s linear_lif operators): fp32 CPU tensors where the operators serve and
+    oneDNN runs the model's GEMMs (their sums are oneDNN's, bitwise, so the fused and the plain
+    path, and the oracle on oneDNN, give the same currents), outputs a multiple of 16 wide."""
+    return (x.dtype == torch.float32 and weight.dtype == torch.float32
+            and native.serves(x.device) and not torch.is_autocast_enabled(x.device.type)
+            and native.gemm_library() == "onednn" and native.fused_linear()
+            and weight.shape[0] % 16 == 0)
+
+
+class LinearLIFPair(torch.autograd.Function):
+    """`native.LIFPair` of the currents `x @ weightᵀ` in one operator
+    (`native.linear_lif_pair_forward`): the currents are summed a few rows at a time in cache
+    and read there by the LIF pair, never written to memory (for d64's output projection and
+    second FFN layer, 14.7 MB each way per block). x may come as its uint8 copy `x8` (spike
+    input of value `value`), read instead of x. Backward: the pair's backward, then `Linear`'s
+    two GEMMs; it keeps `Linear`'s input (x8 where given) and the pair's membranes."""
+
+    @staticmethod
+    def forward(ctx, x, x8, weight, value: float, bias, residual, residual8, beta: float,
+                bytes: bool, keep: bool):
+        spikes, spikes8, mem1, mem2 = native.linear_lif_pair_forward(
+            x, x8, value, weight, bias, residual, residual8, beta, keep, bytes)
+        if keep:
+            ctx.save_for_backward(x8 if x8 is not None else x, weight, mem1, mem2)
+        ctx.beta, ctx.value = beta, value if x8 is not None else 1.0
+        return native.spike_outputs(ctx, spikes, spikes8 if bytes else None)
+
+    @staticmethod
+    def backward(ctx, grad, *unused):  # only the spikes carry a gradient
+        kept, weight, mem1, mem2 = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        columns = mem1.shape[-1] if need[4] else 0
+        grad_sum, grad_currents, grad_bias = torch.ops.c5snn.lif_pair_backward(
+            grad, mem1, mem2, ctx.beta, columns)
+        grad_x, grad_w = linear_grads(grad_currents, kept, weight, ctx.value, need[0], need[2])
+        return (grad_x, None, grad_w, None, grad_bias if need[4] else None,
+                grad_sum if need[5] else None, None, None, None, None)
+
+
+class LinearLIF(torch.autograd.Function):
+    """`native.LIF` of the currents `x @ weightᵀ + bias` in one operator
+    (`native.linear_lif_forward`; the FFN's first layer: 29.4 MB of currents each way per d64
+    block), dropped out with probability `p` in the same pass (`native.LIF`'s rule and
+    stream), with the spikes' uint8 copy where `bytes`. Input and backward as `LinearLIFPair`'s:
+    the LIF's backward (the mask drawn again from its seed), then `Linear`'s two GEMMs."""
+
+    @staticmethod
+    def forward(ctx, x, x8, weight, value: float, bias, beta: float, p: float, bytes: bool,
+                keep: bool):
+        ctx.dropout = (p > 0.0, native.draw_seed() if p > 0.0 else 0,
+                       native.keep_threshold(p), 1.0 / (1.0 - p))
+        spikes, mem, spikes8 = native.linear_lif_forward(x, x8, value, weight, bias, beta, keep,
+                                                         *ctx.dropout, bytes)
+        if keep:
+            ctx.save_for_backward(x8 if x8 is not None else x, weight, mem)
+        ctx.beta, ctx.value = beta, value if x8 is not None else 1.0
+        return native.spike_outputs(ctx, spikes, spikes8 if bytes else None)
+
+    @staticmethod
+    def backward(ctx, grad, *unused):  # only the spikes carry a gradient
+        kept, weight, mem = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        grad_currents, grad_bias = torch.ops.c5snn.lif_backward(
+            grad, mem, ctx.beta, *ctx.dropout, mem.shape[-1] if need[4] else 0)
+        grad_x, grad_w = linear_grads(grad_currents, kept, weight, ctx.value, need[0], need[2])
+        return (grad_x, None, grad_w, None, grad_bias if need[4] else None, None, None, None,
+                None)
+
+
+def linear_lif(x, weight, beta: float, bias, x8=None, value: float = 1.0, dropout: float = 0.0,
+               bytes: bool = False):
+    """Spikes of `LIF(x @ weightᵀ + bias)`, dropped out with probability `dropout`, in one CPU
+    operator (see `LinearLIF`; callers check `fuses_linear`); with `bytes`, the pair (spikes,
+    their uint8 copy)."""
+    keep = native.recorded(x, weight, bias)
+    return LinearLIF.apply(x, x8, weight, value, bias, beta, dropout, bytes, keep)
+
+
+def linear_lif_pair(x, weight, beta: float, bias, residual, x8=None, value: float = 1.0,
+                    residual8=None, bytes: bool = False):
+    """Spikes of `LIF(residual + LIF(x @ weightᵀ + bias))` in one CPU operator (see
+    `LinearLIFPair`; callers check `fuses_linear`); with `bytes`, the pair (spikes, uint8 copy)."""
+    keep = native.recorded(x, weight, bias, residual)
+    return LinearLIFPair.apply(x, x8, weight, value, bias, residual, residual8, beta, bytes, keep)
 
 
 def spike_attention(qkv, n_heads: int, scale: float, p: float, training: bool):

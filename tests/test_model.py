@@ -40,6 +40,9 @@ def test_fast_model_matches_snntorch_oracle(encoding, n_layers, kernels, monkeyp
     monkeypatch.setattr(native, "gemm", lambda a, b: calls.append(1) or torch.ops.c5snn.gemm(a, b))
     monkeypatch.setattr(native, "weight_grad",
                         lambda g, x, s=1.0: calls.append(2) or torch.ops.c5snn.weight_grad(g, x, s))
+    for name in ("linear_lif_forward", "linear_lif_pair_forward"):  # the fused linear maps
+        op = getattr(torch.ops.c5snn, name)
+        monkeypatch.setattr(native, name, lambda *a, op=op: calls.append(3) or op(*a))
     if onednn:  # the oracle's layers: the GEMM on oneDNN, then the bias (as addmm adds it)
         monkeypatch.setattr(torch.nn.functional, "linear",
                             lambda x, w, b=None: linear(x, w) if b is None else linear(x, w) + b)
@@ -58,9 +61,34 @@ def test_fast_model_matches_snntorch_oracle(encoding, n_layers, kernels, monkeyp
         assert ref.norm() > 0, name
         assert (p.grad - ref).norm() / ref.norm() <= 1e-4, name  # relative error, L2
     # oneDNN when chosen, with c5snn's dL/dW: at least every block's four linear maps each way
-    # (forward, dL/dx, dL/dW); the oracle's layers add theirs
+    # (forward, dL/dx, dL/dW); the oracle's layers add theirs. Three of a block's four forward
+    # maps are summed inside their LIF's operator (all but the first block's Q/K/V).
     assert len(calls) >= 12 * n_layers if onednn else not calls
     assert calls.count(2) >= 4 * n_layers if onednn else not calls
+    assert calls.count(3) == (3 * n_layers if onednn and native.fused_linear() else 0)
+
+
+def test_fused_linear_maps_count_the_flops_of_the_gemms_they_replace(monkeypatch):
+    """The efficiency benchmarks divide the FLOPs `torch.utils.flop_counter` counts in a fast
+    training step by its time: summing a linear map inside its LIF's operator must count the
+    product it replaces, so a step counts the same with or without the fused operators."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    if not (native.available() and torch.ops.c5snn.onednn_available() and native.fused_linear()):
+        pytest.skip("no compiled operators, oneDNN or FMA here")
+    monkeypatch.setattr(native, "gemm_library", lambda: "onednn")
+    fast, _ = _pair("rate_coded", 2)
+    x = (torch.rand(3, 20, 39, generator=torch.Generator().manual_seed(1)) < 5 / 39).float()
+    counted, fused = [], []
+    for fuse in (True, False):
+        monkeypatch.setattr(native, "fused_linear", lambda fuse=fuse: fuse)
+        monkeypatch.setattr(native, "linear_lif_pair_forward",
+                            lambda *a: fused.append(1) or torch.ops.c5snn.linear_lif_pair_forward(*a))
+        with FlopCounterMode(display=False) as counter:
+            fast(x).square().sum().backward()
+        counted.append(counter.get_total_flops())
+    assert len(fused) == 2 * 2  # both pairs of both blocks, in the first pass only
+    assert counted[0] == counted[1] > 0
 
 
 def test_parameter_count_fingerprint():

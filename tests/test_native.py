@@ -356,6 +356,26 @@ def test_flop_counter_counts_gemm_as_torchs_mm():
     assert counter.get_total_flops() == 2 * 300 * 64 * 96  # as gradᵀ @ x
 
 
+def test_flop_counter_counts_the_attention_operators_as_the_torch_paths_bmms():
+    """Forward q @ kᵀ and scores @ v, backward four products of the same size, as the torch
+    path's bmm's count: the same total either way, fused with the LIF or not."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    n, w, d = 4, 10, 64
+    qkv = (torch.rand(n, w, 3 * d, generator=torch.Generator().manual_seed(0)) < 0.3).float()
+    counted = []
+    for attention in (SpikeAttention, native.Attention):
+        x = qkv.clone().requires_grad_()
+        with FlopCounterMode(display=False) as counter:
+            attention.apply(x, 2, 0.2, 0.1, True).sum().backward()
+        counted.append(counter.get_total_flops())
+    x = qkv.view(2, 2, w, 3 * d).clone().requires_grad_()
+    with FlopCounterMode(display=False) as counter:
+        native.lif_attention(x, 0.8, torch.zeros(3 * d), 2, 0.2, 0.1, True).sum().backward()
+    counted.append(counter.get_total_flops())
+    assert counted == [6 * 2 * n * w * w * d] * 3
+
+
 def test_gemm_library_defaults_by_cpu_vendor_and_takes_an_override(monkeypatch, capsys):
     choose = native.gemm_library.__wrapped__  # uncached
     onednn = torch.ops.c5snn.onednn_available()
