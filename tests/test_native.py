@@ -11,7 +11,8 @@ import torch
 
 from c5snn import native
 from c5snn.lif import lif_torch
-from c5snn.ops import SpikeAttention, dropout_spikes, keep_mask, spike_attention
+from c5snn.ops import (SpikeAttention, dropout_spikes, keep_mask, linear, linear_lif,
+                       linear_lif_pair, spike_attention)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,21 +65,26 @@ def test_operators_keep_state_only_where_autograd_records_them(monkeypatch):
     """A validation pass (`torch.no_grad()` on parameters that require grad) keeps no
     membranes: inside an autograd Function, `ctx.needs_input_grad` would still say True."""
     calls = []
-    for name in ("lif_forward", "lif_pair_forward", "lif_attention_forward"):
+    position = {"lif_forward": 4, "lif_pair_forward": 4, "lif_attention_forward": 3,
+                "linear_lif_forward": 6, "linear_lif_pair_forward": 8}  # of `keep`
+    for name in position:
         op = getattr(torch.ops.c5snn, name)
         monkeypatch.setattr(torch.ops.c5snn, name,
                             lambda *a, op=op, name=name: calls.append((name, a)) or op(*a))
     x = _currents(3, 2, 10, 24).requires_grad_()
     bias = _currents(24, seed=1).requires_grad_()
+    weight = _currents(32, 24, seed=2).requires_grad_()
     for grad in (True, False):
         calls.clear()
         with torch.set_grad_enabled(grad):
             native.lif(x, 0.8, bias=bias)
             native.lif_pair(x, 0.8, bias, x.detach())
             native.lif_attention(x, 0.8, bias, 2, 0.5, 0.0, False)
-        position = {"lif_forward": 4, "lif_pair_forward": 4, "lif_attention_forward": 3}
+            linear_lif(x, weight, 0.8, bias[:16].repeat(2))
+            linear_lif_pair(x, weight, 0.8, bias[:16].repeat(2), x.detach()[..., :16].repeat(
+                1, 1, 1, 2))
         keeps = [a[position[n]] for n, a in calls]  # each operator's `keep` argument
-        assert keeps == [grad] * 3, calls
+        assert keeps == [grad] * 5, calls
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
@@ -338,6 +344,57 @@ def test_weight_grad_sums_gradient_times_input_over_all_rows(rows, m, n, threads
         native.weight_grad(grad, spikes[1:])
     with pytest.raises(RuntimeError, match="float32 or uint8"):
         native.weight_grad(grad, spikes.double())
+
+
+@needs_onednn
+@pytest.mark.parametrize("k, n", [(64, 64), (64, 192), (128, 64), (256, 128), (24, 48)])
+@pytest.mark.parametrize("input_kind", ["float", "spikes", "dropped"])
+def test_linear_lif_operators_are_the_gemm_then_the_lif(k, n, input_kind):
+    """A linear map summed inside the LIF that reads it (`ops.linear_lif`, `ops.linear_lif_pair`):
+    spikes, uint8 copies and membranes bitwise those of oneDNN's GEMM followed by the LIF
+    operator (the sums are oneDNN's), for float input and for spike input read from its uint8
+    copy (of value 1, or 1/(1-p) after dropout); gradients to input, weight, bias and residual
+    as the two Functions' to rounding. Rows not a multiple of the 6-row tile."""
+    if not native.fused_linear():
+        pytest.skip("no FMA in this build: the fused operators are not used")
+    shape = (5, 3, 31, k)
+    value = 1 / 0.9 if input_kind == "dropped" else 1.0
+    if input_kind == "float":
+        x, x8 = _currents(*shape).abs() * 0.3, None
+    else:
+        x8 = (_currents(*shape) > 1.0).to(torch.uint8)
+        x = x8.float() * value
+    weight = _currents(n, k, seed=2) * (2.0 / k) ** 0.5
+    bias = _currents(n, seed=3) * 0.2
+    residual8 = (_currents(5, 3, 31, n, seed=4) > 1.0).to(torch.uint8)
+    residual = residual8.float()
+    spikes = input_kind != "float"
+    fused_inputs = [t.clone().requires_grad_() for t in (x, weight, bias, residual)]
+    plain_inputs = [t.clone().requires_grad_() for t in (x, weight, bias, residual)]
+    fx, fw, fb, fr = fused_inputs
+    px, pw, pb, pr = plain_inputs
+    for dropout in (0.0, 0.3):
+        torch.manual_seed(7)
+        got = linear_lif(fx, fw, 0.8, fb, x8, value, dropout, bytes=True)
+        torch.manual_seed(7)
+        expected = native.lif(linear(px, pw, x8, value, spikes), 0.8, dropout=dropout, bias=pb,
+                              bytes=True)
+        for a, b in zip(got, expected, strict=True):
+            assert torch.equal(a, b)
+        assert 0 < got[0].count_nonzero() < got[0].numel()
+        w = _currents(*got[0].shape, seed=5)
+        (got[0] * w).sum().backward()
+        (expected[0] * w).sum().backward()
+    got = linear_lif_pair(fx, fw, 0.8, fb, fr, x8, value, residual8, bytes=True)
+    expected = native.lif_pair(linear(px, pw, x8, value, spikes), 0.8, pb, pr, True, residual8)
+    for a, b in zip(got, expected, strict=True):
+        assert torch.equal(a, b)
+    w = _currents(*got[0].shape, seed=6)
+    (got[0] * w).sum().backward()
+    (expected[0] * w).sum().backward()
+    for a, b in zip(fused_inputs, plain_inputs, strict=True):
+        assert b.grad.norm() > 0
+        assert (a.grad - b.grad).norm() <= 1e-6 * b.grad.norm()
 
 
 @needs_onednn
