@@ -11,8 +11,15 @@ import torch
 
 from c5snn import native
 from c5snn.lif import lif_torch
-from c5snn.ops import (SpikeAttention, dropout_spikes, keep_mask, linear, linear_lif,
-                       linear_lif_pair, spike_attention)
+from c5snn.ops import (
+    SpikeAttention,
+    dropout_spikes,
+    keep_mask,
+    linear,
+    linear_lif,
+    linear_lif_pair,
+    spike_attention,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
