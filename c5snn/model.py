@@ -16,7 +16,15 @@ from torch import nn
 from c5snn import native
 from c5snn.data import N_PARTS
 from c5snn.lif import lif_torch
-from c5snn.ops import dropout_spikes, fuses_linear, linear, linear_lif, linear_lif_pair, spike_attention
+from c5snn.ops import (
+    dropout_spikes,
+    fuses_linear,
+    linear,
+    linear_lif,
+    linear_lif_attention,
+    linear_lif_pair,
+    spike_attention,
+)
 from c5snn.reference import BlockWeights, ReferenceSpikingTransformer
 
 
@@ -101,21 +109,29 @@ def linear_lif_pair_function(kernel: str) -> Callable[..., tuple]:
     return fire_pair
 
 
-def lif_attention_function(kernel: str) -> Callable[..., torch.Tensor]:
-    """`fire_attention(x, beta, bias, n_heads, scale, p, training)`: spike attention
-    (`c5snn.ops.spike_attention`) of the spikes of `LIF(x + bias)`, `x` the fused Q/K/V currents
-    `(T, B, W, 3d)`. "torch" on the CPU runs both in one compiled operator
-    (`c5snn.native.lif_attention`: the spikes go from the LIF to the attention as bits, not
-    as an fp32 tensor); the rest makes the two calls."""
+def linear_lif_attention_function(kernel: str) -> Callable[..., torch.Tensor]:
+    """`fire_attention(x, weight, x8, beta, bias, n_heads, scale, p, training)`: spike attention
+    (`c5snn.ops.spike_attention`) of the spikes of `LIF(x @ weightᵀ + bias)`, the fused Q/K/V
+    projection (`_project`: `x` may be constant over T, `x8` its uint8 copy). "torch" on the CPU
+    runs the LIF and the attention in one compiled operator (`c5snn.native.lif_attention`: the
+    spikes go from the LIF to the attention as bits, not as an fp32 tensor), with the projection
+    summed inside it where `c5snn.ops.fuses_linear` and the input is spikes with a uint8 copy
+    (`c5snn.ops.LinearLIFAttention`: nor do the currents go to memory); the rest makes the
+    separate calls."""
     fire = lif_function(kernel)
 
-    def fire_attention(x: torch.Tensor, beta: float, bias: torch.Tensor, n_heads: int,
-                       scale: float, p: float, training: bool) -> torch.Tensor:
-        if (kernel == "torch" and x.dtype == torch.float32 and native.serves(x.device)
-                and not torch.is_autocast_enabled(x.device.type)
-                and x.shape[-1] <= native.MAX_QKV and x.shape[-1] // 3 // n_heads <= native.MAX_HEAD):
-            return native.lif_attention(x, beta, bias, n_heads, scale, p, training)
-        return spike_attention(fire(x, beta, bias=bias), n_heads, scale, p, training)
+    def fire_attention(x: torch.Tensor, weight: torch.Tensor, x8: torch.Tensor | None,
+                       beta: float, bias: torch.Tensor, n_heads: int, scale: float, p: float,
+                       training: bool) -> torch.Tensor:
+        native_path = (kernel == "torch" and x.dtype == torch.float32 and native.serves(x.device)
+                       and not torch.is_autocast_enabled(x.device.type)
+                       and weight.shape[0] // 3 // n_heads <= native.MAX_HEAD)
+        if native_path and x8 is not None and fuses_linear(x, weight):
+            return linear_lif_attention(x, weight, beta, bias, n_heads, scale, p, training, x8)
+        currents = _project(x, weight, x8)
+        if native_path and currents.shape[-1] <= native.MAX_QKV:
+            return native.lif_attention(currents, beta, bias, n_heads, scale, p, training)
+        return spike_attention(fire(currents, beta, bias=bias), n_heads, scale, p, training)
 
     return fire_attention
 
@@ -140,7 +156,7 @@ class SpikingBlock(BlockWeights):
         super().__init__(d_model, d_ffn)
         self._linear_lif = linear_lif_function(lif_kernel)  # chosen once, not every step
         self._linear_lif_pair = linear_lif_pair_function(lif_kernel)
-        self._lif_attention = lif_attention_function(lif_kernel)
+        self._linear_lif_attention = linear_lif_attention_function(lif_kernel)
         self.n_heads = n_heads
         self.beta = beta
         self.dropout = dropout
@@ -156,9 +172,8 @@ class SpikingBlock(BlockWeights):
         # weights stay three nn.Linear (the reference's state-dict keys) and are joined here.
         weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
         bias = torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
-        mixed = self._lif_attention(  # attention of the spikes LIF(q | k | v): (T, B, W, d)
-            _project(x, weight, x8), self.beta, bias, self.n_heads, self.scale, self.dropout,
-            self.training)
+        mixed = self._linear_lif_attention(  # attention of the spikes LIF(q | k | v): (T, B, W, d)
+            x, weight, x8, self.beta, bias, self.n_heads, self.scale, self.dropout, self.training)
         r1, r1_bytes = self._linear_lif_pair(  # LIF(x + o), o = LIF(o_proj(mixed)): (T, B, W, d)
             mixed, self.o_proj.weight, self.beta, self.o_proj.bias, x, residual8=x8)
         dropping = self.training and self.dropout > 0

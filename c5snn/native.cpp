@@ -967,12 +967,47 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_forward(
 // (T, B, W, 3d) fp32 tensor that the LIF wrote and the attention read back only to pack into
 // these bits: 44 MB each way per d64 layer. Blocks of whole rows (of 3d neurons) per thread;
 // the arithmetic is lif_step's, so spikes and membranes are bitwise those of the two passes.
+// One time step of LIF(a + bias) for rows r0 .. r0 + nr of 3d neurons each (a, bias, states u,
+// s: nr * 3d values, row after row; out: as many floats of scratch): writes the membranes at
+// mem_t (the step's (rows, 3d) membranes, when kept) and the spikes' bits into the attention's
+// layout (3, heads, T * B, W). Out of line for the restrict of its pointers (see pair_step).
+struct SpikeBits {
+  uint64_t* bits;
+  int64_t batch, w, d, heads, n_seq;
+};
+
 template <bool kKeepMembranes>
-void lif_bits_chunks(const float* a, int64_t sa, const float* bias_p, int64_t batch, int64_t w,
-                     int64_t d, int64_t heads, float* mem, uint64_t* bits, float beta,
-                     int64_t steps) {
-  const int64_t d3 = 3 * d, dh = d / heads, rows = batch * w, neurons = rows * d3;
-  const int64_t per_chunk = kChunk / d3, n_seq = steps * batch;  // rows per block
+__attribute__((noinline)) void lif_bits_step(int64_t t, int64_t r0, int64_t nr, float beta,
+                                             const float* __restrict__ a,
+                                             const float* __restrict__ bias,
+                                             float* __restrict__ u, float* __restrict__ s,
+                                             float* __restrict__ out, float* mem_t,
+                                             const SpikeBits& sb) {
+  const int64_t d3 = 3 * sb.d, dh = sb.d / sb.heads, n = nr * d3;
+  const float decay = t == 0 ? 0.0f : beta;
+  for (int64_t j = 0; j < n; ++j) {  // lif_step's arithmetic (kBias, no dropout)
+    const float c = a[j] + bias[j];
+    const float v = t == 0 ? c : (u[j] * decay + c) - s[j];
+    const float spike = v > kThreshold ? 1.0f : 0.0f;
+    u[j] = v;
+    s[j] = spike;
+    out[j] = spike;
+  }
+  if (kKeepMembranes) stream_floats(mem_t + r0 * d3, u, n);
+  for (int64_t rr = 0; rr < nr; ++rr) {  // row r0 + rr = (b, i): sequence t * B + b
+    const int64_t row = r0 + rr, seq = t * sb.batch + row / sb.w, i = row % sb.w;
+    for (int64_t third = 0; third < 3; ++third)
+      for (int64_t head = 0; head < sb.heads; ++head)
+        sb.bits[((third * sb.heads + head) * sb.n_seq + seq) * sb.w + i] =
+            row_bits(out + rr * d3 + third * sb.d + head * dh, dh);
+  }
+}
+
+template <bool kKeepMembranes>
+void lif_bits_chunks(const float* a, int64_t sa, const float* bias_p, const SpikeBits& sb,
+                     float* mem, float beta, int64_t steps) {
+  const int64_t d3 = 3 * sb.d, rows = sb.batch * sb.w, neurons = rows * d3;
+  const int64_t per_chunk = kChunk / d3;  // rows per block
   at::parallel_for(0, rows, 4 * per_chunk, [&](int64_t begin, int64_t end) {
     float u[kChunk], s[kChunk], bias[kChunk], out[kChunk];
     tile_bias(bias_p, d3, 0, per_chunk * d3, bias);  // blocks start at a row
@@ -981,24 +1016,8 @@ void lif_bits_chunks(const float* a, int64_t sa, const float* bias_p, int64_t ba
       for (int64_t t = 0; t < steps; ++t) {
         if (t + 1 < steps && sa != 0)  // the next step's currents lie on other pages
           for (int64_t j = 0; j < n; j += 16) __builtin_prefetch(a + (t + 1) * sa + i0 + j);
-        const float* __restrict__ x = a + t * sa + i0;
-        const float decay = t == 0 ? 0.0f : beta;
-        for (int64_t j = 0; j < n; ++j) {  // lif_step's arithmetic (kBias, no dropout)
-          const float c = x[j] + bias[j];
-          const float v = t == 0 ? c : (u[j] * decay + c) - s[j];
-          const float spike = v > kThreshold ? 1.0f : 0.0f;
-          u[j] = v;
-          s[j] = spike;
-          out[j] = spike;
-        }
-        if (kKeepMembranes) stream_floats(mem + t * neurons + i0, u, n);
-        for (int64_t rr = 0; rr < nr; ++rr) {  // row r0 + rr = (b, i): sequence t * B + b
-          const int64_t row = r0 + rr, seq = t * batch + row / w, i = row % w;
-          for (int64_t third = 0; third < 3; ++third)
-            for (int64_t head = 0; head < heads; ++head)
-              bits[((third * heads + head) * n_seq + seq) * w + i] =
-                  row_bits(out + rr * d3 + third * d + head * dh, dh);
-        }
+        lif_bits_step<kKeepMembranes>(t, r0, nr, beta, a + t * sa + i0, bias, u, s, out,
+                                      kKeepMembranes ? mem + t * neurons : nullptr, sb);
       }
     }
     stream_fence();
@@ -1024,11 +1043,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lif_attention_forward
   auto [out, bits, keep] = attention_outputs(steps * batch, w, d, heads, dropping, x.options());
   if (x.numel() == 0) return {out.view({steps, batch, w, d}), mem, bits, keep};
   auto* bp = reinterpret_cast<uint64_t*>(bits.data_ptr<int64_t>());
+  const SpikeBits sb{bp, batch, w, d, heads, steps * batch};
   with_flag(keep_membranes, [&](auto k) {
-    lif_bits_chunks<decltype(k)::value>(
-        x.data_ptr<float>(), time_stride(x, x.numel() / steps), bias.data_ptr<float>(), batch,
-        w, d, heads, keep_membranes ? mem.data_ptr<float>() : nullptr, bp,
-        static_cast<float>(beta), steps);
+    lif_bits_chunks<decltype(k)::value>(x.data_ptr<float>(), time_stride(x, x.numel() / steps),
+                                        bias.data_ptr<float>(), sb,
+                                        keep_membranes ? mem.data_ptr<float>() : nullptr,
+                                        static_cast<float>(beta), steps);
   });
   attention_tasks(nullptr, bp, steps * batch, w, d, heads, static_cast<float>(alpha), dropping,
                   Dropout{static_cast<uint64_t>(seed), static_cast<int16_t>(threshold)},
@@ -1590,6 +1610,60 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_lif_forward(
   return {spikes, mem, bytes};
 }
 
+// lif_attention_forward of the currents x @ weightᵀ (the Q/K/V projection, summed in cache a few
+// rows at a time as linear_lif_forward sums them): 44 MB of currents each way per d64 block
+// never go to memory. (out, membranes or undefined, bits, keep mask), as lif_attention_forward.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_lif_attention_forward(
+    const at::Tensor& x_in, const std::optional<at::Tensor>& x8, double value,
+    const at::Tensor& weight, const at::Tensor& bias_in, double beta, bool keep_membranes,
+    int64_t heads, double alpha, int64_t seed, int64_t threshold, bool dropping) {
+  check_input(x_in, "x");
+  check_input(bias_in, "bias");
+  TORCH_CHECK(x_in.dim() == 4 && weight.dim() == 2 && weight.size(0) % 3 == 0,
+              "x must be (T, B, W, K) and weight (3d, K)");
+  const at::Tensor x = x8.has_value() ? x_in : time_major(x_in);
+  const int64_t steps = x.size(0), batch = x.size(1), w = x.size(2), d3 = weight.size(0);
+  const int64_t d = d3 / 3, rows = batch * w, neurons = rows * d3;
+  TORCH_CHECK(bias_in.dim() == 1 && bias_in.size(0) == d3, "bias must be (3d,)");
+  TORCH_CHECK(heads > 0 && d % heads == 0 && d / heads <= kMaxHead,
+              "heads must divide d into heads of at most 64");
+  const at::Tensor bias = bias_in.contiguous();
+  const auto options = x_in.options().memory_format(at::MemoryFormat::Contiguous);
+  at::Tensor mem = keep_membranes ? at::empty({steps, batch, w, d3}, options) : at::Tensor();
+  auto [out, bits, keep] = attention_outputs(steps * batch, w, d, heads, dropping, x_in.options());
+  if (x.numel() == 0 || d3 == 0) return {out.view({steps, batch, w, d}), mem, bits, keep};
+  std::vector<float> wt;
+  const Projection proj = projection(x, x8, value, weight, wt, rows);
+  auto* bp = reinterpret_cast<uint64_t*>(bits.data_ptr<int64_t>());
+  const SpikeBits sb{bp, batch, w, d, heads, steps * batch};
+  float* mp = keep_membranes ? mem.data_ptr<float>() : nullptr;
+  const float b = static_cast<float>(beta);
+  with_flag(keep_membranes, [&](auto k) {
+    constexpr bool K = decltype(k)::value;
+    at::parallel_for(0, (rows + kTileN - 1) / kTileN, 4, [&](int64_t begin, int64_t end) {
+      const int64_t size = kTileN * d3;
+      std::vector<float> u(size), s(size), bias_tile(size), cur(size), spikes(size),
+          in_rows(proj.k * kTileN);
+      tile_bias(bias.data_ptr<float>(), d3, 0, size, bias_tile.data());
+      for (int64_t block = begin; block < end; ++block) {
+        const int64_t r0 = block * kTileN, nr = std::min<int64_t>(kTileN, rows - r0);
+        for (int64_t t = 0; t < steps; ++t) {
+          if (t + 1 < steps) proj.prefetch(t + 1, r0, nr);  // on other pages
+          proj.currents(t, r0, nr, in_rows.data(), cur.data());
+          lif_bits_step<K>(t, r0, nr, b, cur.data(), bias_tile.data(), u.data(), s.data(),
+                           spikes.data(), K ? mp + t * neurons : nullptr, sb);
+        }
+      }
+      stream_fence();
+    });
+  });
+  attention_tasks(nullptr, bp, steps * batch, w, d, heads, static_cast<float>(alpha), dropping,
+                  Dropout{static_cast<uint64_t>(seed), static_cast<int16_t>(threshold)},
+                  out.data_ptr<float>(),
+                  dropping ? reinterpret_cast<uint64_t*>(keep.data_ptr<int64_t>()) : nullptr);
+  return {out.view({steps, batch, w, d}), mem, bits, keep};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(c5snn, m) {
@@ -1607,6 +1681,9 @@ TORCH_LIBRARY(c5snn, m) {
   m.def("weight_grad(Tensor g, Tensor x, float scale) -> Tensor");
   m.def("onednn_available() -> bool");
   m.def("fused_linear_available() -> bool");
+  m.def("linear_lif_attention_forward(Tensor x, Tensor? x8, float value, Tensor weight, "
+        "Tensor bias, float beta, bool keep, int heads, float alpha, int seed, int threshold, "
+        "bool dropping) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("linear_lif_forward(Tensor x, Tensor? x8, float value, Tensor weight, Tensor bias, "
         "float beta, bool keep, bool dropping, int seed, int threshold, float factor, "
         "bool bytes) -> (Tensor, Tensor, Tensor)");
@@ -1632,6 +1709,7 @@ TORCH_LIBRARY_IMPL(c5snn, CPU, m) {
   m.impl("weight_grad", &weight_grad);
   m.impl("linear_lif_pair_forward", &linear_lif_pair_forward);
   m.impl("linear_lif_forward", &linear_lif_forward);
+  m.impl("linear_lif_attention_forward", &linear_lif_attention_forward);
   m.impl("attention_forward", &attention_forward);
   m.impl("attention_backward", &attention_backward);
   m.impl("lif_attention_forward", &lif_attention_forward);

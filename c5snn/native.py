@@ -133,8 +133,14 @@ def _register_flop_formulas() -> None:
     def _linear_lif(x_shape, x8_shape, value, w_shape, *args, **kwargs) -> int:
         return 2 * math.prod(x_shape) * w_shape[0]  # the currents x @ weightᵀ, summed inside
 
+    def _linear_lif_attention(x_shape, x8_shape, value, w_shape, *args, **kwargs) -> int:
+        t, b, w, _ = x_shape  # the Q/K/V product, then the attention's two
+        return _linear_lif(x_shape, x8_shape, value, w_shape) + 2 * (2 * t * b * w * w *
+                                                                     (w_shape[0] // 3))
+
     for op in (torch.ops.c5snn.linear_lif_forward, torch.ops.c5snn.linear_lif_pair_forward):
         register_flop_formula(op)(_linear_lif)  # (stacked, the decorators would wrap twice)
+    register_flop_formula(torch.ops.c5snn.linear_lif_attention_forward)(_linear_lif_attention)
 
     @register_flop_formula(torch.ops.c5snn.weight_grad)
     def _weight_grad(g_shape, x_shape, *args, **kwargs) -> int:
@@ -198,6 +204,14 @@ def linear_lif_forward(x, x8, value, weight, bias, beta, keep, dropping, seed, t
     (`c5snn.ops.LinearLIF`): the currents summed in cache, never in memory."""
     return torch.ops.c5snn.linear_lif_forward(x, x8, value, weight, bias, beta, keep, dropping,
                                               seed, threshold, factor, bytes)
+
+
+def linear_lif_attention_forward(x, x8, value, weight, bias, beta, keep, heads, alpha, seed,
+                                 threshold, dropping):
+    """(out, membranes, bits, keep mask) of the attention of the spikes of `LIF(x @ weightᵀ +
+    bias)` (`c5snn.ops.LinearLIFAttention`): the currents summed in cache, never in memory."""
+    return torch.ops.c5snn.linear_lif_attention_forward(x, x8, value, weight, bias, beta, keep,
+                                                        heads, alpha, seed, threshold, dropping)
 
 
 @functools.cache

@@ -298,6 +298,49 @@ def linear_lif(x, weight, beta: float, bias, x8=None, value: float = 1.0, dropou
     return LinearLIF.apply(x, x8, weight, value, bias, beta, dropout, bytes, keep)
 
 
+class LinearLIFAttention(torch.autograd.Function):
+    """`native.LIFAttention` of the fused Q/K/V currents `x @ weightᵀ` in one operator
+    (`native.linear_lif_attention_forward`: 44 MB of currents each way per d64 block never go to
+    memory); x `(T, B, W, d)` may come as its uint8 copy `x8` (the previous block's spikes),
+    read instead of x. Backward: the LIF and attention's backward, then `Linear`'s two GEMMs."""
+
+    @staticmethod
+    def forward(ctx, x, x8, weight, value: float, bias, beta: float, n_heads: int, scale: float,
+                p: float, training: bool, keep: bool):
+        dropping = training and p > 0.0
+        alpha = scale / (1.0 - p) if dropping else scale
+        seed, threshold = native.draw_seed() if dropping else 0, native.keep_threshold(p)
+        out, mem, bits, kept_mask = native.linear_lif_attention_forward(
+            x, x8, value, weight, bias, beta, keep, n_heads, alpha, seed, threshold, dropping)
+        if keep:
+            ctx.save_for_backward(x8 if x8 is not None else x, weight, mem, bits, kept_mask)
+        ctx.beta, ctx.n_heads, ctx.alpha = beta, n_heads, alpha
+        ctx.value = value if x8 is not None else 1.0
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        kept, weight, mem, bits, kept_mask = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        t, b, w, d3 = mem.shape
+        grad_currents, grad_bias = torch.ops.c5snn.lif_attention_backward(
+            grad_out.reshape(t * b, w, d3 // 3), mem, bits, kept_mask, ctx.n_heads, ctx.alpha,
+            ctx.beta, need[4])
+        grad_x, grad_w = linear_grads(grad_currents, kept, weight, ctx.value, need[0], need[2])
+        return (grad_x, None, grad_w, None, grad_bias if need[4] else None, None, None, None,
+                None, None, None)
+
+
+def linear_lif_attention(x, weight, beta: float, bias, n_heads: int, scale: float, p: float,
+                         training: bool, x8=None, value: float = 1.0):
+    """`dropout(q @ kᵀ * scale) @ v` per head, q, k, v the column thirds of the spikes of
+    `LIF(x @ weightᵀ + bias)`, in one CPU operator (see `LinearLIFAttention`; callers check
+    `fuses_linear`): `(T, B, W, d)`."""
+    keep = native.recorded(x, weight, bias)
+    return LinearLIFAttention.apply(x, x8, weight, value, bias, beta, n_heads, scale, p,
+                                    training, keep)
+
+
 def linear_lif_pair(x, weight, beta: float, bias, residual, x8=None, value: float = 1.0,
                     residual8=None, bytes: bool = False):
     """Spikes of `LIF(residual + LIF(x @ weightᵀ + bias))` in one CPU operator (see

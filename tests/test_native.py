@@ -17,6 +17,7 @@ from c5snn.ops import (
     keep_mask,
     linear,
     linear_lif,
+    linear_lif_attention,
     linear_lif_pair,
     spike_attention,
 )
@@ -73,7 +74,8 @@ def test_operators_keep_state_only_where_autograd_records_them(monkeypatch):
     membranes: inside an autograd Function, `ctx.needs_input_grad` would still say True."""
     calls = []
     position = {"lif_forward": 4, "lif_pair_forward": 4, "lif_attention_forward": 3,
-                "linear_lif_forward": 6, "linear_lif_pair_forward": 8}  # of `keep`
+                "linear_lif_forward": 6, "linear_lif_pair_forward": 8,
+                "linear_lif_attention_forward": 6}  # of `keep`
     for name in position:
         op = getattr(torch.ops.c5snn, name)
         monkeypatch.setattr(torch.ops.c5snn, name,
@@ -90,8 +92,10 @@ def test_operators_keep_state_only_where_autograd_records_them(monkeypatch):
             linear_lif(x, weight, 0.8, bias[:16].repeat(2))
             linear_lif_pair(x, weight, 0.8, bias[:16].repeat(2), x.detach()[..., :16].repeat(
                 1, 1, 1, 2))
+            linear_lif_attention(x, torch.cat([weight, weight[:16]]), 0.8, bias.repeat(2), 2,
+                                 0.5, 0.0, False)  # d = 16
         keeps = [a[position[n]] for n, a in calls]  # each operator's `keep` argument
-        assert keeps == [grad] * 5, calls
+        assert keeps == [grad] * 6, calls
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
@@ -399,6 +403,40 @@ def test_linear_lif_operators_are_the_gemm_then_the_lif(k, n, input_kind):
     w = _currents(*got[0].shape, seed=6)
     (got[0] * w).sum().backward()
     (expected[0] * w).sum().backward()
+    for a, b in zip(fused_inputs, plain_inputs, strict=True):
+        assert b.grad.norm() > 0
+        assert (a.grad - b.grad).norm() <= 1e-6 * b.grad.norm()
+
+
+@needs_onednn
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("d, heads, spikes", [(64, 2, True), (128, 4, True), (64, 2, False),
+                                              (80, 4, True)])
+def test_linear_lif_attention_is_the_gemm_then_the_lif_attention(d, heads, spikes, training):
+    """The Q/K/V projection summed inside the LIF + attention operator
+    (`ops.linear_lif_attention`): outputs bitwise oneDNN's GEMM then `native.lif_attention` (the
+    same dropout mask from the same seed draw), gradients to input, weight and bias to
+    rounding; spike input read from its uint8 copy; heads of 20 (the plain loops)."""
+    if not native.fused_linear():
+        pytest.skip("no FMA in this build: the fused operators are not used")
+    shape = (3, 4, 70, d)
+    x8 = (_currents(*shape) > 1.0).to(torch.uint8) if spikes else None
+    x = x8.float() if spikes else _currents(*shape).abs() * 0.3
+    weight = _currents(3 * d, d, seed=2) * (3.0 / d) ** 0.5
+    bias = _currents(3 * d, seed=3) * 0.2
+    fused_inputs = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    plain_inputs = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    scale = (d // heads) ** -0.5
+    torch.manual_seed(11)
+    got = linear_lif_attention(*fused_inputs[:2], 0.8, fused_inputs[2], heads, scale, 0.2,
+                               training, x8)
+    torch.manual_seed(11)
+    currents = linear(plain_inputs[0], plain_inputs[1], x8, 1.0, spikes)
+    expected = native.lif_attention(currents, 0.8, plain_inputs[2], heads, scale, 0.2, training)
+    assert torch.equal(got, expected) and got.abs().sum() > 0
+    w = _currents(*got.shape, seed=5)
+    (got * w).sum().backward()
+    (expected * w).sum().backward()
     for a, b in zip(fused_inputs, plain_inputs, strict=True):
         assert b.grad.norm() > 0
         assert (a.grad - b.grad).norm() <= 1e-6 * b.grad.norm()
