@@ -510,6 +510,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lif_pair_forward(
 // (dL/d(r + o), dL/d(a + bias), dL/dbias) from dL/dy and both membranes: LIF2's backward, whose
 // dL/d(r + o) is dL/do, then LIF1's, walking time backwards once. dL/dbias (columns,) is dL/da
 // summed over all but the last dimension when bias_columns > 0, else undefined.
+// One backward step of the pair for n neurons: dL/dy (gt) and both membranes in, dL/d(r + o)
+// into next2 and dL/d(a + bias) into next1 (both also dL/dU[t+1] for the step before), summed
+// into total with kColumnSums. Out of line for the restrict of its pointers (see pair_step).
+template <bool kColumnSums>
+__attribute__((noinline)) void pair_backward_step(int64_t n, bool last, float decay,
+                                                  const float* __restrict__ gt,
+                                                  const float* __restrict__ u1,
+                                                  const float* __restrict__ u2,
+                                                  float* __restrict__ next1,
+                                                  float* __restrict__ next2,
+                                                  float* __restrict__ total) {
+  for (int64_t j = 0; j < n; ++j) {  // backward_chunks' arithmetic, twice
+    const float g2 = surrogate_step(gt[j], u2[j], next2[j], last, decay);
+    next2[j] = g2;
+    const float g1 = surrogate_step(g2, u1[j], next1[j], last, decay);
+    next1[j] = g1;
+    if (kColumnSums) total[j] += g1;
+  }
+}
+
 template <bool kColumnSums>
 void pair_backward_chunks(const float* gp, const float* m1, const float* m2, float* g1p,
                           float* g2p, float b, int64_t steps, int64_t neurons, int64_t columns,
@@ -531,14 +551,8 @@ void pair_backward_chunks(const float* gp, const float* m1, const float* m2, flo
             __builtin_prefetch(u2 - neurons + j);
           }
         const bool last = t == steps - 1;  // nothing flows back from after T
-        const float decay = last ? 0.0f : b;
-        for (int64_t j = 0; j < n; ++j) {  // backward_chunks' arithmetic, twice
-          const float g2 = surrogate_step(gt[j], u2[j], next2[j], last, decay);
-          next2[j] = g2;
-          const float g1 = surrogate_step(g2, u1[j], next1[j], last, decay);
-          next1[j] = g1;
-          if (kColumnSums) total[j] += g1;
-        }
+        pair_backward_step<kColumnSums>(n, last, last ? 0.0f : b, gt, u1, u2, next1, next2,
+                                        total);
         stream_floats(g2p + t * neurons + i0, next2, n);
         stream_floats(g1p + t * neurons + i0, next1, n);
       }
@@ -1664,6 +1678,110 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_lif_attention_
   return {out.view({steps, batch, w, d}), mem, bits, keep};
 }
 
+// The backward of linear_lif_pair_forward in one pass: the pair's backward (lif_pair_backward's
+// arithmetic) and the linear map's two products, dL/dx = g @ W and dL/dW = gᵀ @ x, where g =
+// dL/dcurrents, read from cache: g (T * R rows of N) was written by the pair's backward and
+// read back by oneDNN's dL/dx and by weight_grad (4 bytes out, 8 in, per neuron and step).
+// A thread takes kBackRows rows and walks time backwards; each step's g tile feeds dL/dx of its
+// rows (project_tile with the weight, written out) and the thread's dL/dW sums (outer_tile,
+// added over the tile's rows, then over the thread's tiles, then the threads in order).
+constexpr int64_t kBackRows = 96;
+
+template <bool kColumnSums>
+void linear_pair_backward_rows(const float* gp, const float* m1, const float* m2,
+                               const Projection& proj, const float* w, int64_t rows,
+                               int64_t steps, float beta, float* gsum, float* dx,
+                               float* partial, float* sums) {
+  const int64_t n = proj.n, k = proj.k, neurons = rows * n;
+  at::parallel_for(0, (rows + kBackRows - 1) / kBackRows, 1, [&](int64_t begin, int64_t end) {
+    const int64_t size = kBackRows * n;
+    std::vector<float> next1(size), next2(size), total(kColumnSums ? size : 0),
+        xr(kBackRows * k);
+    float* dw = partial + at::get_thread_num() * k * n;  // (K, N): dL/dWᵀ
+    float* const mine = kColumnSums ? sums + at::get_thread_num() * n : nullptr;
+    for (int64_t block = begin; block < end; ++block) {
+      const int64_t r0 = block * kBackRows, nr = std::min(kBackRows, rows - r0), cnt = nr * n;
+      if (kColumnSums) std::fill(total.begin(), total.begin() + cnt, 0.0f);
+      for (int64_t t = steps - 1; t >= 0; --t) {
+        const int64_t o = t * neurons + r0 * n;
+        const bool last = t == steps - 1;
+        pair_backward_step<kColumnSums>(cnt, last, last ? 0.0f : beta, gp + o, m1 + o, m2 + o,
+                                        next1.data(), next2.data(), total.data());
+        stream_floats(gsum + o, next2.data(), cnt);
+        // dL/dx of these rows: g (nr, N) @ W (N, K)
+        float* dxt = dx + (t * rows + r0) * k;
+        int64_t i = 0;
+        for (; i + kTileN <= nr; i += kTileN)
+          project_rows<kTileN>(dxt + i * k, next1.data() + i * n, n, w, k, n);
+        for (; i < nr; ++i) project_rows<1>(dxt + i * k, next1.data() + i * n, n, w, k, n);
+        // dL/dWᵀ (K, N) += x (nr, K)ᵀ @ g (nr, N)
+        const float* xt = proj.x ? proj.x + t * proj.sx + r0 * k : xr.data();
+        if (!proj.x) {
+          const uint8_t* src = proj.x8 + t * proj.sx + r0 * k;
+          for (int64_t j = 0; j < nr * k; ++j) xr[j] = static_cast<float>(src[j]);
+        }
+        for (int64_t c0 = 0; c0 < k; c0 += kTileN)
+          outer_tile_any(static_cast<int>(std::min<int64_t>(kTileN, k - c0)), dw + c0 * n, n,
+                         xt + c0, k, next1.data(), n, nr, nullptr);
+      }
+      if (kColumnSums) add_column_sums(total.data(), r0 * n, cnt, n, mine);
+    }
+    stream_fence();
+  });
+}
+
+// (dL/dresidual, dL/dx, dL/dW, dL/dbias or undefined) of linear_lif_pair_forward from dL/dy, the
+// membranes and what the layer kept of its input: x (fp32) or its uint8 copy (1 where the input
+// is `value`).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_lif_pair_backward(
+    const at::Tensor& grad_in, const at::Tensor& mem1, const at::Tensor& mem2,
+    const at::Tensor& x_in, double value, const at::Tensor& weight_in, double beta,
+    bool bias_grad) {
+  check_input(mem1, "membranes");
+  check_input(mem2, "membranes");
+  const at::Tensor grad = grad_in.contiguous();
+  TORCH_CHECK(grad.sizes() == mem1.sizes() && mem2.sizes() == mem1.sizes() &&
+              grad.scalar_type() == at::kFloat && mem1.is_contiguous() && mem2.is_contiguous(),
+              "grad must be float32 with the membranes' shape");
+  const bool bytes = x_in.scalar_type() == at::kByte;
+  TORCH_CHECK(x_in.device().is_cpu() && (bytes || x_in.scalar_type() == at::kFloat),
+              "x must be a float32 or uint8 CPU tensor");
+  TORCH_CHECK(weight_in.dim() == 2 && weight_in.scalar_type() == at::kFloat &&
+              weight_in.size(0) == mem1.size(-1) && weight_in.size(1) == x_in.size(-1),
+              "weight must be fp32 (N, K)");
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor weight = weight_in.contiguous();
+  const int64_t steps = mem1.size(0), n = mem1.size(-1), k = x.size(-1);
+  const int64_t rows = steps ? mem1.numel() / steps / n : 0;
+  TORCH_CHECK(x.size(0) == steps && x.numel() == steps * rows * k && k % 16 == 0,
+              "x must be (T, ..., K) over the membranes' rows, K a multiple of 16");
+  at::Tensor gsum = at::empty_like(mem1);
+  at::Tensor dx = at::empty(x.sizes(), mem1.options());  // fp32 either way
+  at::Tensor grad_bias = bias_grad ? at::zeros({n}, mem1.options()) : at::Tensor();
+  at::Tensor grad_w = at::zeros({n, k}, mem1.options());
+  if (mem1.numel() == 0 || k == 0) return {gsum, dx.zero_(), grad_w, grad_bias};
+  const Projection proj{bytes ? nullptr : x.data_ptr<float>(),
+                        bytes ? x.data_ptr<uint8_t>() : nullptr, 1.0f, rows * k, k, n, nullptr};
+  const int64_t threads = at::get_num_threads();
+  std::vector<float> partial(threads * k * n, 0.0f), sums(bias_grad ? threads * n : 0, 0.0f);
+  with_flag(bias_grad, [&](auto cs) {
+    linear_pair_backward_rows<decltype(cs)::value>(
+        grad.data_ptr<float>(), mem1.data_ptr<float>(), mem2.data_ptr<float>(), proj,
+        weight.data_ptr<float>(), rows, steps, static_cast<float>(beta), gsum.data_ptr<float>(),
+        dx.data_ptr<float>(), partial.data(), sums.data());
+  });
+  if (bias_grad) fold_thread_sums(sums, threads, n, grad_bias.data_ptr<float>());
+  float* gw = grad_w.data_ptr<float>();
+  const float scale = static_cast<float>(value);
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t i = 0; i < k; ++i) {
+      float sum = 0.0f;
+      for (int64_t t = 0; t < threads; ++t) sum += partial[(t * k + i) * n + j];
+      gw[j * k + i] = sum * scale;
+    }
+  return {gsum, dx, grad_w, grad_bias};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(c5snn, m) {
@@ -1681,6 +1799,8 @@ TORCH_LIBRARY(c5snn, m) {
   m.def("weight_grad(Tensor g, Tensor x, float scale) -> Tensor");
   m.def("onednn_available() -> bool");
   m.def("fused_linear_available() -> bool");
+  m.def("linear_lif_pair_backward(Tensor grad, Tensor mem1, Tensor mem2, Tensor x, float value, "
+        "Tensor weight, float beta, bool bias_grad) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("linear_lif_attention_forward(Tensor x, Tensor? x8, float value, Tensor weight, "
         "Tensor bias, float beta, bool keep, int heads, float alpha, int seed, int threshold, "
         "bool dropping) -> (Tensor, Tensor, Tensor, Tensor)");
@@ -1709,6 +1829,7 @@ TORCH_LIBRARY_IMPL(c5snn, CPU, m) {
   m.impl("weight_grad", &weight_grad);
   m.impl("linear_lif_pair_forward", &linear_lif_pair_forward);
   m.impl("linear_lif_forward", &linear_lif_forward);
+  m.impl("linear_lif_pair_backward", &linear_lif_pair_backward);
   m.impl("linear_lif_attention_forward", &linear_lif_attention_forward);
   m.impl("attention_forward", &attention_forward);
   m.impl("attention_backward", &attention_backward);
