@@ -43,13 +43,14 @@ from c5snn.runtime import allocator_environments  # noqa: E402
 # The ops that carry the step's counted FLOPs: torch's GEMMs, c5snn's (oneDNN's, its dL/dW) and
 # c5snn's attention operators (whose matmuls FlopCounterMode counts as the torch path's bmm's,
 # `c5snn.native`); the fused operators (a LIF with the attention after it or the linear map
-# before it) count here whole, their LIF included, so the GEMM share is a little high and the
-# ceiling a little low.
+# before it, each way) count here whole, their LIF included, so the GEMM share is a little high
+# and the ceiling a little low.
 GEMMS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "c5snn::gemm",
          "c5snn::weight_grad", "c5snn::attention_forward", "c5snn::attention_backward",
          "c5snn::lif_attention_forward", "c5snn::lif_attention_backward",
          "c5snn::linear_lif_forward", "c5snn::linear_lif_pair_forward",
-         "c5snn::linear_lif_attention_forward")
+         "c5snn::linear_lif_attention_forward", "c5snn::linear_lif_backward",
+         "c5snn::linear_lif_pair_backward")
 CONFIGS = {
     "d64_h2_l2_direct": dict(d_model=64, n_heads=2, n_layers=2, encoding="direct"),
     "d64_h2_l6_rate": dict(d_model=64, n_heads=2, n_layers=6, encoding="rate_coded"),

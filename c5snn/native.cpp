@@ -311,6 +311,25 @@ inline void add_column_sums(const float* total, int64_t i0, int64_t n, int64_t c
 // grad is dL/d(dropped spikes): the forward's mask is drawn again and dL/dS = grad * factor
 // where kept, else 0. With kColumnSums, also dL/dbias: dL/dX summed over time per neuron here,
 // then per column into this thread's row of `sums` (threads x columns).
+// One backward step of a LIF for n neurons: dL/dS (gt; with kDrop, dL/d(dropped spikes), the
+// forward's draws dt), the membranes ut and dL/dU[t+1] (next) give dL/dU[t] = dL/dX[t] into
+// next, summed into total with kColumnSums. Out of line for its pointers' restrict (see
+// pair_step).
+template <bool kDrop, bool kColumnSums>
+__attribute__((noinline)) void lif_backward_step(int64_t n, bool last, float decay,
+                                                 const float* __restrict__ gt,
+                                                 const float* __restrict__ ut,
+                                                 const int16_t* __restrict__ dt, Dropout dr,
+                                                 float* __restrict__ next,
+                                                 float* __restrict__ total) {
+  for (int64_t j = 0; j < n; ++j) {
+    const float gs = kDrop ? (dt[j] >= dr.limit ? gt[j] * dr.factor : 0.0f) : gt[j];
+    const float g = surrogate_step(gs, ut[j], next[j], last, decay);
+    next[j] = g;
+    if (kColumnSums) total[j] += g;
+  }
+}
+
 template <bool kDrop, bool kColumnSums>
 void backward_chunks(const float* gp, const float* up, float* op, float b, int64_t steps,
                      int64_t neurons, Dropout drop, int64_t columns, float* sums) {
@@ -335,12 +354,8 @@ void backward_chunks(const float* gp, const float* up, float* op, float b, int64
             __builtin_prefetch(gt - neurons + j);
             __builtin_prefetch(ut - neurons + j);
           }
-        for (int64_t j = 0; j < n; ++j) {
-          const float gs = kDrop ? (dt[j] >= dr.limit ? gt[j] * dr.factor : 0.0f) : gt[j];
-          const float g = surrogate_step(gs, ut[j], next[j], t == steps - 1, decay);
-          next[j] = g;
-          if (kColumnSums) total[j] += g;
-        }
+        lif_backward_step<kDrop, kColumnSums>(n, t == steps - 1, decay, gt, ut, dt, dr, next,
+                                              total);
         stream_floats(ot, next, n);
       }
       if (kColumnSums) add_column_sums(total, i0, n, columns, mine);
@@ -1687,90 +1702,133 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_lif_attention_
 // added over the tile's rows, then over the thread's tiles, then the threads in order).
 constexpr int64_t kBackRows = 96;
 
-template <bool kColumnSums>
-void linear_pair_backward_rows(const float* gp, const float* m1, const float* m2,
-                               const Projection& proj, const float* w, int64_t rows,
-                               int64_t steps, float beta, float* gsum, float* dx,
-                               float* partial, float* sums) {
-  const int64_t n = proj.n, k = proj.k, neurons = rows * n;
+// The linear map's part of a fused backward at step t, rows r0 .. r0 + nr: from g = dL/dcurrents
+// (nr, N) in cache, dL/dx (nr, K) = g @ W written at those rows of dx, and dL/dWᵀ (K, N) += x
+// (nr, K)ᵀ @ g into dw (the input's uint8 copy converted into xr; its value is applied to the
+// final sums).
+inline void linear_backward_tile(const Projection& proj, const float* w, int64_t t, int64_t r0,
+                                 int64_t nr, int64_t rows, const float* g, float* dx, float* dw,
+                                 float* xr) {
+  const int64_t n = proj.n, k = proj.k;
+  float* dxt = dx + (t * rows + r0) * k;
+  int64_t i = 0;
+  for (; i + kTileN <= nr; i += kTileN) project_rows<kTileN>(dxt + i * k, g + i * n, n, w, k, n);
+  for (; i < nr; ++i) project_rows<1>(dxt + i * k, g + i * n, n, w, k, n);
+  const float* xt = proj.x ? proj.x + t * proj.sx + r0 * k : xr;
+  if (!proj.x) {
+    const uint8_t* src = proj.x8 + t * proj.sx + r0 * k;
+    for (int64_t j = 0; j < nr * k; ++j) xr[j] = static_cast<float>(src[j]);
+  }
+  for (int64_t c0 = 0; c0 < k; c0 += kTileN)
+    outer_tile_any(static_cast<int>(std::min<int64_t>(kTileN, k - c0)), dw + c0 * n, n, xt + c0,
+                   k, g, n, nr, nullptr);
+}
+
+// A fused backward's walk: each thread takes kBackRows rows at a time and walks time backwards;
+// at each step `Walker::step` (the LIF's backward for these rows, a Walker per thread) gives
+// dL/dcurrents in cache, and linear_backward_tile turns it into dL/dx and dL/dW sums. partial
+// holds (threads, K, N) sums, added afterwards in thread order.
+template <typename Walker, typename... Args>
+void linear_backward_rows(const Projection& proj, const float* w, int64_t rows, int64_t steps,
+                          float* dx, float* partial, Args&&... args) {
+  const int64_t n = proj.n, k = proj.k;
   at::parallel_for(0, (rows + kBackRows - 1) / kBackRows, 1, [&](int64_t begin, int64_t end) {
-    const int64_t size = kBackRows * n;
-    std::vector<float> next1(size), next2(size), total(kColumnSums ? size : 0),
-        xr(kBackRows * k);
-    float* dw = partial + at::get_thread_num() * k * n;  // (K, N): dL/dWᵀ
-    float* const mine = kColumnSums ? sums + at::get_thread_num() * n : nullptr;
+    Walker walker(kBackRows * n, args...);
+    std::vector<float> xr(kBackRows * k);
+    float* dw = partial + at::get_thread_num() * k * n;
     for (int64_t block = begin; block < end; ++block) {
-      const int64_t r0 = block * kBackRows, nr = std::min(kBackRows, rows - r0), cnt = nr * n;
-      if (kColumnSums) std::fill(total.begin(), total.begin() + cnt, 0.0f);
-      for (int64_t t = steps - 1; t >= 0; --t) {
-        const int64_t o = t * neurons + r0 * n;
-        const bool last = t == steps - 1;
-        pair_backward_step<kColumnSums>(cnt, last, last ? 0.0f : beta, gp + o, m1 + o, m2 + o,
-                                        next1.data(), next2.data(), total.data());
-        stream_floats(gsum + o, next2.data(), cnt);
-        // dL/dx of these rows: g (nr, N) @ W (N, K)
-        float* dxt = dx + (t * rows + r0) * k;
-        int64_t i = 0;
-        for (; i + kTileN <= nr; i += kTileN)
-          project_rows<kTileN>(dxt + i * k, next1.data() + i * n, n, w, k, n);
-        for (; i < nr; ++i) project_rows<1>(dxt + i * k, next1.data() + i * n, n, w, k, n);
-        // dL/dWᵀ (K, N) += x (nr, K)ᵀ @ g (nr, N)
-        const float* xt = proj.x ? proj.x + t * proj.sx + r0 * k : xr.data();
-        if (!proj.x) {
-          const uint8_t* src = proj.x8 + t * proj.sx + r0 * k;
-          for (int64_t j = 0; j < nr * k; ++j) xr[j] = static_cast<float>(src[j]);
-        }
-        for (int64_t c0 = 0; c0 < k; c0 += kTileN)
-          outer_tile_any(static_cast<int>(std::min<int64_t>(kTileN, k - c0)), dw + c0 * n, n,
-                         xt + c0, k, next1.data(), n, nr, nullptr);
-      }
-      if (kColumnSums) add_column_sums(total.data(), r0 * n, cnt, n, mine);
+      const int64_t r0 = block * kBackRows, nr = std::min(kBackRows, rows - r0);
+      walker.begin(r0 * n, nr * n);
+      for (int64_t t = steps - 1; t >= 0; --t)
+        linear_backward_tile(proj, w, t, r0, nr, rows, walker.step(t, t == steps - 1), dx, dw,
+                             xr.data());
+      walker.end();
     }
     stream_fence();
   });
 }
 
-// (dL/dresidual, dL/dx, dL/dW, dL/dbias or undefined) of linear_lif_pair_forward from dL/dy, the
-// membranes and what the layer kept of its input: x (fp32) or its uint8 copy (1 where the input
-// is `value`).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_lif_pair_backward(
-    const at::Tensor& grad_in, const at::Tensor& mem1, const at::Tensor& mem2,
-    const at::Tensor& x_in, double value, const at::Tensor& weight_in, double beta,
-    bool bias_grad) {
-  check_input(mem1, "membranes");
-  check_input(mem2, "membranes");
-  const at::Tensor grad = grad_in.contiguous();
-  TORCH_CHECK(grad.sizes() == mem1.sizes() && mem2.sizes() == mem1.sizes() &&
-              grad.scalar_type() == at::kFloat && mem1.is_contiguous() && mem2.is_contiguous(),
-              "grad must be float32 with the membranes' shape");
-  const bool bytes = x_in.scalar_type() == at::kByte;
-  TORCH_CHECK(x_in.device().is_cpu() && (bytes || x_in.scalar_type() == at::kFloat),
-              "x must be a float32 or uint8 CPU tensor");
-  TORCH_CHECK(weight_in.dim() == 2 && weight_in.scalar_type() == at::kFloat &&
-              weight_in.size(0) == mem1.size(-1) && weight_in.size(1) == x_in.size(-1),
-              "weight must be fp32 (N, K)");
-  const at::Tensor x = x_in.contiguous();
-  const at::Tensor weight = weight_in.contiguous();
-  const int64_t steps = mem1.size(0), n = mem1.size(-1), k = x.size(-1);
-  const int64_t rows = steps ? mem1.numel() / steps / n : 0;
-  TORCH_CHECK(x.size(0) == steps && x.numel() == steps * rows * k && k % 16 == 0,
-              "x must be (T, ..., K) over the membranes' rows, K a multiple of 16");
-  at::Tensor gsum = at::empty_like(mem1);
-  at::Tensor dx = at::empty(x.sizes(), mem1.options());  // fp32 either way
-  at::Tensor grad_bias = bias_grad ? at::zeros({n}, mem1.options()) : at::Tensor();
-  at::Tensor grad_w = at::zeros({n, k}, mem1.options());
-  if (mem1.numel() == 0 || k == 0) return {gsum, dx.zero_(), grad_w, grad_bias};
-  const Projection proj{bytes ? nullptr : x.data_ptr<float>(),
-                        bytes ? x.data_ptr<uint8_t>() : nullptr, 1.0f, rows * k, k, n, nullptr};
-  const int64_t threads = at::get_num_threads();
-  std::vector<float> partial(threads * k * n, 0.0f), sums(bias_grad ? threads * n : 0, 0.0f);
-  with_flag(bias_grad, [&](auto cs) {
-    linear_pair_backward_rows<decltype(cs)::value>(
-        grad.data_ptr<float>(), mem1.data_ptr<float>(), mem2.data_ptr<float>(), proj,
-        weight.data_ptr<float>(), rows, steps, static_cast<float>(beta), gsum.data_ptr<float>(),
-        dx.data_ptr<float>(), partial.data(), sums.data());
-  });
-  if (bias_grad) fold_thread_sums(sums, threads, n, grad_bias.data_ptr<float>());
+// The pair's backward for one thread's blocks: dL/dresidual written out, dL/d(a + bias) given.
+template <bool kColumnSums>
+struct PairBackward {
+  std::vector<float> next1, next2, total;
+  const float *gp, *m1, *m2;
+  float* gsum;
+  float beta;
+  int64_t neurons, columns, i0 = 0, cnt = 0;
+  float* mine;
+
+  PairBackward(int64_t size, const float* gp_, const float* m1_, const float* m2_, float* gsum_,
+               float beta_, int64_t neurons_, int64_t columns_, float* sums)
+      : next1(size), next2(size), total(kColumnSums ? size : 0), gp(gp_), m1(m1_), m2(m2_),
+        gsum(gsum_), beta(beta_), neurons(neurons_), columns(columns_),
+        mine(kColumnSums ? sums + at::get_thread_num() * columns_ : nullptr) {}
+  void begin(int64_t first, int64_t count) {
+    i0 = first;
+    cnt = count;
+    if (kColumnSums) std::fill(total.begin(), total.begin() + cnt, 0.0f);
+  }
+  const float* step(int64_t t, bool last) {
+    const int64_t o = t * neurons + i0;
+    pair_backward_step<kColumnSums>(cnt, last, last ? 0.0f : beta, gp + o, m1 + o, m2 + o,
+                                    next1.data(), next2.data(), total.data());
+    stream_floats(gsum + o, next2.data(), cnt);
+    return next1.data();
+  }
+  void end() {
+    if (kColumnSums) add_column_sums(total.data(), i0, cnt, columns, mine);
+  }
+};
+
+// The LIF's backward (dropout redrawn from its seed) for one thread's blocks: dL/dX given.
+template <bool kDrop, bool kColumnSums>
+struct LifBackward {
+  std::vector<float> next, total;
+  std::vector<int16_t> draws;
+  const float *gp, *up;
+  float beta;
+  Dropout dr;
+  int64_t neurons, columns, i0 = 0, cnt = 0;
+  float* mine;
+
+  LifBackward(int64_t size, const float* gp_, const float* up_, float beta_, Dropout dr_,
+              int64_t neurons_, int64_t columns_, float* sums)
+      : next(size), total(kColumnSums ? size : 0), draws(kDrop ? size + 8 : 0), gp(gp_), up(up_),
+        beta(beta_), dr(dr_), neurons(neurons_), columns(columns_),
+        mine(kColumnSums ? sums + at::get_thread_num() * columns_ : nullptr) {}
+  void begin(int64_t first, int64_t count) {
+    i0 = first;
+    cnt = count;
+    if (kColumnSums) std::fill(total.begin(), total.begin() + cnt, 0.0f);
+  }
+  const float* step(int64_t t, bool last) {
+    const int64_t o = t * neurons + i0;
+    const int16_t* dt = kDrop ? cut_draws(dr.seed, o, cnt, draws.data()) : nullptr;
+    lif_backward_step<kDrop, kColumnSums>(cnt, last, last ? 0.0f : beta, gp + o, up + o, dt, dr,
+                                          next.data(), total.data());
+    return next.data();
+  }
+  void end() {
+    if (kColumnSums) add_column_sums(total.data(), i0, cnt, columns, mine);
+  }
+};
+
+// The layer's kept input as a Projection (rows of K, fp32 or uint8; no weight), checked.
+Projection kept_input(const at::Tensor& x, int64_t steps, int64_t rows, int64_t n) {
+  const bool bytes = x.scalar_type() == at::kByte;
+  TORCH_CHECK(x.device().is_cpu() && (bytes || x.scalar_type() == at::kFloat) &&
+              x.is_contiguous() && x.size(0) == steps && x.numel() == steps * rows * x.size(-1) &&
+              x.size(-1) % 16 == 0,
+              "x must be a contiguous float32 or uint8 (T, ..., K), K a multiple of 16");
+  const int64_t k = x.size(-1);
+  return {bytes ? nullptr : x.data_ptr<float>(), bytes ? x.data_ptr<uint8_t>() : nullptr, 1.0f,
+          rows * k, k, n, nullptr};
+}
+
+// dL/dW (N, K) from the threads' (K, N) sums of dL/dWᵀ, added in thread order, times value.
+at::Tensor fold_weight_grad(const std::vector<float>& partial, int64_t threads, int64_t k,
+                            int64_t n, double value, const at::TensorOptions& options) {
+  at::Tensor grad_w = at::empty({n, k}, options);
   float* gw = grad_w.data_ptr<float>();
   const float scale = static_cast<float>(value);
   for (int64_t j = 0; j < n; ++j)
@@ -1779,7 +1837,74 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_lif_pair_backw
       for (int64_t t = 0; t < threads; ++t) sum += partial[(t * k + i) * n + j];
       gw[j * k + i] = sum * scale;
     }
-  return {gsum, dx, grad_w, grad_bias};
+  return grad_w;
+}
+
+// (dL/dresidual, dL/dx, dL/dW, dL/dbias or undefined) of linear_lif_pair_forward from dL/dy, the
+// membranes and what the layer kept of its input: x (fp32) or its uint8 copy (1 where the input
+// is `value`).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_lif_pair_backward(
+    const at::Tensor& grad_in, const at::Tensor& mem1, const at::Tensor& mem2, const at::Tensor& x,
+    double value, const at::Tensor& weight_in, double beta, bool bias_grad) {
+  check_input(mem1, "membranes");
+  check_input(mem2, "membranes");
+  const at::Tensor grad = grad_in.contiguous(), weight = weight_in.contiguous();
+  TORCH_CHECK(grad.sizes() == mem1.sizes() && mem2.sizes() == mem1.sizes() &&
+              grad.scalar_type() == at::kFloat && mem1.is_contiguous() && mem2.is_contiguous(),
+              "grad must be float32 with the membranes' shape");
+  const int64_t steps = mem1.size(0), n = mem1.size(-1), k = x.size(-1);
+  const int64_t rows = steps ? mem1.numel() / steps / n : 0;
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kFloat && weight.size(0) == n &&
+              weight.size(1) == k, "weight must be fp32 (N, K)");
+  at::Tensor gsum = at::empty_like(mem1);
+  at::Tensor dx = at::empty(x.sizes(), mem1.options());  // fp32 either way
+  at::Tensor grad_bias = bias_grad ? at::zeros({n}, mem1.options()) : at::Tensor();
+  if (mem1.numel() == 0) return {gsum, dx, at::zeros({n, k}, mem1.options()), grad_bias};
+  const Projection proj = kept_input(x, steps, rows, n);
+  const int64_t threads = at::get_num_threads();
+  std::vector<float> partial(threads * k * n, 0.0f), sums(bias_grad ? threads * n : 0, 0.0f);
+  with_flag(bias_grad, [&](auto cs) {
+    linear_backward_rows<PairBackward<decltype(cs)::value>>(
+        proj, weight.data_ptr<float>(), rows, steps, dx.data_ptr<float>(), partial.data(),
+        grad.data_ptr<float>(), mem1.data_ptr<float>(), mem2.data_ptr<float>(),
+        gsum.data_ptr<float>(), static_cast<float>(beta), rows * n, n, sums.data());
+  });
+  if (bias_grad) fold_thread_sums(sums, threads, n, grad_bias.data_ptr<float>());
+  return {gsum, dx, fold_weight_grad(partial, threads, k, n, value, mem1.options()), grad_bias};
+}
+
+// (dL/dx, dL/dW, dL/dbias or undefined) of linear_lif_forward from dL/d(spikes, dropped out),
+// the membranes, the dropout's seed and what the layer kept of its input (as above).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_lif_backward(
+    const at::Tensor& grad_in, const at::Tensor& mem, const at::Tensor& x, double value,
+    const at::Tensor& weight_in, double beta, bool dropping, int64_t seed, int64_t threshold,
+    double factor, bool bias_grad) {
+  check_input(mem, "membranes");
+  const at::Tensor grad = grad_in.contiguous(), weight = weight_in.contiguous();
+  TORCH_CHECK(grad.sizes() == mem.sizes() && grad.scalar_type() == at::kFloat &&
+              mem.is_contiguous(), "grad must be float32 with the membranes' shape");
+  const int64_t steps = mem.size(0), n = mem.size(-1), k = x.size(-1);
+  const int64_t rows = steps ? mem.numel() / steps / n : 0;
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kFloat && weight.size(0) == n &&
+              weight.size(1) == k, "weight must be fp32 (N, K)");
+  at::Tensor dx = at::empty(x.sizes(), mem.options());
+  at::Tensor grad_bias = bias_grad ? at::zeros({n}, mem.options()) : at::Tensor();
+  if (mem.numel() == 0) return {dx, at::zeros({n, k}, mem.options()), grad_bias};
+  const Projection proj = kept_input(x, steps, rows, n);
+  const Dropout drop{static_cast<uint64_t>(seed), static_cast<int16_t>(threshold),
+                     static_cast<float>(factor)};
+  const int64_t threads = at::get_num_threads();
+  std::vector<float> partial(threads * k * n, 0.0f), sums(bias_grad ? threads * n : 0, 0.0f);
+  with_flag(dropping, [&](auto dr) {
+    with_flag(bias_grad, [&](auto cs) {
+      linear_backward_rows<LifBackward<decltype(dr)::value, decltype(cs)::value>>(
+          proj, weight.data_ptr<float>(), rows, steps, dx.data_ptr<float>(), partial.data(),
+          grad.data_ptr<float>(), mem.data_ptr<float>(), static_cast<float>(beta), drop,
+          rows * n, n, sums.data());
+    });
+  });
+  if (bias_grad) fold_thread_sums(sums, threads, n, grad_bias.data_ptr<float>());
+  return {dx, fold_weight_grad(partial, threads, k, n, value, mem.options()), grad_bias};
 }
 
 }  // namespace
@@ -1799,6 +1924,9 @@ TORCH_LIBRARY(c5snn, m) {
   m.def("weight_grad(Tensor g, Tensor x, float scale) -> Tensor");
   m.def("onednn_available() -> bool");
   m.def("fused_linear_available() -> bool");
+  m.def("linear_lif_backward(Tensor grad, Tensor mem, Tensor x, float value, Tensor weight, "
+        "float beta, bool dropping, int seed, int threshold, float factor, bool bias_grad) "
+        "-> (Tensor, Tensor, Tensor)");
   m.def("linear_lif_pair_backward(Tensor grad, Tensor mem1, Tensor mem2, Tensor x, float value, "
         "Tensor weight, float beta, bool bias_grad) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("linear_lif_attention_forward(Tensor x, Tensor? x8, float value, Tensor weight, "
@@ -1830,6 +1958,7 @@ TORCH_LIBRARY_IMPL(c5snn, CPU, m) {
   m.impl("linear_lif_pair_forward", &linear_lif_pair_forward);
   m.impl("linear_lif_forward", &linear_lif_forward);
   m.impl("linear_lif_pair_backward", &linear_lif_pair_backward);
+  m.impl("linear_lif_backward", &linear_lif_backward);
   m.impl("linear_lif_attention_forward", &linear_lif_attention_forward);
   m.impl("attention_forward", &attention_forward);
   m.impl("attention_backward", &attention_backward);

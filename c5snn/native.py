@@ -146,6 +146,10 @@ def _register_flop_formulas() -> None:
     def _linear_lif_pair_backward(grad_shape, m1_shape, m2_shape, x_shape, *args, **kwargs) -> int:
         return 2 * 2 * math.prod(x_shape) * grad_shape[-1]  # dL/dx and dL/dW
 
+    @register_flop_formula(torch.ops.c5snn.linear_lif_backward)
+    def _linear_lif_backward(grad_shape, mem_shape, x_shape, *args, **kwargs) -> int:
+        return 2 * 2 * math.prod(x_shape) * grad_shape[-1]  # dL/dx and dL/dW
+
     @register_flop_formula(torch.ops.c5snn.weight_grad)
     def _weight_grad(g_shape, x_shape, *args, **kwargs) -> int:
         return 2 * g_shape[0] * g_shape[1] * x_shape[1]
@@ -208,6 +212,15 @@ def linear_lif_forward(x, x8, value, weight, bias, beta, keep, dropping, seed, t
     (`c5snn.ops.LinearLIF`): the currents summed in cache, never in memory."""
     return torch.ops.c5snn.linear_lif_forward(x, x8, value, weight, bias, beta, keep, dropping,
                                               seed, threshold, factor, bytes)
+
+
+def linear_lif_backward(grad, mem, x, value, weight, beta, dropping, seed, threshold, factor,
+                        bias_grad):
+    """(dL/dx, dL/dW, dL/dbias) of `linear_lif_forward` in one pass from dL/dspikes, the
+    membranes, the dropout's seed and the layer's kept input `x` (fp32, or its uint8 copy of
+    value `value`): dL/dcurrents stays in cache (`c5snn.ops.LinearLIF`)."""
+    return torch.ops.c5snn.linear_lif_backward(grad, mem, x, value, weight, beta, dropping, seed,
+                                               threshold, factor, bias_grad)
 
 
 def linear_lif_pair_backward(grad, mem1, mem2, x, value, weight, beta, bias_grad):

@@ -286,9 +286,14 @@ class LinearLIF(torch.autograd.Function):
     def backward(ctx, grad, *unused):  # only the spikes carry a gradient
         kept, weight, mem = ctx.saved_tensors
         need = ctx.needs_input_grad
-        grad_currents, grad_bias = torch.ops.c5snn.lif_backward(
-            grad, mem, ctx.beta, *ctx.dropout, mem.shape[-1] if need[4] else 0)
-        grad_x, grad_w = linear_grads(grad_currents, kept, weight, ctx.value, need[0], need[2])
+        if need[0] and need[2] and kept.shape[-1] % 16 == 0:  # training: one pass, see the op
+            grad_x, grad_w, grad_bias = native.linear_lif_backward(
+                grad, mem, kept, ctx.value, weight, ctx.beta, *ctx.dropout, need[4])
+        else:
+            grad_currents, grad_bias = torch.ops.c5snn.lif_backward(
+                grad, mem, ctx.beta, *ctx.dropout, mem.shape[-1] if need[4] else 0)
+            grad_x, grad_w = linear_grads(grad_currents, kept, weight, ctx.value, need[0],
+                                          need[2])
         return (grad_x, None, grad_w, None, grad_bias if need[4] else None, None, None, None,
                 None)
 
