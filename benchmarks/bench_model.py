@@ -50,7 +50,7 @@ GEMMS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "c5snn::gemm",
          "c5snn::lif_attention_forward", "c5snn::lif_attention_backward",
          "c5snn::linear_lif_forward", "c5snn::linear_lif_pair_forward",
          "c5snn::linear_lif_attention_forward", "c5snn::linear_lif_backward",
-         "c5snn::linear_lif_pair_backward")
+         "c5snn::linear_lif_pair_backward", "c5snn::linear_lif_attention_backward")
 CONFIGS = {
     "d64_h2_l2_direct": dict(d_model=64, n_heads=2, n_layers=2, encoding="direct"),
     "d64_h2_l6_rate": dict(d_model=64, n_heads=2, n_layers=6, encoding="rate_coded"),

@@ -1177,38 +1177,22 @@ at::Tensor attention_backward(const at::Tensor& grad_in, const at::Tensor& bits,
 // (T, B, W, 3d) fp32, never goes to memory (44 MB each way per d64 layer). The membranes are
 // read and dL/dx written a whole sequence (W * 3d, contiguous) at a time. dL/dbias sums per
 // thread, in task order, then thread order.
-std::tuple<at::Tensor, at::Tensor> lif_attention_backward(
-    const at::Tensor& grad_in, const at::Tensor& mem, const at::Tensor& bits,
-    const at::Tensor& keep_bits, int64_t heads, double alpha, double beta_in, bool bias_grad) {
-  check_input(grad_in, "grad");
-  check_input(mem, "membranes");
-  TORCH_CHECK(mem.dim() == 4 && mem.is_contiguous() && mem.size(3) % 3 == 0,
-              "membranes must be contiguous (T, B, W, 3d)");
-  const int64_t steps = mem.size(0), batch = mem.size(1), w = mem.size(2), d3 = mem.size(3);
-  const int64_t d = d3 / 3, n_seq = steps * batch, block = w * d3;
-  const at::Tensor grad = grad_in.contiguous();
-  TORCH_CHECK(grad.dim() == 3 && grad.size(0) == n_seq && grad.size(1) == w && grad.size(2) == d,
-              "grad must be (T * B, W, d)");
-  TORCH_CHECK(heads > 0 && d % heads == 0 && d / heads <= kMaxHead && bits.dim() == 4 &&
-              bits.size(0) == 3 && bits.size(1) == heads && bits.size(2) == n_seq &&
-              bits.size(3) == w, "bits must be (3, heads, T * B, W)");
-  const int64_t dh = d / heads, words = (w + 63) / 64;
-  at::Tensor dx = at::empty(mem.sizes(), mem.options());
-  at::Tensor grad_bias = bias_grad ? at::zeros({d3}, mem.options()) : at::Tensor();
-  if (mem.numel() == 0) return {dx, grad_bias};
-  const float* gp = grad.data_ptr<float>();
-  const float* up = mem.data_ptr<float>();
-  float* xp = dx.data_ptr<float>();
-  const auto* bp = reinterpret_cast<const uint64_t*>(bits.data_ptr<int64_t>());
-  const uint64_t* kbits = keep_words(keep_bits, heads, n_seq, w);
-  const float beta = static_cast<float>(beta_in);
-  const int64_t threads = at::get_num_threads();
-  std::vector<float> sums(bias_grad ? threads * d3 : 0, 0.0f);
+// lif_attention_backward's walk: per batch row b, backwards in time, the attention's backward
+// of sequence t * B + b (every head) into cache, then the LIF's backward step; `sink(t, n, g)`
+// takes each sequence's dL/dx (W, 3d), g, from cache (n = t * B + b). dL/dbias sums per thread
+// into sums (threads x 3d) where given.
+template <typename Sink>
+void lif_attention_backward_walk(const float* gp, const float* up, const uint64_t* bp,
+                                 const uint64_t* kbits, int64_t steps, int64_t batch, int64_t w,
+                                 int64_t d, int64_t heads, float alpha, float beta, float* sums,
+                                 Sink&& sink) {
+  const int64_t d3 = 3 * d, n_seq = steps * batch, block = w * d3, dh = d / heads;
+  const int64_t words = (w + 63) / 64;
   at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
     AttentionBackwardTask work(w, dh);
     // dL/dspikes of a sequence (W, 3d); dL/dU[t+1]; dL/dx summed over time
     std::vector<float> spikes_grad(block), next(block), total(block);
-    float* const mine = bias_grad ? sums.data() + at::get_thread_num() * d3 : nullptr;
+    float* const mine = sums ? sums + at::get_thread_num() * d3 : nullptr;
     for (int64_t b = begin; b < end; ++b) {
       std::fill(total.begin(), total.end(), 0.0f);
       for (int64_t t = steps - 1; t >= 0; --t) {
@@ -1224,28 +1208,58 @@ std::tuple<at::Tensor, at::Tensor> lif_attention_backward(
                    bp + ((1 * heads + head) * n_seq + n) * w,
                    bp + ((2 * heads + head) * n_seq + n) * w,
                    kbits ? kbits + task * w * words : nullptr, gp + n * w * d + head * dh, d,
-                   static_cast<float>(alpha), gq, gq + d, gq + 2 * d, d3);
+                   alpha, gq, gq + d, gq + 2 * d, d3);
         }
         const bool last = t == steps - 1;  // nothing flows back from after T
-        const float decay = last ? 0.0f : beta;
-        const float* __restrict__ ut = up + n * block;
-        const float* __restrict__ gt = spikes_grad.data();
-        float* __restrict__ nx = next.data();
-        float* __restrict__ tot = total.data();
-        for (int64_t j = 0; j < block; ++j) {  // backward_chunks' arithmetic
-          const float g = surrogate_step(gt[j], ut[j], nx[j], last, decay);
-          nx[j] = g;
-          tot[j] += g;
-        }
-        stream_floats(xp + n * block, nx, block);
+        lif_backward_step<false, true>(block, last, last ? 0.0f : beta, spikes_grad.data(),
+                                       up + n * block, nullptr, Dropout{}, next.data(),
+                                       total.data());
+        sink(t, n, static_cast<const float*>(next.data()));
       }
-      if (bias_grad)
+      if (mine)
         for (int64_t i = 0; i < w; ++i)
           for (int64_t c = 0; c < d3; ++c) mine[c] += total[i * d3 + c];
     }
     stream_fence();
   });
-  if (bias_grad) fold_thread_sums(sums, threads, d3, grad_bias.data_ptr<float>());
+}
+
+// The checks and shapes of the attention's backward inputs: (steps, batch, w, d).
+std::tuple<int64_t, int64_t, int64_t, int64_t> attention_backward_shapes(
+    const at::Tensor& grad, const at::Tensor& mem, const at::Tensor& bits, int64_t heads) {
+  check_input(grad, "grad");
+  check_input(mem, "membranes");
+  TORCH_CHECK(mem.dim() == 4 && mem.is_contiguous() && mem.size(3) % 3 == 0,
+              "membranes must be contiguous (T, B, W, 3d)");
+  const int64_t steps = mem.size(0), batch = mem.size(1), w = mem.size(2), d = mem.size(3) / 3;
+  const int64_t n_seq = steps * batch;
+  TORCH_CHECK(grad.dim() == 3 && grad.size(0) == n_seq && grad.size(1) == w && grad.size(2) == d,
+              "grad must be (T * B, W, d)");
+  TORCH_CHECK(heads > 0 && d % heads == 0 && d / heads <= kMaxHead && bits.dim() == 4 &&
+              bits.size(0) == 3 && bits.size(1) == heads && bits.size(2) == n_seq &&
+              bits.size(3) == w, "bits must be (3, heads, T * B, W)");
+  return {steps, batch, w, d};
+}
+
+std::tuple<at::Tensor, at::Tensor> lif_attention_backward(
+    const at::Tensor& grad_in, const at::Tensor& mem, const at::Tensor& bits,
+    const at::Tensor& keep_bits, int64_t heads, double alpha, double beta, bool bias_grad) {
+  const at::Tensor grad = grad_in.contiguous();
+  const auto [steps, batch, w, d] = attention_backward_shapes(grad, mem, bits, heads);
+  const int64_t block = w * 3 * d;
+  at::Tensor dx = at::empty(mem.sizes(), mem.options());
+  at::Tensor grad_bias = bias_grad ? at::zeros({3 * d}, mem.options()) : at::Tensor();
+  if (mem.numel() == 0) return {dx, grad_bias};
+  float* xp = dx.data_ptr<float>();
+  const int64_t threads = at::get_num_threads();
+  std::vector<float> sums(bias_grad ? threads * 3 * d : 0, 0.0f);
+  lif_attention_backward_walk(
+      grad.data_ptr<float>(), mem.data_ptr<float>(),
+      reinterpret_cast<const uint64_t*>(bits.data_ptr<int64_t>()),
+      keep_words(keep_bits, heads, steps * batch, w), steps, batch, w, d, heads,
+      static_cast<float>(alpha), static_cast<float>(beta), bias_grad ? sums.data() : nullptr,
+      [&](int64_t, int64_t n, const float* g) { stream_floats(xp + n * block, g, block); });
+  if (bias_grad) fold_thread_sums(sums, threads, 3 * d, grad_bias.data_ptr<float>());
   return {dx, grad_bias};
 }
 
@@ -1907,6 +1921,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_lif_backward(
   return {dx, fold_weight_grad(partial, threads, k, n, value, mem.options()), grad_bias};
 }
 
+// (dL/dx, dL/dW, dL/dbias or undefined) of linear_lif_attention_forward: lif_attention_backward's
+// walk, each sequence's dL/dcurrents (W, 3d) turned into dL/dx and dL/dW sums while in cache
+// (linear_backward_tile), as the other fused backwards.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_lif_attention_backward(
+    const at::Tensor& grad_in, const at::Tensor& mem, const at::Tensor& bits,
+    const at::Tensor& keep_bits, int64_t heads, double alpha, double beta, bool bias_grad,
+    const at::Tensor& x, double value, const at::Tensor& weight_in) {
+  const at::Tensor grad = grad_in.contiguous(), weight = weight_in.contiguous();
+  const auto [steps, batch, w, d] = attention_backward_shapes(grad, mem, bits, heads);
+  const int64_t n = 3 * d, k = x.size(-1), rows = batch * w;
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kFloat && weight.size(0) == n &&
+              weight.size(1) == k, "weight must be fp32 (3d, K)");
+  at::Tensor dx = at::empty(x.sizes(), mem.options());
+  at::Tensor grad_bias = bias_grad ? at::zeros({n}, mem.options()) : at::Tensor();
+  if (mem.numel() == 0) return {dx, at::zeros({n, k}, mem.options()), grad_bias};
+  const Projection proj = kept_input(x, steps, rows, n);
+  const int64_t threads = at::get_num_threads();
+  std::vector<float> partial(threads * k * n, 0.0f), sums(bias_grad ? threads * n : 0, 0.0f);
+  std::vector<float> xr(threads * w * k);
+  const float* wp = weight.data_ptr<float>();
+  float* dxp = dx.data_ptr<float>();
+  lif_attention_backward_walk(
+      grad.data_ptr<float>(), mem.data_ptr<float>(),
+      reinterpret_cast<const uint64_t*>(bits.data_ptr<int64_t>()),
+      keep_words(keep_bits, heads, steps * batch, w), steps, batch, w, d, heads,
+      static_cast<float>(alpha), static_cast<float>(beta), bias_grad ? sums.data() : nullptr,
+      [&](int64_t t, int64_t seq, const float* g) {
+        const int64_t thread = at::get_thread_num();
+        linear_backward_tile(proj, wp, t, (seq - t * batch) * w, w, rows, g, dxp,
+                             partial.data() + thread * k * n, xr.data() + thread * w * k);
+      });
+  if (bias_grad) fold_thread_sums(sums, threads, n, grad_bias.data_ptr<float>());
+  return {dx, fold_weight_grad(partial, threads, k, n, value, mem.options()), grad_bias};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(c5snn, m) {
@@ -1927,6 +1976,9 @@ TORCH_LIBRARY(c5snn, m) {
   m.def("linear_lif_backward(Tensor grad, Tensor mem, Tensor x, float value, Tensor weight, "
         "float beta, bool dropping, int seed, int threshold, float factor, bool bias_grad) "
         "-> (Tensor, Tensor, Tensor)");
+  m.def("linear_lif_attention_backward(Tensor grad, Tensor mem, Tensor bits, Tensor keep, "
+        "int heads, float alpha, float beta, bool bias_grad, Tensor x, float value, "
+        "Tensor weight) -> (Tensor, Tensor, Tensor)");
   m.def("linear_lif_pair_backward(Tensor grad, Tensor mem1, Tensor mem2, Tensor x, float value, "
         "Tensor weight, float beta, bool bias_grad) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("linear_lif_attention_forward(Tensor x, Tensor? x8, float value, Tensor weight, "
@@ -1959,6 +2011,7 @@ TORCH_LIBRARY_IMPL(c5snn, CPU, m) {
   m.impl("linear_lif_forward", &linear_lif_forward);
   m.impl("linear_lif_pair_backward", &linear_lif_pair_backward);
   m.impl("linear_lif_backward", &linear_lif_backward);
+  m.impl("linear_lif_attention_backward", &linear_lif_attention_backward);
   m.impl("linear_lif_attention_forward", &linear_lif_attention_forward);
   m.impl("attention_forward", &attention_forward);
   m.impl("attention_backward", &attention_backward);

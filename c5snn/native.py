@@ -146,6 +146,11 @@ def _register_flop_formulas() -> None:
     def _linear_lif_pair_backward(grad_shape, m1_shape, m2_shape, x_shape, *args, **kwargs) -> int:
         return 2 * 2 * math.prod(x_shape) * grad_shape[-1]  # dL/dx and dL/dW
 
+    @register_flop_formula(torch.ops.c5snn.linear_lif_attention_backward)
+    def _linear_lif_attention_backward(grad_shape, mem_shape, bits_shape, keep_shape, heads,
+                                       alpha, beta, bias_grad, x_shape, *args, **kwargs) -> int:
+        return _backward(grad_shape) + 2 * 2 * math.prod(x_shape) * mem_shape[-1]
+
     @register_flop_formula(torch.ops.c5snn.linear_lif_backward)
     def _linear_lif_backward(grad_shape, mem_shape, x_shape, *args, **kwargs) -> int:
         return 2 * 2 * math.prod(x_shape) * grad_shape[-1]  # dL/dx and dL/dW
@@ -221,6 +226,15 @@ def linear_lif_backward(grad, mem, x, value, weight, beta, dropping, seed, thres
     value `value`): dL/dcurrents stays in cache (`c5snn.ops.LinearLIF`)."""
     return torch.ops.c5snn.linear_lif_backward(grad, mem, x, value, weight, beta, dropping, seed,
                                                threshold, factor, bias_grad)
+
+
+def linear_lif_attention_backward(grad, mem, bits, keep, heads, alpha, beta, bias_grad, x, value,
+                                  weight):
+    """(dL/dx, dL/dW, dL/dbias) of `linear_lif_attention_forward` in one pass: the attention's
+    and the LIF's backward (`lif_attention_backward`), each sequence's dL/dcurrents turned into
+    dL/dx and dL/dW while in cache (`c5snn.ops.LinearLIFAttention`)."""
+    return torch.ops.c5snn.linear_lif_attention_backward(grad, mem, bits, keep, heads, alpha,
+                                                         beta, bias_grad, x, value, weight)
 
 
 def linear_lif_pair_backward(grad, mem1, mem2, x, value, weight, beta, bias_grad):

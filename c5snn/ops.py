@@ -332,10 +332,16 @@ class LinearLIFAttention(torch.autograd.Function):
         kept, weight, mem, bits, kept_mask = ctx.saved_tensors
         need = ctx.needs_input_grad
         t, b, w, d3 = mem.shape
-        grad_currents, grad_bias = torch.ops.c5snn.lif_attention_backward(
-            grad_out.reshape(t * b, w, d3 // 3), mem, bits, kept_mask, ctx.n_heads, ctx.alpha,
-            ctx.beta, need[4])
-        grad_x, grad_w = linear_grads(grad_currents, kept, weight, ctx.value, need[0], need[2])
+        grad = grad_out.reshape(t * b, w, d3 // 3)
+        if need[0] and need[2] and kept.shape[-1] % 16 == 0:  # training: one pass, see the op
+            grad_x, grad_w, grad_bias = native.linear_lif_attention_backward(
+                grad, mem, bits, kept_mask, ctx.n_heads, ctx.alpha, ctx.beta, need[4], kept,
+                ctx.value, weight)
+        else:
+            grad_currents, grad_bias = torch.ops.c5snn.lif_attention_backward(
+                grad, mem, bits, kept_mask, ctx.n_heads, ctx.alpha, ctx.beta, need[4])
+            grad_x, grad_w = linear_grads(grad_currents, kept, weight, ctx.value, need[0],
+                                          need[2])
         return (grad_x, None, grad_w, None, grad_bias if need[4] else None, None, None, None,
                 None, None, None)
 
