@@ -1,8 +1,10 @@
 // c5snn's compiled CPU operators (loaded by c5snn/native.py): the LIF recurrence, the dropout
 // keep mask and spike attention, each one pass over memory, fused where one's output was read
-// only by the next (LIF pairs, the Q/K/V LIF with the attention), and a linear layer's dL/dW.
-// Built with OpenMP, so at::parallel_for runs on torch's threads (without it, ATen's inline
-// parallel_for is a serial loop).
+// only by the next (LIF pairs, the Q/K/V LIF with the attention), a linear layer's dL/dW, and,
+// where oneDNN runs the GEMMs, the linear maps summed inside the LIF operators that read them,
+// each way (see "Linear maps with the LIF as their epilogue" below). Built with OpenMP, so
+// at::parallel_for runs on torch's threads (without it, ATen's inline parallel_for is a serial
+// loop).
 //
 // LIF.
 // The pure-torch recurrence (c5snn/lif.py) runs ~4 elementwise ops per time step over a
@@ -1409,6 +1411,8 @@ at::Tensor weight_grad(const at::Tensor& g_in, const at::Tensor& x_in, double sc
 // machines measured, tests/test_native.py) and the LIF's step reads them there, its membranes
 // kept in the thread's buffers between steps. The input is read as the layer's input, or as
 // its uint8 copy (spike input of value `value`: 0 or value, as the fp32 tensor holds it).
+// Backward the same way round (linear_backward_rows, below): the LIF's backward step leaves
+// dL/dcurrents in cache, where dL/dx and the dL/dW sums are taken from it.
 #pragma GCC push_options
 #pragma GCC optimize("fp-contract=fast")
 

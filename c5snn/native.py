@@ -11,7 +11,11 @@ drawn inline from the same generator (`Attention`). Where one operator's output 
 read by the next, the two are fused so that it never goes to memory: the block's residual LIF
 chains `LIF(r + LIF(x + b))` (`LIFPair`), and the Q/K/V LIF with the attention that reads its
 spikes, as bits, both ways (`LIFAttention`). A linear layer's dL/dW has its own kernel
-(`weight_grad`: oneDNN's weakest product), where oneDNN runs the GEMMs. LIF spikes and membranes,
+(`weight_grad`: oneDNN's weakest product), where oneDNN runs the GEMMs; there, too, the linear
+maps are summed inside the LIF operators that read them (`linear_lif_*`, the autograd Functions
+in `c5snn.ops`): a few rows' currents at a time, in cache, by fused multiply-adds in oneDNN's
+order (bitwise its currents), and backward the LIF's dL/dcurrents turned into dL/dx and dL/dW
+in cache, so currents and their gradients never go to memory. LIF spikes and membranes,
 and attention outputs, equal the torch path's (tests/test_native.py); the dropout stream differs
 from the torch path's, with the same drop probability. (A one-pass masked scale was measured no
 faster than torch's three passes in a training step, and dropped.) The operators run on torch's

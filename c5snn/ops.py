@@ -8,7 +8,9 @@ operators (`c5snn.native`) replace both: attention keeps bits, and the FFN's dro
 its LIF. The FFN's linear maps on spikes keep a uint8 copy of their input that the LIF wrote in
 its own pass (`Linear`): converting it in a pass of its own cost 8-9% of a step, keeping the
 fp32 input instead 14-18% more peak memory (docs/benchmarks.md). The model's GEMMs all go
-through `matmul`, which picks the faster GEMM library for this CPU.
+through `matmul`, which picks the faster GEMM library for this CPU. Where that is oneDNN, a
+linear map and the LIF operator that reads it run as one (`LinearLIF`, `LinearLIFPair`,
+`LinearLIFAttention`: `fuses_linear`), so the currents and dL/dcurrents stay in cache.
 """
 
 from __future__ import annotations
