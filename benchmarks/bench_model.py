@@ -12,11 +12,10 @@ step = forward, BCEWithLogits loss, backward, Adam step at B=64, W=90, dropout 0
 Efficiency: the fast path's step FLOPs (`torch.utils.flop_counter`: the matmuls it runs, its
 compiled attention's counted as the torch path's bmm's) over its step time, as a fraction of
 the fp32 matmul rate measured in the same process: a 2048 x 2048 GEMM on torch's mm (MKL) and
-on oneDNN, the faster of the two (`matmul_rates`). GEMM share: the step's time in those
-matmuls (profiler self time of mm, addmm, bmm, baddbmm, c5snn's gemm and attention operators)
-over its step time; efficiency ceiling: the efficiency if everything else took no
-time, i.e. what the model's matmuls at their shapes (K = 16..256, W = 90) reach on this CPU.
-Kernels: profiler events (aten ops and c5snn's compiled operators) per step. Also times
+on oneDNN, the faster of the two (`matmul_rates`). (Earlier versions also printed the step's
+share of time in matmuls and the efficiency were everything else free; since the linear maps
+are summed inside the LIF operators, which now hold most of the step, no profile separates
+the two.) Kernels: profiler events (aten ops and c5snn's compiled operators) per step. Also times
 `compute_metrics` on 1,741 x 39 logits (the size of the real val split).
 
     .venv/bin/python benchmarks/bench_model.py [--repeats 5] [--threads 2] [--denormals keep]
@@ -40,17 +39,6 @@ sys.path.insert(0, str(ROOT))
 
 from c5snn.runtime import allocator_environments  # noqa: E402
 
-# The ops that carry the step's counted FLOPs: torch's GEMMs, c5snn's (oneDNN's, its dL/dW) and
-# c5snn's attention operators (whose matmuls FlopCounterMode counts as the torch path's bmm's,
-# `c5snn.native`); the fused operators (a LIF with the attention after it or the linear map
-# before it, each way) count here whole, their LIF included, so the GEMM share is a little high
-# and the ceiling a little low.
-GEMMS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "c5snn::gemm",
-         "c5snn::weight_grad", "c5snn::attention_forward", "c5snn::attention_backward",
-         "c5snn::lif_attention_forward", "c5snn::lif_attention_backward",
-         "c5snn::linear_lif_forward", "c5snn::linear_lif_pair_forward",
-         "c5snn::linear_lif_attention_forward", "c5snn::linear_lif_backward",
-         "c5snn::linear_lif_pair_backward", "c5snn::linear_lif_attention_backward")
 CONFIGS = {
     "d64_h2_l2_direct": dict(d_model=64, n_heads=2, n_layers=2, encoding="direct"),
     "d64_h2_l6_rate": dict(d_model=64, n_heads=2, n_layers=6, encoding="rate_coded"),
@@ -107,8 +95,6 @@ def one(kind: str, name: str, repeats: int, threads: int, denormals: str) -> dic
         step()
     result["gflop"] = counter.get_total_flops() / 1e9
     result["events"] = sum(1 for e in prof.events() if e.name.startswith(("aten::", "c5snn::")))
-    result["gemm_ms"] = sum(e.self_cpu_time_total for e in prof.key_averages()
-                            if e.key in GEMMS) / 1000
     result["torch_gflops"], result["onednn_gflops"] = matmul_rates()
     result["matmul_gflops"] = max(result["torch_gflops"], result["onednn_gflops"])
     return result
@@ -177,8 +163,8 @@ def main() -> None:
     print(f"both sides on {mine}, denormals {args.denormals}")
     print("| configuration | reference ms/step | c5snn ms/step | speed-up | c5snn GFLOP/step "
           "| GEMM GFLOP/s torch / oneDNN | c5snn efficiency | reference / c5snn aten events per step "
-          "| reference / c5snn peak RSS MB | memory ratio | c5snn GEMM share | efficiency ceiling |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| reference / c5snn peak RSS MB | memory ratio |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name in CONFIGS:
 
         def measure(kind: str, name=name) -> dict:
@@ -195,8 +181,7 @@ def main() -> None:
               f"{f['gflop']:.1f} | {f['torch_gflops']:.0f} / {f['onednn_gflops']:.0f} | "
               f"{efficiency:.0%} | "
               f"{o['events']} / {f['events']} | {o['peak_rss_mb']:.0f} / {f['peak_rss_mb']:.0f} | "
-              f"{f['peak_rss_mb'] / o['peak_rss_mb']:.2f} | {f['gemm_ms'] / f['ms']:.0%} | "
-              f"{f['gflop'] / (f['gemm_ms'] / 1000) / f['matmul_gflops']:.0%} |", flush=True)
+              f"{f['peak_rss_mb'] / o['peak_rss_mb']:.2f} |", flush=True)
     print(f"\ncompute_metrics on 1741x39 logits: {metrics_ms(args.repeats):.2f} ms (median)")
 
 
