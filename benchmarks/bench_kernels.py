@@ -12,9 +12,11 @@
    attention-score tensor. Best of 10 after a warm-up, in this process (flushed), on the
    allocator it was started with (jemalloc, as c5snn's workers, in docs/benchmarks.md).
 3. The fused operators against the compiled operators they replace, forward + backward
-   through autograd at d64's shapes: `native.lif_pair` against two `native.lif` calls, and
-   `native.lif_attention` against `native.lif` then `native.Attention`. Medians of 5 rounds of
-   best-of-3, the two sides alternating, in this process.
+   through autograd at d64's shapes: `native.lif_pair` against two `native.lif` calls,
+   `native.lif_attention` against `native.lif` then `native.Attention`, and (where oneDNN runs
+   the GEMMs) each of a block's four linear maps summed inside the LIF operator that reads it
+   (`c5snn.ops.linear_lif*`) against `c5snn.ops.linear` then that operator. Medians of 5
+   rounds of best-of-3, the two sides alternating, in this process.
 4. The model's GEMMs on the two libraries inside torch: torch's mm (MKL) and oneDNN
    (`c5snn.native.gemm`, what `c5snn.ops.matmul` runs off Intel CPUs): each 6-layer
    configuration's linear maps at B=64, W=90, T=10 (57,600 rows), forward, dL/dx and dL/dW,
@@ -148,12 +150,65 @@ def fused_rows() -> list[tuple[str, float, float]]:
          "`Attention`", attention_parts,
          lambda: native.lif_attention(qkv, 0.8, qkv_bias, 2, 32**-0.5, 0.1, True).backward(go)),
     ]
+    cases += linear_cases()
     rows = []
     for name, parts, fused in cases:
         times = [(best_ms(parts, 3), best_ms(fused, 3)) for _ in range(5)]
         rows.append((f"{name}, forward + backward", statistics.median(t[0] for t in times),
                      statistics.median(t[1] for t in times)))
     return rows
+
+
+def linear_cases() -> list:
+    """A d64 block's four linear maps with the LIF operators that read them: oneDNN's GEMM (and
+    c5snn's dL/dW) then the LIF operator, against the two in one (`c5snn.ops.linear_lif*`),
+    forward + backward through autograd; none where the fused operators are not used here."""
+    import torch
+
+    from c5snn import native, ops
+
+    if not (native.gemm_library() == "onednn" and native.fused_linear()):
+        return []
+    gen = torch.Generator().manual_seed(0)
+
+    def spikes(*shape, value=1.0):
+        x8 = (torch.rand(*shape, generator=gen) < 0.2).to(torch.uint8)
+        return (x8.float() * value).requires_grad_(), x8
+
+    def weight(n, k):
+        return (torch.randn(n, k, generator=gen) * (2.0 / k) ** 0.5).requires_grad_()
+
+    def bias(n):
+        return (torch.randn(n, generator=gen) * 0.1).requires_grad_()
+
+    mixed = (torch.rand(10, 64, 90, 64, generator=gen) * 0.5).requires_grad_()  # attention out
+    x, x8 = spikes(10, 64, 90, 64)  # block input, r1
+    hidden, hidden8 = spikes(10, 64, 90, 128, value=1 / 0.9)
+    r8 = x8
+    w_o, w_1, w_2, w_qkv = weight(64, 64), weight(128, 64), weight(64, 128), weight(192, 64)
+    b_o, b_1, b_2, b_qkv = bias(64), bias(128), bias(64), bias(192)
+    g64, g128 = torch.randn(10, 64, 90, 64, generator=gen), torch.randn(10, 64, 90, 128,
+                                                                         generator=gen)
+    return [
+        ("o_proj, float input (K 64, N 64) + LIF pair: `linear_lif_pair` / `linear` + `lif_pair`",
+         lambda: native.lif_pair(ops.linear(mixed, w_o), 0.8, b_o, x, False, r8).backward(g64),
+         lambda: ops.linear_lif_pair(mixed, w_o, 0.8, b_o, x, residual8=r8).backward(g64)),
+        ("ffn1, uint8 input (K 64, N 128) + LIF, dropout 0.1: `linear_lif` / `linear` + `lif`",
+         lambda: native.lif(ops.linear(x, w_1, x8), 0.8, dropout=0.1, bias=b_1).backward(g128),
+         lambda: ops.linear_lif(x, w_1, 0.8, b_1, x8, dropout=0.1).backward(g128)),
+        ("ffn2, uint8 input of 1/(1-p) (K 128, N 64) + LIF pair: `linear_lif_pair` / `linear` + "
+         "`lif_pair`",
+         lambda: native.lif_pair(ops.linear(hidden, w_2, hidden8, 1 / 0.9), 0.8, b_2, x, False,
+                                 r8).backward(g64),
+         lambda: ops.linear_lif_pair(hidden, w_2, 0.8, b_2, x, hidden8, 1 / 0.9,
+                                     r8).backward(g64)),
+        ("Q/K/V, uint8 input (K 64, N 192) + LIF + attention, 2 heads, p=0.1: "
+         "`linear_lif_attention` / `linear` + `lif_attention`",
+         lambda: native.lif_attention(ops.linear(x, w_qkv, x8), 0.8, b_qkv, 2, 32**-0.5, 0.1,
+                                      True).backward(g64),
+         lambda: ops.linear_lif_attention(x, w_qkv, 0.8, b_qkv, 2, 32**-0.5, 0.1, True,
+                                          x8).backward(g64)),
+    ]
 
 
 def gemm_rows() -> list[tuple[str, float, float, float | None, float | None]]:
