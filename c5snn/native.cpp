@@ -480,33 +480,45 @@ void pair_forward_chunks(const float* a, int64_t sa, const float* bias_p, int64_
   });
 }
 
+// The residual as a pair reads it, time-major: r itself, or its uint8 copy r8 where given (r is
+// spikes), checked.
+at::Tensor residual_as_read(const at::Tensor& r, const std::optional<at::Tensor>& r8) {
+  check_input(r, "residual");
+  if (!r8.has_value()) return time_major(r);
+  TORCH_CHECK(r8->sizes() == r.sizes() && r8->scalar_type() == at::kByte && r8->device().is_cpu(),
+              "residual8 must be uint8 with the residual's shape");
+  return time_major(*r8);
+}
+
+// A pair's outputs, spikes shaped `shape`: (y, its uint8 copy or undefined, membranes of LIF1,
+// of LIF2, both undefined without keep).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pair_outputs(
+    at::IntArrayRef shape, const at::TensorOptions& options, bool keep, bool want_bytes) {
+  at::Tensor spikes = at::empty(shape, options.memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor mem1 = keep ? at::empty_like(spikes) : at::Tensor();
+  at::Tensor mem2 = keep ? at::empty_like(spikes) : at::Tensor();
+  at::Tensor bytes = want_bytes ? at::empty_like(spikes, spikes.options().dtype(at::kByte))
+                                : at::Tensor();
+  return {spikes, bytes, mem1, mem2};
+}
+
 // (y, its uint8 copy or undefined, membranes of LIF1, of LIF2; both undefined without keep).
 // With r8, the residual's uint8 copy (r is spikes), r8 is read instead of r.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> lif_pair_forward(
     const at::Tensor& a_in, const at::Tensor& bias_in, const at::Tensor& r_in, double beta,
     bool keep, bool want_bytes, const std::optional<at::Tensor>& r8_in) {
   check_input(a_in, "x");
-  check_input(r_in, "residual");
   check_input(bias_in, "bias");
   TORCH_CHECK(r_in.sizes() == a_in.sizes(), "residual must have the shape of x");
   const at::Tensor a = time_major(a_in);
   const bool residual_bytes = r8_in.has_value();
-  if (residual_bytes)
-    TORCH_CHECK(r8_in->sizes() == a_in.sizes() && r8_in->scalar_type() == at::kByte &&
-                r8_in->device().is_cpu(), "residual8 must be uint8 with the shape of x");
-  // the residual as read: its uint8 copy (time-major, like x) or itself
-  const at::Tensor r = residual_bytes ? time_major(*r8_in) : time_major(r_in);
+  const at::Tensor r = residual_as_read(r_in, r8_in);
   TORCH_CHECK(a.dim() >= 2 && bias_in.dim() == 1 && bias_in.size(0) == a.size(-1),
               "bias must be (C,) for x (T, ..., C)");
   const at::Tensor bias = bias_in.contiguous();
   const int64_t steps = a.size(0);
   const int64_t neurons = steps ? a.numel() / steps : 0;
-  const auto options = a.options().memory_format(at::MemoryFormat::Contiguous);
-  at::Tensor spikes = at::empty(a.sizes(), options);
-  at::Tensor mem1 = keep ? at::empty_like(spikes) : at::Tensor();
-  at::Tensor mem2 = keep ? at::empty_like(spikes) : at::Tensor();
-  at::Tensor bytes = want_bytes ? at::empty_like(spikes, spikes.options().dtype(at::kByte))
-                                : at::Tensor();
+  auto [spikes, bytes, mem1, mem2] = pair_outputs(a.sizes(), a.options(), keep, want_bytes);
   if (a.numel() == 0) return {spikes, bytes, mem1, mem2};
   with_flag(keep, [&](auto k) {
     with_flag(want_bytes, [&](auto by) {
@@ -579,15 +591,22 @@ void pair_backward_chunks(const float* gp, const float* m1, const float* m2, flo
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> lif_pair_backward(
-    const at::Tensor& grad_in, const at::Tensor& mem1, const at::Tensor& mem2, double beta,
-    int64_t bias_columns) {
+// A pair's backward inputs checked: dL/dy, contiguous.
+at::Tensor pair_backward_grad(const at::Tensor& grad_in, const at::Tensor& mem1,
+                              const at::Tensor& mem2) {
   check_input(mem1, "membranes");
   check_input(mem2, "membranes");
   const at::Tensor grad = grad_in.contiguous();
   TORCH_CHECK(grad.sizes() == mem1.sizes() && mem2.sizes() == mem1.sizes() &&
               grad.scalar_type() == at::kFloat && mem1.is_contiguous() && mem2.is_contiguous(),
               "grad must be float32 with the membranes' shape");
+  return grad;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lif_pair_backward(
+    const at::Tensor& grad_in, const at::Tensor& mem1, const at::Tensor& mem2, double beta,
+    int64_t bias_columns) {
+  const at::Tensor grad = pair_backward_grad(grad_in, mem1, mem2);
   const int64_t columns = bias_columns;
   TORCH_CHECK(columns == 0 || (mem1.dim() >= 2 && mem1.size(-1) == columns),
               "bias_columns must be the membranes' last dimension");
@@ -1287,24 +1306,47 @@ constexpr int kTileN = 4, kTileV = 1;  // 8 ymm accumulators
 #pragma GCC push_options
 #pragma GCC optimize("fp-contract=fast")
 
-// c[i][16v ..] += sum_{k < rows} a[k * kN + i] * g[k * gs + 16v ..] for i < kN, v < kV.
-template <int kN, int kV>
-inline void outer_tile(float* __restrict__ c, int64_t cs, const float* __restrict__ a,
-                       int64_t as, const float* __restrict__ g, int64_t gs, int64_t rows,
-                       const float* pf) {
+// c[i][16v ..] (+)= sum_{k < depth} a(i, k) * g[k * gs + 16v ..] for i < kN, v < kV: each
+// output summed over k in order by fused multiply-adds from zero in registers, then added to c
+// (kAdd) or stored. a(i, k) is a[k * as + i] with kColumns (the tile's rows are columns of a:
+// weight_grad's x, whose sum runs over a's rows) or a[i * as + k] (rows of a times the (depth,
+// N) matrix g: a linear map's forward and dL/dx, `project_tile`). pf: rows of g to prefetch
+// alongside (or null).
+template <int kN, int kV, bool kColumns, bool kAdd>
+inline void fma_tile(float* __restrict__ c, int64_t cs, const float* __restrict__ a, int64_t as,
+                     const float* __restrict__ g, int64_t gs, int64_t depth, const float* pf) {
   vec16 acc[kN][kV] = {};
-  for (int64_t k = 0; k < rows; ++k) {
+  for (int64_t k = 0; k < depth; ++k) {
     const auto* gr = reinterpret_cast<const vec16u*>(g + k * gs);
     if (pf) for (int v = 0; v < kV; ++v) __builtin_prefetch(pf + k * gs + 16 * v);
     vec16 gv[kV];
     for (int v = 0; v < kV; ++v) gv[v] = gr[v];
     for (int i = 0; i < kN; ++i) {
-      const float x = a[k * as + i];
+      const float x = kColumns ? a[k * as + i] : a[i * as + k];
       for (int v = 0; v < kV; ++v) acc[i][v] += x * gv[v];
     }
   }
   for (int i = 0; i < kN; ++i)
-    for (int v = 0; v < kV; ++v) *reinterpret_cast<vec16u*>(c + i * cs + 16 * v) += acc[i][v];
+    for (int v = 0; v < kV; ++v) {
+      auto* out = reinterpret_cast<vec16u*>(c + i * cs + 16 * v);
+      *out = kAdd ? *out + acc[i][v] : acc[i][v];
+    }
+}
+
+// c[i][16v ..] += sum_{k < rows} a[k * as + i] * g[k * gs + 16v ..] for i < kN, v < kV.
+template <int kN, int kV>
+inline void outer_tile(float* c, int64_t cs, const float* a, int64_t as, const float* g,
+                       int64_t gs, int64_t rows, const float* pf) {
+  fma_tile<kN, kV, true, true>(c, cs, a, as, g, gs, rows, pf);
+}
+
+// c[i][16v ..] = sum_{k < depth} a[i * as + k] * g[k * gs + 16v ..] for i < kN, v < kV: rows
+// of a times the (depth, N) matrix g, each output summed over k in order by fused multiply-adds
+// from zero (the accumulators start at zero and are stored, not added).
+template <int kN, int kV>
+inline void project_tile(float* c, int64_t cs, const float* a, int64_t as, const float* g,
+                         int64_t gs, int64_t depth) {
+  fma_tile<kN, kV, false, false>(c, cs, a, as, g, gs, depth, nullptr);
 }
 
 #pragma GCC pop_options
@@ -1351,6 +1393,23 @@ void outer_tile_any(int w, float* c, int64_t mp, const float* a, int64_t as, con
   TORCH_CHECK(false, "weight_grad: bad tile width");
 }
 
+// dL/dW (N, K) from the threads' sums of dL/dWᵀ, (threads, K, stride) with stride >= N (rows
+// padded), added in thread order, times value.
+at::Tensor fold_weight_grad(const std::vector<float>& partial, int64_t threads, int64_t k,
+                            int64_t n, int64_t stride, double value,
+                            const at::TensorOptions& options) {
+  at::Tensor grad_w = at::empty({n, k}, options);
+  float* gw = grad_w.data_ptr<float>();
+  const float scale = static_cast<float>(value);
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t i = 0; i < k; ++i) {
+      float sum = 0.0f;
+      for (int64_t t = 0; t < threads; ++t) sum += partial[(t * k + i) * stride + j];
+      gw[j * k + i] = sum * scale;
+    }
+  return grad_w;
+}
+
 at::Tensor weight_grad(const at::Tensor& g_in, const at::Tensor& x_in, double scale) {
   TORCH_CHECK(g_in.dim() == 2 && x_in.dim() == 2 && g_in.size(0) == x_in.size(0),
               "weight_grad needs g (R, M) and x (R, N)");
@@ -1391,15 +1450,7 @@ at::Tensor weight_grad(const at::Tensor& g_in, const at::Tensor& x_in, double sc
                        n0 == 0 ? next : nullptr);
     }
   });
-  float* op = out.data_ptr<float>();
-  const float s = static_cast<float>(scale);
-  for (int64_t j = 0; j < n; ++j)
-    for (int64_t i = 0; i < m; ++i) {
-      float sum = 0.0f;
-      for (int64_t t = 0; t < threads; ++t) sum += partial[(t * n + j) * mp + i];
-      op[i * n + j] = sum * s;
-    }
-  return out;
+  return fold_weight_grad(partial, threads, n, m, mp, scale, g.options());
 }
 
 // Linear maps with the LIF as their epilogue. A projection's currents (T * R rows of N) were
@@ -1413,31 +1464,6 @@ at::Tensor weight_grad(const at::Tensor& g_in, const at::Tensor& x_in, double sc
 // its uint8 copy (spike input of value `value`: 0 or value, as the fp32 tensor holds it).
 // Backward the same way round (linear_backward_rows, below): the LIF's backward step leaves
 // dL/dcurrents in cache, where dL/dx and the dL/dW sums are taken from it.
-#pragma GCC push_options
-#pragma GCC optimize("fp-contract=fast")
-
-// c[i][16v ..] = sum_{k < depth} a[i * as + k] * g[k * gs + 16v ..] for i < kN, v < kV: rows
-// of a times the (depth, N) matrix g, each output summed over k in order by fused multiply-adds
-// from zero (the accumulators start at zero and are stored, not added).
-template <int kN, int kV>
-inline void project_tile(float* __restrict__ c, int64_t cs, const float* __restrict__ a,
-                         int64_t as, const float* __restrict__ g, int64_t gs, int64_t depth) {
-  vec16 acc[kN][kV] = {};
-  for (int64_t k = 0; k < depth; ++k) {
-    const auto* gr = reinterpret_cast<const vec16u*>(g + k * gs);
-    vec16 gv[kV];
-    for (int v = 0; v < kV; ++v) gv[v] = gr[v];
-    for (int i = 0; i < kN; ++i) {
-      const float x = a[i * as + k];
-      for (int v = 0; v < kV; ++v) acc[i][v] += x * gv[v];
-    }
-  }
-  for (int i = 0; i < kN; ++i)
-    for (int v = 0; v < kV; ++v) *reinterpret_cast<vec16u*>(c + i * cs + 16 * v) = acc[i][v];
-}
-
-#pragma GCC pop_options
-
 // project_tile over all n / 16 vectors of columns (n % 16 == 0), kN rows.
 template <int kN>
 void project_rows(float* c, const float* a, int64_t as, const float* g, int64_t n,
@@ -1551,7 +1577,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_lif_pair_forwa
     const at::Tensor& weight, const at::Tensor& bias_in, const at::Tensor& r_in,
     const std::optional<at::Tensor>& r8_in, double beta, bool keep, bool want_bytes) {
   check_input(x_in, "x");
-  check_input(r_in, "residual");
   check_input(bias_in, "bias");
   const at::Tensor x = x8.has_value() ? x_in : time_major(x_in);
   const int64_t steps = x.size(0), n = weight.size(0);
@@ -1560,17 +1585,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_lif_pair_forwa
               "residual must be (T, ..., N)");
   TORCH_CHECK(bias_in.dim() == 1 && bias_in.size(0) == n, "bias must be (N,)");
   const bool residual_bytes = r8_in.has_value();
-  if (residual_bytes)
-    TORCH_CHECK(r8_in->sizes() == r_in.sizes() && r8_in->scalar_type() == at::kByte,
-                "residual8 must be uint8 with the residual's shape");
-  const at::Tensor r = residual_bytes ? time_major(*r8_in) : time_major(r_in);
+  const at::Tensor r = residual_as_read(r_in, r8_in);
   const at::Tensor bias = bias_in.contiguous();
-  const auto options = r_in.options().memory_format(at::MemoryFormat::Contiguous);
-  at::Tensor spikes = at::empty(r_in.sizes(), options);
-  at::Tensor mem1 = keep ? at::empty_like(spikes) : at::Tensor();
-  at::Tensor mem2 = keep ? at::empty_like(spikes) : at::Tensor();
-  at::Tensor bytes = want_bytes ? at::empty_like(spikes, spikes.options().dtype(at::kByte))
-                                : at::Tensor();
+  auto [spikes, bytes, mem1, mem2] = pair_outputs(r_in.sizes(), r_in.options(), keep, want_bytes);
   if (spikes.numel() == 0) return {spikes, bytes, mem1, mem2};
   std::vector<float> wt;
   const Projection proj = projection(x, x8, value, weight, wt, rows);
@@ -1766,68 +1783,70 @@ void linear_backward_rows(const Projection& proj, const float* w, int64_t rows, 
   });
 }
 
-// The pair's backward for one thread's blocks: dL/dresidual written out, dL/d(a + bias) given.
+// What a fused backward's walker keeps of its current block (neurons i0 .. i0 + cnt) beside its
+// LIF's state: with kColumnSums, dL/dX summed over time per neuron, added per column into this
+// thread's row of the dL/dbias sums when the block ends.
 template <bool kColumnSums>
-struct PairBackward {
-  std::vector<float> next1, next2, total;
-  const float *gp, *m1, *m2;
-  float* gsum;
-  float beta;
-  int64_t neurons, columns, i0 = 0, cnt = 0;
+struct BlockSums {
+  std::vector<float> total;
+  int64_t columns, i0 = 0, cnt = 0;
   float* mine;
 
-  PairBackward(int64_t size, const float* gp_, const float* m1_, const float* m2_, float* gsum_,
-               float beta_, int64_t neurons_, int64_t columns_, float* sums)
-      : next1(size), next2(size), total(kColumnSums ? size : 0), gp(gp_), m1(m1_), m2(m2_),
-        gsum(gsum_), beta(beta_), neurons(neurons_), columns(columns_),
+  BlockSums(int64_t size, int64_t columns_, float* sums)
+      : total(kColumnSums ? size : 0), columns(columns_),
         mine(kColumnSums ? sums + at::get_thread_num() * columns_ : nullptr) {}
   void begin(int64_t first, int64_t count) {
     i0 = first;
     cnt = count;
     if (kColumnSums) std::fill(total.begin(), total.begin() + cnt, 0.0f);
-  }
-  const float* step(int64_t t, bool last) {
-    const int64_t o = t * neurons + i0;
-    pair_backward_step<kColumnSums>(cnt, last, last ? 0.0f : beta, gp + o, m1 + o, m2 + o,
-                                    next1.data(), next2.data(), total.data());
-    stream_floats(gsum + o, next2.data(), cnt);
-    return next1.data();
   }
   void end() {
     if (kColumnSums) add_column_sums(total.data(), i0, cnt, columns, mine);
   }
 };
 
+// The pair's backward for one thread's blocks: dL/dresidual written out, dL/d(a + bias) given.
+template <bool kColumnSums>
+struct PairBackward : BlockSums<kColumnSums> {
+  std::vector<float> next1, next2;
+  const float *gp, *m1, *m2;
+  float* gsum;
+  float beta;
+  int64_t neurons;
+
+  PairBackward(int64_t size, const float* gp_, const float* m1_, const float* m2_, float* gsum_,
+               float beta_, int64_t neurons_, int64_t columns, float* sums)
+      : BlockSums<kColumnSums>(size, columns, sums), next1(size), next2(size), gp(gp_), m1(m1_),
+        m2(m2_), gsum(gsum_), beta(beta_), neurons(neurons_) {}
+  const float* step(int64_t t, bool last) {
+    const int64_t o = t * neurons + this->i0, cnt = this->cnt;
+    pair_backward_step<kColumnSums>(cnt, last, last ? 0.0f : beta, gp + o, m1 + o, m2 + o,
+                                    next1.data(), next2.data(), this->total.data());
+    stream_floats(gsum + o, next2.data(), cnt);
+    return next1.data();
+  }
+};
+
 // The LIF's backward (dropout redrawn from its seed) for one thread's blocks: dL/dX given.
 template <bool kDrop, bool kColumnSums>
-struct LifBackward {
-  std::vector<float> next, total;
+struct LifBackward : BlockSums<kColumnSums> {
+  std::vector<float> next;
   std::vector<int16_t> draws;
   const float *gp, *up;
   float beta;
   Dropout dr;
-  int64_t neurons, columns, i0 = 0, cnt = 0;
-  float* mine;
+  int64_t neurons;
 
   LifBackward(int64_t size, const float* gp_, const float* up_, float beta_, Dropout dr_,
-              int64_t neurons_, int64_t columns_, float* sums)
-      : next(size), total(kColumnSums ? size : 0), draws(kDrop ? size + 8 : 0), gp(gp_), up(up_),
-        beta(beta_), dr(dr_), neurons(neurons_), columns(columns_),
-        mine(kColumnSums ? sums + at::get_thread_num() * columns_ : nullptr) {}
-  void begin(int64_t first, int64_t count) {
-    i0 = first;
-    cnt = count;
-    if (kColumnSums) std::fill(total.begin(), total.begin() + cnt, 0.0f);
-  }
+              int64_t neurons_, int64_t columns, float* sums)
+      : BlockSums<kColumnSums>(size, columns, sums), next(size), draws(kDrop ? size + 8 : 0),
+        gp(gp_), up(up_), beta(beta_), dr(dr_), neurons(neurons_) {}
   const float* step(int64_t t, bool last) {
-    const int64_t o = t * neurons + i0;
+    const int64_t o = t * neurons + this->i0, cnt = this->cnt;
     const int16_t* dt = kDrop ? cut_draws(dr.seed, o, cnt, draws.data()) : nullptr;
     lif_backward_step<kDrop, kColumnSums>(cnt, last, last ? 0.0f : beta, gp + o, up + o, dt, dr,
-                                          next.data(), total.data());
+                                          next.data(), this->total.data());
     return next.data();
-  }
-  void end() {
-    if (kColumnSums) add_column_sums(total.data(), i0, cnt, columns, mine);
   }
 };
 
@@ -1843,86 +1862,84 @@ Projection kept_input(const at::Tensor& x, int64_t steps, int64_t rows, int64_t 
           rows * k, k, n, nullptr};
 }
 
-// dL/dW (N, K) from the threads' (K, N) sums of dL/dWᵀ, added in thread order, times value.
-at::Tensor fold_weight_grad(const std::vector<float>& partial, int64_t threads, int64_t k,
-                            int64_t n, double value, const at::TensorOptions& options) {
-  at::Tensor grad_w = at::empty({n, k}, options);
-  float* gw = grad_w.data_ptr<float>();
-  const float scale = static_cast<float>(value);
-  for (int64_t j = 0; j < n; ++j)
-    for (int64_t i = 0; i < k; ++i) {
-      float sum = 0.0f;
-      for (int64_t t = 0; t < threads; ++t) sum += partial[(t * k + i) * n + j];
-      gw[j * k + i] = sum * scale;
-    }
-  return grad_w;
-}
+// The linear map's side of a fused backward: checks, dL/dx (the input's shape, fp32), the
+// threads' dL/dW and dL/dbias sums, and their folds at the end.
+struct LinearGrads {
+  at::Tensor weight, dx, grad_bias;
+  Projection proj;
+  int64_t threads, k, n;
+  std::vector<float> partial, sums;
+
+  // x: what the layer kept of its input (T, ..., K); its rows: `rows` per step; n: outputs
+  LinearGrads(const at::Tensor& x, const at::Tensor& weight_in, int64_t steps, int64_t rows,
+              int64_t n_, bool bias_grad, const at::TensorOptions& options)
+      : weight(weight_in.contiguous()), threads(at::get_num_threads()), k(x.size(-1)), n(n_) {
+    TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kFloat && weight.size(0) == n &&
+                weight.size(1) == k, "weight must be fp32 (N, K)");
+    dx = at::empty(x.sizes(), options);  // fp32 either way
+    grad_bias = bias_grad ? at::zeros({n}, options) : at::Tensor();
+    if (x.numel() == 0) return;
+    proj = kept_input(x, steps, rows, n);
+    partial.assign(threads * k * n, 0.0f);
+    sums.assign(bias_grad ? threads * n : 0, 0.0f);
+  }
+  const float* w() const { return weight.data_ptr<float>(); }
+  float* sums_or_null() { return sums.empty() ? nullptr : sums.data(); }
+  // (dL/dx, dL/dW, dL/dbias or undefined); dL/dW times the input's value
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> finish(double value) {
+    if (partial.empty()) return {dx, at::zeros({n, k}, dx.options()), grad_bias};
+    if (grad_bias.defined()) fold_thread_sums(sums, threads, n, grad_bias.data_ptr<float>());
+    return {dx, fold_weight_grad(partial, threads, k, n, n, value, dx.options()), grad_bias};
+  }
+};
 
 // (dL/dresidual, dL/dx, dL/dW, dL/dbias or undefined) of linear_lif_pair_forward from dL/dy, the
 // membranes and what the layer kept of its input: x (fp32) or its uint8 copy (1 where the input
 // is `value`).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_lif_pair_backward(
     const at::Tensor& grad_in, const at::Tensor& mem1, const at::Tensor& mem2, const at::Tensor& x,
-    double value, const at::Tensor& weight_in, double beta, bool bias_grad) {
-  check_input(mem1, "membranes");
-  check_input(mem2, "membranes");
-  const at::Tensor grad = grad_in.contiguous(), weight = weight_in.contiguous();
-  TORCH_CHECK(grad.sizes() == mem1.sizes() && mem2.sizes() == mem1.sizes() &&
-              grad.scalar_type() == at::kFloat && mem1.is_contiguous() && mem2.is_contiguous(),
-              "grad must be float32 with the membranes' shape");
-  const int64_t steps = mem1.size(0), n = mem1.size(-1), k = x.size(-1);
+    double value, const at::Tensor& weight, double beta, bool bias_grad) {
+  const at::Tensor grad = pair_backward_grad(grad_in, mem1, mem2);
+  const int64_t steps = mem1.size(0), n = mem1.size(-1);
   const int64_t rows = steps ? mem1.numel() / steps / n : 0;
-  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kFloat && weight.size(0) == n &&
-              weight.size(1) == k, "weight must be fp32 (N, K)");
+  LinearGrads lin(x, weight, steps, rows, n, bias_grad, mem1.options());
   at::Tensor gsum = at::empty_like(mem1);
-  at::Tensor dx = at::empty(x.sizes(), mem1.options());  // fp32 either way
-  at::Tensor grad_bias = bias_grad ? at::zeros({n}, mem1.options()) : at::Tensor();
-  if (mem1.numel() == 0) return {gsum, dx, at::zeros({n, k}, mem1.options()), grad_bias};
-  const Projection proj = kept_input(x, steps, rows, n);
-  const int64_t threads = at::get_num_threads();
-  std::vector<float> partial(threads * k * n, 0.0f), sums(bias_grad ? threads * n : 0, 0.0f);
-  with_flag(bias_grad, [&](auto cs) {
-    linear_backward_rows<PairBackward<decltype(cs)::value>>(
-        proj, weight.data_ptr<float>(), rows, steps, dx.data_ptr<float>(), partial.data(),
-        grad.data_ptr<float>(), mem1.data_ptr<float>(), mem2.data_ptr<float>(),
-        gsum.data_ptr<float>(), static_cast<float>(beta), rows * n, n, sums.data());
-  });
-  if (bias_grad) fold_thread_sums(sums, threads, n, grad_bias.data_ptr<float>());
-  return {gsum, dx, fold_weight_grad(partial, threads, k, n, value, mem1.options()), grad_bias};
+  if (mem1.numel() > 0)
+    with_flag(bias_grad, [&](auto cs) {
+      linear_backward_rows<PairBackward<decltype(cs)::value>>(
+          lin.proj, lin.w(), rows, steps, lin.dx.data_ptr<float>(), lin.partial.data(),
+          grad.data_ptr<float>(), mem1.data_ptr<float>(), mem2.data_ptr<float>(),
+          gsum.data_ptr<float>(), static_cast<float>(beta), rows * n, n, lin.sums_or_null());
+    });
+  auto [dx, grad_w, grad_bias] = lin.finish(value);
+  return {gsum, dx, grad_w, grad_bias};
 }
 
 // (dL/dx, dL/dW, dL/dbias or undefined) of linear_lif_forward from dL/d(spikes, dropped out),
 // the membranes, the dropout's seed and what the layer kept of its input (as above).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_lif_backward(
     const at::Tensor& grad_in, const at::Tensor& mem, const at::Tensor& x, double value,
-    const at::Tensor& weight_in, double beta, bool dropping, int64_t seed, int64_t threshold,
+    const at::Tensor& weight, double beta, bool dropping, int64_t seed, int64_t threshold,
     double factor, bool bias_grad) {
   check_input(mem, "membranes");
-  const at::Tensor grad = grad_in.contiguous(), weight = weight_in.contiguous();
+  const at::Tensor grad = grad_in.contiguous();
   TORCH_CHECK(grad.sizes() == mem.sizes() && grad.scalar_type() == at::kFloat &&
               mem.is_contiguous(), "grad must be float32 with the membranes' shape");
-  const int64_t steps = mem.size(0), n = mem.size(-1), k = x.size(-1);
+  const int64_t steps = mem.size(0), n = mem.size(-1);
   const int64_t rows = steps ? mem.numel() / steps / n : 0;
-  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kFloat && weight.size(0) == n &&
-              weight.size(1) == k, "weight must be fp32 (N, K)");
-  at::Tensor dx = at::empty(x.sizes(), mem.options());
-  at::Tensor grad_bias = bias_grad ? at::zeros({n}, mem.options()) : at::Tensor();
-  if (mem.numel() == 0) return {dx, at::zeros({n, k}, mem.options()), grad_bias};
-  const Projection proj = kept_input(x, steps, rows, n);
+  LinearGrads lin(x, weight, steps, rows, n, bias_grad, mem.options());
   const Dropout drop{static_cast<uint64_t>(seed), static_cast<int16_t>(threshold),
                      static_cast<float>(factor)};
-  const int64_t threads = at::get_num_threads();
-  std::vector<float> partial(threads * k * n, 0.0f), sums(bias_grad ? threads * n : 0, 0.0f);
-  with_flag(dropping, [&](auto dr) {
-    with_flag(bias_grad, [&](auto cs) {
-      linear_backward_rows<LifBackward<decltype(dr)::value, decltype(cs)::value>>(
-          proj, weight.data_ptr<float>(), rows, steps, dx.data_ptr<float>(), partial.data(),
-          grad.data_ptr<float>(), mem.data_ptr<float>(), static_cast<float>(beta), drop,
-          rows * n, n, sums.data());
+  if (mem.numel() > 0)
+    with_flag(dropping, [&](auto dr) {
+      with_flag(bias_grad, [&](auto cs) {
+        linear_backward_rows<LifBackward<decltype(dr)::value, decltype(cs)::value>>(
+            lin.proj, lin.w(), rows, steps, lin.dx.data_ptr<float>(), lin.partial.data(),
+            grad.data_ptr<float>(), mem.data_ptr<float>(), static_cast<float>(beta), drop,
+            rows * n, n, lin.sums_or_null());
+      });
     });
-  });
-  if (bias_grad) fold_thread_sums(sums, threads, n, grad_bias.data_ptr<float>());
-  return {dx, fold_weight_grad(partial, threads, k, n, value, mem.options()), grad_bias};
+  return lin.finish(value);
 }
 
 // (dL/dx, dL/dW, dL/dbias or undefined) of linear_lif_attention_forward: lif_attention_backward's
@@ -1931,33 +1948,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_lif_backward(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_lif_attention_backward(
     const at::Tensor& grad_in, const at::Tensor& mem, const at::Tensor& bits,
     const at::Tensor& keep_bits, int64_t heads, double alpha, double beta, bool bias_grad,
-    const at::Tensor& x, double value, const at::Tensor& weight_in) {
-  const at::Tensor grad = grad_in.contiguous(), weight = weight_in.contiguous();
+    const at::Tensor& x, double value, const at::Tensor& weight) {
+  const at::Tensor grad = grad_in.contiguous();
   const auto [steps, batch, w, d] = attention_backward_shapes(grad, mem, bits, heads);
-  const int64_t n = 3 * d, k = x.size(-1), rows = batch * w;
-  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kFloat && weight.size(0) == n &&
-              weight.size(1) == k, "weight must be fp32 (3d, K)");
-  at::Tensor dx = at::empty(x.sizes(), mem.options());
-  at::Tensor grad_bias = bias_grad ? at::zeros({n}, mem.options()) : at::Tensor();
-  if (mem.numel() == 0) return {dx, at::zeros({n, k}, mem.options()), grad_bias};
-  const Projection proj = kept_input(x, steps, rows, n);
-  const int64_t threads = at::get_num_threads();
-  std::vector<float> partial(threads * k * n, 0.0f), sums(bias_grad ? threads * n : 0, 0.0f);
-  std::vector<float> xr(threads * w * k);
-  const float* wp = weight.data_ptr<float>();
-  float* dxp = dx.data_ptr<float>();
+  const int64_t rows = batch * w;
+  LinearGrads lin(x, weight, steps, rows, 3 * d, bias_grad, mem.options());
+  if (mem.numel() == 0) return lin.finish(value);
+  std::vector<float> xr(lin.threads * w * lin.k);  // a thread's sequence of x as floats
+  float* dxp = lin.dx.data_ptr<float>();
   lif_attention_backward_walk(
       grad.data_ptr<float>(), mem.data_ptr<float>(),
       reinterpret_cast<const uint64_t*>(bits.data_ptr<int64_t>()),
       keep_words(keep_bits, heads, steps * batch, w), steps, batch, w, d, heads,
-      static_cast<float>(alpha), static_cast<float>(beta), bias_grad ? sums.data() : nullptr,
+      static_cast<float>(alpha), static_cast<float>(beta), lin.sums_or_null(),
       [&](int64_t t, int64_t seq, const float* g) {
         const int64_t thread = at::get_thread_num();
-        linear_backward_tile(proj, wp, t, (seq - t * batch) * w, w, rows, g, dxp,
-                             partial.data() + thread * k * n, xr.data() + thread * w * k);
+        linear_backward_tile(lin.proj, lin.w(), t, (seq - t * batch) * w, w, rows, g, dxp,
+                             lin.partial.data() + thread * lin.k * lin.n,
+                             xr.data() + thread * w * lin.k);
       });
-  if (bias_grad) fold_thread_sums(sums, threads, n, grad_bias.data_ptr<float>());
-  return {dx, fold_weight_grad(partial, threads, k, n, value, mem.options()), grad_bias};
+  return lin.finish(value);
 }
 
 }  // namespace
