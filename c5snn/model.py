@@ -101,8 +101,8 @@ def linear_lif_pair_function(kernel: str) -> Callable[..., tuple]:
                 and residual.dtype == torch.float32)
         if pair and fuses_linear(x, weight) and (x8 is not None or not spikes):
             return linear_lif_pair(x, weight, beta, bias, residual, x8, value, residual8, True)
-        currents = linear(x, weight, x8, value, spikes)
-        if pair:
+        currents = linear(x, weight, x8, value, spikes)  # bf16 under autocast
+        if pair and currents.dtype == torch.float32:
             return native.lif_pair(currents, beta, bias, residual, True, residual8)
         return fire(residual, beta, residual=fire(currents, beta, bias=bias), bytes=True)
 
