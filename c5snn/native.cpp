@@ -34,6 +34,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <type_traits>
 #include <vector>
 
@@ -309,10 +310,6 @@ inline void add_column_sums(const float* total, int64_t i0, int64_t n, int64_t c
   }
 }
 
-// dL/dX from dL/dS (grad) and the forward's membranes, walking time backwards. With dropping,
-// grad is dL/d(dropped spikes): the forward's mask is drawn again and dL/dS = grad * factor
-// where kept, else 0. With kColumnSums, also dL/dbias: dL/dX summed over time per neuron here,
-// then per column into this thread's row of `sums` (threads x columns).
 // One backward step of a LIF for n neurons: dL/dS (gt; with kDrop, dL/d(dropped spikes), the
 // forward's draws dt), the membranes ut and dL/dU[t+1] (next) give dL/dU[t] = dL/dX[t] into
 // next, summed into total with kColumnSums. Out of line for its pointers' restrict (see
@@ -332,35 +329,75 @@ __attribute__((noinline)) void lif_backward_step(int64_t n, bool last, float dec
   }
 }
 
+// What a fused backward's walker keeps of its current block (neurons i0 .. i0 + cnt) beside its
+// LIF's state: with kColumnSums, dL/dX summed over time per neuron, added per column into this
+// thread's row of the dL/dbias sums when the block ends.
+template <bool kColumnSums>
+struct BlockSums {
+  std::vector<float> total;
+  int64_t columns, i0 = 0, cnt = 0;
+  float* mine;
+
+  BlockSums(int64_t size, int64_t columns_, float* sums)
+      : total(kColumnSums ? size : 0), columns(columns_),
+        mine(kColumnSums ? sums + at::get_thread_num() * columns_ : nullptr) {}
+  void begin(int64_t first, int64_t count) {
+    i0 = first;
+    cnt = count;
+    if (kColumnSums) std::fill(total.begin(), total.begin() + cnt, 0.0f);
+  }
+  void end() {
+    if (kColumnSums) add_column_sums(total.data(), i0, cnt, columns, mine);
+  }
+  // Prefetch the block's neurons at step t - 1 of each (T, neurons) stream: they lie on other
+  // pages than step t's, where the hardware prefetchers stop.
+  void prefetch_before(int64_t t, int64_t neurons, std::initializer_list<const float*> streams) {
+    if (t == 0) return;
+    for (const float* p : streams)
+      for (int64_t j = 0; j < cnt; j += 16) __builtin_prefetch(p + (t - 1) * neurons + i0 + j);
+  }
+};
+
+// The LIF's backward for one thread's blocks of neurons, walking time backwards: dL/dX from
+// dL/dS (gp) and the forward's membranes (up). With kDrop, gp is dL/d(dropped spikes): the
+// forward's mask is drawn again and dL/dS = grad * factor where kept, else 0. With kColumnSums,
+// also dL/dbias: dL/dX summed over time per neuron, then per column (BlockSums).
 template <bool kDrop, bool kColumnSums>
-void backward_chunks(const float* gp, const float* up, float* op, float b, int64_t steps,
-                     int64_t neurons, Dropout drop, int64_t columns, float* sums) {
+struct LifBackward : BlockSums<kColumnSums> {
+  std::vector<float> next;
+  std::vector<int16_t> draws;
+  const float *gp, *up;
+  float beta;
+  Dropout dr;
+  int64_t neurons;
+
+  LifBackward(int64_t size, const float* gp_, const float* up_, float beta_, Dropout dr_,
+              int64_t neurons_, int64_t columns, float* sums)
+      : BlockSums<kColumnSums>(size, columns, sums), next(size), draws(kDrop ? size + 8 : 0),
+        gp(gp_), up(up_), beta(beta_), dr(dr_), neurons(neurons_) {}
+  const float* step(int64_t t, bool last) {
+    const int64_t o = t * neurons + this->i0, cnt = this->cnt;
+    this->prefetch_before(t, neurons, {gp, up});
+    const int16_t* dt = kDrop ? cut_draws(dr.seed, o, cnt, draws.data()) : nullptr;
+    lif_backward_step<kDrop, kColumnSums>(cnt, last, last ? 0.0f : beta, gp + o, up + o, dt, dr,
+                                          next.data(), this->total.data());
+    return next.data();
+  }
+};
+
+// A LIF backward over (T, M) neurons, kChunk at a time per thread, walking time backwards:
+// `Walker` (LifBackward, PairBackward: the LIF's backward step with its state, one per thread)
+// gives each step's dL/dX, written to out (T, M) as it comes.
+template <typename Walker, typename... Args>
+void chunked_backward(int64_t neurons, int64_t steps, float* out, Args&&... args) {
   at::parallel_for(0, neurons, 4 * kChunk, [&](int64_t begin, int64_t end) {
-    float next[kChunk];  // dL/dU[t+1]
-    float total[kChunk];  // dL/dX summed over time
-    int16_t draws[kChunk + 8];
-    const Dropout dr = drop;
-    float* const mine = kColumnSums ? sums + at::get_thread_num() * columns : nullptr;
+    Walker walker(kChunk, args...);
     for (int64_t i0 = begin; i0 < end; i0 += kChunk) {
       const int64_t n = std::min(kChunk, end - i0);
-      if (kColumnSums) std::fill(total, total + n, 0.0f);
-      for (int64_t t = steps - 1; t >= 0; --t) {
-        const float* __restrict__ gt = gp + t * neurons + i0;
-        const float* __restrict__ ut = up + t * neurons + i0;
-        float* ot = op + t * neurons + i0;
-        const int16_t* __restrict__ dt =
-            kDrop ? cut_draws(dr.seed, t * neurons + i0, n, draws) : nullptr;
-        const float decay = t == steps - 1 ? 0.0f : b;  // nothing flows back from after T
-        if (t > 0)  // the previous step's gradient and membranes lie on other pages
-          for (int64_t j = 0; j < n; j += 16) {
-            __builtin_prefetch(gt - neurons + j);
-            __builtin_prefetch(ut - neurons + j);
-          }
-        lif_backward_step<kDrop, kColumnSums>(n, t == steps - 1, decay, gt, ut, dt, dr, next,
-                                              total);
-        stream_floats(ot, next, n);
-      }
-      if (kColumnSums) add_column_sums(total, i0, n, columns, mine);
+      walker.begin(i0, n);
+      for (int64_t t = steps - 1; t >= 0; --t)
+        stream_floats(out + t * neurons + i0, walker.step(t, t == steps - 1), n);
+      walker.end();
     }
     stream_fence();
   });
@@ -389,14 +426,13 @@ std::tuple<at::Tensor, at::Tensor> lif_backward(const at::Tensor& grad_in, const
   // per-thread column sums, added in thread order: the same result for the same thread count
   const int64_t threads = at::get_num_threads();
   std::vector<float> sums(columns > 0 ? threads * columns : 0, 0.0f);
-  const auto run = [&](auto kernel) {
-    kernel(grad.data_ptr<float>(), mem.data_ptr<float>(), out.data_ptr<float>(),
-           static_cast<float>(beta), steps, neurons, drop, columns, sums.data());
-  };
-  if (columns > 0)
-    dropping ? run(backward_chunks<true, true>) : run(backward_chunks<false, true>);
-  else
-    dropping ? run(backward_chunks<true, false>) : run(backward_chunks<false, false>);
+  with_flag(dropping, [&](auto dr) {
+    with_flag(columns > 0, [&](auto cs) {
+      chunked_backward<LifBackward<decltype(dr)::value, decltype(cs)::value>>(
+          neurons, steps, out.data_ptr<float>(), grad.data_ptr<float>(), mem.data_ptr<float>(),
+          static_cast<float>(beta), drop, neurons, columns, sums.data());
+    });
+  });
   if (columns > 0) fold_thread_sums(sums, threads, columns, grad_bias.data_ptr<float>());
   return {out, grad_bias};
 }
@@ -550,7 +586,7 @@ __attribute__((noinline)) void pair_backward_step(int64_t n, bool last, float de
                                                   float* __restrict__ next1,
                                                   float* __restrict__ next2,
                                                   float* __restrict__ total) {
-  for (int64_t j = 0; j < n; ++j) {  // backward_chunks' arithmetic, twice
+  for (int64_t j = 0; j < n; ++j) {  // lif_backward_step's arithmetic, twice
     const float g2 = surrogate_step(gt[j], u2[j], next2[j], last, decay);
     next2[j] = g2;
     const float g1 = surrogate_step(g2, u1[j], next1[j], last, decay);
@@ -559,37 +595,28 @@ __attribute__((noinline)) void pair_backward_step(int64_t n, bool last, float de
   }
 }
 
+// The pair's backward for one thread's blocks: dL/dresidual written out, dL/d(a + bias) given.
 template <bool kColumnSums>
-void pair_backward_chunks(const float* gp, const float* m1, const float* m2, float* g1p,
-                          float* g2p, float b, int64_t steps, int64_t neurons, int64_t columns,
-                          float* sums) {
-  at::parallel_for(0, neurons, 4 * kChunk, [&](int64_t begin, int64_t end) {
-    float next1[kChunk], next2[kChunk], total[kChunk];
-    float* const mine = kColumnSums ? sums + at::get_thread_num() * columns : nullptr;
-    for (int64_t i0 = begin; i0 < end; i0 += kChunk) {
-      const int64_t n = std::min(kChunk, end - i0);
-      if (kColumnSums) std::fill(total, total + n, 0.0f);
-      for (int64_t t = steps - 1; t >= 0; --t) {
-        const float* __restrict__ gt = gp + t * neurons + i0;
-        const float* __restrict__ u1 = m1 + t * neurons + i0;
-        const float* __restrict__ u2 = m2 + t * neurons + i0;
-        if (t > 0)  // the previous step's gradient and membranes lie on other pages
-          for (int64_t j = 0; j < n; j += 16) {
-            __builtin_prefetch(gt - neurons + j);
-            __builtin_prefetch(u1 - neurons + j);
-            __builtin_prefetch(u2 - neurons + j);
-          }
-        const bool last = t == steps - 1;  // nothing flows back from after T
-        pair_backward_step<kColumnSums>(n, last, last ? 0.0f : b, gt, u1, u2, next1, next2,
-                                        total);
-        stream_floats(g2p + t * neurons + i0, next2, n);
-        stream_floats(g1p + t * neurons + i0, next1, n);
-      }
-      if (kColumnSums) add_column_sums(total, i0, n, columns, mine);
-    }
-    stream_fence();
-  });
-}
+struct PairBackward : BlockSums<kColumnSums> {
+  std::vector<float> next1, next2;
+  const float *gp, *m1, *m2;
+  float* gsum;
+  float beta;
+  int64_t neurons;
+
+  PairBackward(int64_t size, const float* gp_, const float* m1_, const float* m2_, float* gsum_,
+               float beta_, int64_t neurons_, int64_t columns, float* sums)
+      : BlockSums<kColumnSums>(size, columns, sums), next1(size), next2(size), gp(gp_), m1(m1_),
+        m2(m2_), gsum(gsum_), beta(beta_), neurons(neurons_) {}
+  const float* step(int64_t t, bool last) {
+    const int64_t o = t * neurons + this->i0, cnt = this->cnt;
+    this->prefetch_before(t, neurons, {gp, m1, m2});
+    pair_backward_step<kColumnSums>(cnt, last, last ? 0.0f : beta, gp + o, m1 + o, m2 + o,
+                                    next1.data(), next2.data(), this->total.data());
+    stream_floats(gsum + o, next2.data(), cnt);
+    return next1.data();
+  }
+};
 
 // A pair's backward inputs checked: dL/dy, contiguous.
 at::Tensor pair_backward_grad(const at::Tensor& grad_in, const at::Tensor& mem1,
@@ -618,10 +645,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lif_pair_backward(
   const int64_t threads = at::get_num_threads();
   std::vector<float> sums(columns > 0 ? threads * columns : 0, 0.0f);
   with_flag(columns > 0, [&](auto cs) {
-    pair_backward_chunks<decltype(cs)::value>(
-        grad.data_ptr<float>(), mem1.data_ptr<float>(), mem2.data_ptr<float>(),
-        g1.data_ptr<float>(), g2.data_ptr<float>(), static_cast<float>(beta), steps, neurons,
-        columns, sums.data());
+    chunked_backward<PairBackward<decltype(cs)::value>>(
+        neurons, steps, g1.data_ptr<float>(), grad.data_ptr<float>(), mem1.data_ptr<float>(),
+        mem2.data_ptr<float>(), g2.data_ptr<float>(), static_cast<float>(beta), neurons, columns,
+        sums.data());
   });
   if (columns > 0) fold_thread_sums(sums, threads, columns, grad_bias.data_ptr<float>());
   return {g2, g1, grad_bias};
@@ -1194,7 +1221,7 @@ at::Tensor attention_backward(const at::Tensor& grad_in, const at::Tensor& bits,
 // bias_grad) from dL/dout (T * B, W, d), the LIF's membranes (T, B, W, 3d) and the attention's
 // bits and keep mask. One task per batch row b walks time backwards: each step's attention
 // backward (sequence t * B + b, every head) writes dL/dspikes (W, 3d) into cache, and the LIF's
-// backward step (backward_chunks' arithmetic) turns them into dL/dx there, so dL/dspikes,
+// backward step (lif_backward_step's arithmetic) turns them into dL/dx there, so dL/dspikes,
 // (T, B, W, 3d) fp32, never goes to memory (44 MB each way per d64 layer). The membranes are
 // read and dL/dx written a whole sequence (W * 3d, contiguous) at a time. dL/dbias sums per
 // thread, in task order, then thread order.
@@ -1782,73 +1809,6 @@ void linear_backward_rows(const Projection& proj, const float* w, int64_t rows, 
     stream_fence();
   });
 }
-
-// What a fused backward's walker keeps of its current block (neurons i0 .. i0 + cnt) beside its
-// LIF's state: with kColumnSums, dL/dX summed over time per neuron, added per column into this
-// thread's row of the dL/dbias sums when the block ends.
-template <bool kColumnSums>
-struct BlockSums {
-  std::vector<float> total;
-  int64_t columns, i0 = 0, cnt = 0;
-  float* mine;
-
-  BlockSums(int64_t size, int64_t columns_, float* sums)
-      : total(kColumnSums ? size : 0), columns(columns_),
-        mine(kColumnSums ? sums + at::get_thread_num() * columns_ : nullptr) {}
-  void begin(int64_t first, int64_t count) {
-    i0 = first;
-    cnt = count;
-    if (kColumnSums) std::fill(total.begin(), total.begin() + cnt, 0.0f);
-  }
-  void end() {
-    if (kColumnSums) add_column_sums(total.data(), i0, cnt, columns, mine);
-  }
-};
-
-// The pair's backward for one thread's blocks: dL/dresidual written out, dL/d(a + bias) given.
-template <bool kColumnSums>
-struct PairBackward : BlockSums<kColumnSums> {
-  std::vector<float> next1, next2;
-  const float *gp, *m1, *m2;
-  float* gsum;
-  float beta;
-  int64_t neurons;
-
-  PairBackward(int64_t size, const float* gp_, const float* m1_, const float* m2_, float* gsum_,
-               float beta_, int64_t neurons_, int64_t columns, float* sums)
-      : BlockSums<kColumnSums>(size, columns, sums), next1(size), next2(size), gp(gp_), m1(m1_),
-        m2(m2_), gsum(gsum_), beta(beta_), neurons(neurons_) {}
-  const float* step(int64_t t, bool last) {
-    const int64_t o = t * neurons + this->i0, cnt = this->cnt;
-    pair_backward_step<kColumnSums>(cnt, last, last ? 0.0f : beta, gp + o, m1 + o, m2 + o,
-                                    next1.data(), next2.data(), this->total.data());
-    stream_floats(gsum + o, next2.data(), cnt);
-    return next1.data();
-  }
-};
-
-// The LIF's backward (dropout redrawn from its seed) for one thread's blocks: dL/dX given.
-template <bool kDrop, bool kColumnSums>
-struct LifBackward : BlockSums<kColumnSums> {
-  std::vector<float> next;
-  std::vector<int16_t> draws;
-  const float *gp, *up;
-  float beta;
-  Dropout dr;
-  int64_t neurons;
-
-  LifBackward(int64_t size, const float* gp_, const float* up_, float beta_, Dropout dr_,
-              int64_t neurons_, int64_t columns, float* sums)
-      : BlockSums<kColumnSums>(size, columns, sums), next(size), draws(kDrop ? size + 8 : 0),
-        gp(gp_), up(up_), beta(beta_), dr(dr_), neurons(neurons_) {}
-  const float* step(int64_t t, bool last) {
-    const int64_t o = t * neurons + this->i0, cnt = this->cnt;
-    const int16_t* dt = kDrop ? cut_draws(dr.seed, o, cnt, draws.data()) : nullptr;
-    lif_backward_step<kDrop, kColumnSums>(cnt, last, last ? 0.0f : beta, gp + o, up + o, dt, dr,
-                                          next.data(), this->total.data());
-    return next.data();
-  }
-};
 
 // The layer's kept input as a Projection (rows of K, fp32 or uint8; no weight), checked.
 Projection kept_input(const at::Tensor& x, int64_t steps, int64_t rows, int64_t n) {
