@@ -146,18 +146,21 @@ def _register_flop_formulas() -> None:
         register_flop_formula(op)(_linear_lif)  # (stacked, the decorators would wrap twice)
     register_flop_formula(torch.ops.c5snn.linear_lif_attention_forward)(_linear_lif_attention)
 
+    def _linear_grads(x_shape, n) -> int:  # dL/dx and dL/dW of x @ weightᵀ, weight (n, K)
+        return 2 * 2 * math.prod(x_shape) * n
+
     @register_flop_formula(torch.ops.c5snn.linear_lif_pair_backward)
     def _linear_lif_pair_backward(grad_shape, m1_shape, m2_shape, x_shape, *args, **kwargs) -> int:
-        return 2 * 2 * math.prod(x_shape) * grad_shape[-1]  # dL/dx and dL/dW
+        return _linear_grads(x_shape, grad_shape[-1])
 
     @register_flop_formula(torch.ops.c5snn.linear_lif_attention_backward)
     def _linear_lif_attention_backward(grad_shape, mem_shape, bits_shape, keep_shape, heads,
                                        alpha, beta, bias_grad, x_shape, *args, **kwargs) -> int:
-        return _backward(grad_shape) + 2 * 2 * math.prod(x_shape) * mem_shape[-1]
+        return _backward(grad_shape) + _linear_grads(x_shape, mem_shape[-1])
 
     @register_flop_formula(torch.ops.c5snn.linear_lif_backward)
     def _linear_lif_backward(grad_shape, mem_shape, x_shape, *args, **kwargs) -> int:
-        return 2 * 2 * math.prod(x_shape) * grad_shape[-1]  # dL/dx and dL/dW
+        return _linear_grads(x_shape, grad_shape[-1])
 
     @register_flop_formula(torch.ops.c5snn.weight_grad)
     def _weight_grad(g_shape, x_shape, *args, **kwargs) -> int:

@@ -231,6 +231,19 @@ def fuses_linear(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and weight.shape[0] % 16 == 0)
 
 
+def _kept_input(x, x8, value: float):
+    """What a fused linear + LIF Function keeps of the linear map's input, and its value: the
+    uint8 copy `x8` of spikes of `value` where given, else x itself (value 1)."""
+    return (x8, value) if x8 is not None else (x, 1.0)
+
+
+def _one_pass_backward(need, kept) -> bool:
+    """Whether a fused Function's backward runs as one operator (the LIF's backward with dL/dx
+    and dL/dW from dL/dcurrents in cache): in training, when both are needed and the input's
+    width K suits its tiles (a multiple of 16); else the LIF's backward, then `linear_grads`."""
+    return need[0] and need[2] and kept.shape[-1] % 16 == 0
+
+
 class LinearLIFPair(torch.autograd.Function):
     """`native.LIFPair` of the currents `x @ weightᵀ` in one operator
     (`native.linear_lif_pair_forward`): the currents are summed a few rows at a time in cache
@@ -244,16 +257,17 @@ class LinearLIFPair(torch.autograd.Function):
                 bytes: bool, keep: bool):
         spikes, spikes8, mem1, mem2 = native.linear_lif_pair_forward(
             x, x8, value, weight, bias, residual, residual8, beta, keep, bytes)
+        kept, ctx.value = _kept_input(x, x8, value)
         if keep:
-            ctx.save_for_backward(x8 if x8 is not None else x, weight, mem1, mem2)
-        ctx.beta, ctx.value = beta, value if x8 is not None else 1.0
+            ctx.save_for_backward(kept, weight, mem1, mem2)
+        ctx.beta = beta
         return native.spike_outputs(ctx, spikes, spikes8 if bytes else None)
 
     @staticmethod
     def backward(ctx, grad, *unused):  # only the spikes carry a gradient
         kept, weight, mem1, mem2 = ctx.saved_tensors
         need = ctx.needs_input_grad
-        if need[0] and need[2] and kept.shape[-1] % 16 == 0:  # training: one pass, see the op
+        if _one_pass_backward(need, kept):
             grad_sum, grad_x, grad_w, grad_bias = native.linear_lif_pair_backward(
                 grad, mem1, mem2, kept, ctx.value, weight, ctx.beta, need[4])
         else:
@@ -279,16 +293,17 @@ class LinearLIF(torch.autograd.Function):
                        native.keep_threshold(p), 1.0 / (1.0 - p))
         spikes, mem, spikes8 = native.linear_lif_forward(x, x8, value, weight, bias, beta, keep,
                                                          *ctx.dropout, bytes)
+        kept, ctx.value = _kept_input(x, x8, value)
         if keep:
-            ctx.save_for_backward(x8 if x8 is not None else x, weight, mem)
-        ctx.beta, ctx.value = beta, value if x8 is not None else 1.0
+            ctx.save_for_backward(kept, weight, mem)
+        ctx.beta = beta
         return native.spike_outputs(ctx, spikes, spikes8 if bytes else None)
 
     @staticmethod
     def backward(ctx, grad, *unused):  # only the spikes carry a gradient
         kept, weight, mem = ctx.saved_tensors
         need = ctx.needs_input_grad
-        if need[0] and need[2] and kept.shape[-1] % 16 == 0:  # training: one pass, see the op
+        if _one_pass_backward(need, kept):
             grad_x, grad_w, grad_bias = native.linear_lif_backward(
                 grad, mem, kept, ctx.value, weight, ctx.beta, *ctx.dropout, need[4])
         else:
@@ -323,10 +338,10 @@ class LinearLIFAttention(torch.autograd.Function):
         seed, threshold = native.draw_seed() if dropping else 0, native.keep_threshold(p)
         out, mem, bits, kept_mask = native.linear_lif_attention_forward(
             x, x8, value, weight, bias, beta, keep, n_heads, alpha, seed, threshold, dropping)
+        kept, ctx.value = _kept_input(x, x8, value)
         if keep:
-            ctx.save_for_backward(x8 if x8 is not None else x, weight, mem, bits, kept_mask)
+            ctx.save_for_backward(kept, weight, mem, bits, kept_mask)
         ctx.beta, ctx.n_heads, ctx.alpha = beta, n_heads, alpha
-        ctx.value = value if x8 is not None else 1.0
         return out
 
     @staticmethod
@@ -335,7 +350,7 @@ class LinearLIFAttention(torch.autograd.Function):
         need = ctx.needs_input_grad
         t, b, w, d3 = mem.shape
         grad = grad_out.reshape(t * b, w, d3 // 3)
-        if need[0] and need[2] and kept.shape[-1] % 16 == 0:  # training: one pass, see the op
+        if _one_pass_backward(need, kept):
             grad_x, grad_w, grad_bias = native.linear_lif_attention_backward(
                 grad, mem, bits, kept_mask, ctx.n_heads, ctx.alpha, ctx.beta, need[4], kept,
                 ctx.value, weight)
