@@ -13,20 +13,23 @@ can be claimed again as the next attempt. Every time in that table is the databa
 clock (`db_now`), never a worker's, so machines with skewed clocks neither steal live leases nor
 lose their own. Study names and other user text only ever travel as bound parameters.
 
-Outages: once a `Store` has reached its database, a call that fails because the database went
-away (a restart, a failover, a dropped connection, a locked SQLite file) is retried with capped
-exponential backoff for up to `outage_tolerance_s`, with one line when the outage starts and one
-when it ends; only then does it raise `StorageError`.
+Outages: a call that fails because the database is away (a restart, a failover, a dropped
+connection, a locked SQLite file) is retried with capped exponential backoff for up to
+`outage_tolerance_s` (workers; one-off commands fail at once), with one line when the outage
+starts and one when it ends; only then does it raise `StorageError`. Opening the database is
+such a call too, so a worker started during an outage waits for the database.
 """
 
 from __future__ import annotations
 
 import enum
 import os
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, TypeVar
 
 import optuna
@@ -41,9 +44,10 @@ from c5snn.errors import StorageError, first_line
 
 DEFAULT_STORAGE = "sqlite:///storage/c5snn.db"  # the embedded default (relative to the cwd)
 SQLITE_TIMEOUT_S = 60  # how long a SQLite writer waits for the lock before "database is locked"
-DEFAULT_OUTAGE_TOLERANCE_S = 600.0
-BACKOFF_S = (0.5, 30.0)
-IDLE_IN_TRANSACTION_MS = 60_000  # first and largest wait between retries during an outage
+BACKOFF_S = (0.5, 30.0)  # first and largest wait between retries during an outage
+IDLE_IN_TRANSACTION_MS = 60_000  # PostgreSQL ends a session idle inside a transaction this long
+POOL_SIZE = 1  # connections a process keeps open between calls
+POOL_OVERFLOW = 1  # more while two threads call at once (a worker's loop and its heartbeat)
 
 T = TypeVar("T")
 
@@ -55,7 +59,7 @@ class ClaimState(enum.StrEnum):
     DONE = "done"
     FAILED = "failed"  # training raised: counts toward --max-attempts
     RELEASED = "released"  # SIGTERM/Ctrl-C, or the worker's environment failed: not counted
-    STALE = "stale"  # heartbeat lost (a dead worker): counts toward --max-attempts
+    STALE = "stale"  # heartbeat lost (a dead or frozen worker): counts toward --max-disruptions
 
 
 metadata = sa.MetaData()
@@ -140,7 +144,9 @@ def _transient(exc: BaseException) -> bool:
     """Whether `exc` says the database is away (worth retrying), not that a request is wrong."""
     if isinstance(exc, StorageInternalError) and exc.__cause__ is not None:
         exc = exc.__cause__
-    return isinstance(exc, (sa.exc.OperationalError, sa.exc.InterfaceError)) or bool(
+    # PendingRollbackError: a session whose connection died mid-transaction, before its rollback
+    return isinstance(exc, (sa.exc.OperationalError, sa.exc.InterfaceError,
+                            sa.exc.PendingRollbackError)) or bool(
         getattr(exc, "connection_invalidated", False))
 
 
@@ -186,11 +192,15 @@ class Store:
 
     `outage_tolerance_s`: how long a call keeps retrying after the database that this Store has
     already reached goes away (0: fail at once, as one-off commands do); `echo` prints the
-    outage's start and end lines.
+    outage's start and end lines; `application` names the process in PostgreSQL's
+    `pg_stat_activity` (`c5snn worker w0@host:pid`).
+
+    Connections: one engine, at most POOL_SIZE + POOL_OVERFLOW (2) open at once, POOL_SIZE (1)
+    kept open between calls (docs/cluster.md, "Connection budget").
     """
 
     def __init__(self, url: str, *, outage_tolerance_s: float = 0.0,
-                 echo: Callable[[str], None] | None = None):
+                 echo: Callable[[str], None] | None = None, application: str = "command"):
         self.url = url = escape_password(url)
         self.masked = mask(url)
         try:
@@ -203,18 +213,26 @@ class Store:
                                                         if k.lower() in SECRET_KEYS)) if s]
         self.backend = parsed.get_backend_name()
         self.is_sqlite = self.backend == "sqlite"
-        # A PostgreSQL session that stays idle inside a transaction for a minute is ended by the
-        # server: c5snn's transactions last milliseconds, and a client that vanished without
-        # closing its socket (a network partition) would otherwise hold its row locks -- Optuna's
-        # study row, which every trial creation takes -- until TCP keepalive, hours later.
-        self._engine_kwargs: dict = {"pool_pre_ping": True}
+        # One engine per process (Optuna's; the claim table uses it too) with a pool of
+        # POOL_SIZE connections and at most POOL_OVERFLOW more while both of a worker's threads
+        # (its loop and its heartbeat) talk to the database at once: the connection budget.
+        self._engine_kwargs: dict = {"pool_pre_ping": True, "pool_size": POOL_SIZE,
+                                     "max_overflow": POOL_OVERFLOW}
         if self.backend == "postgresql":
+            # A PostgreSQL session that stays idle inside a transaction for a minute is ended by
+            # the server: c5snn's transactions last milliseconds, and a client that vanished
+            # without closing its socket (a network partition) would otherwise hold its row
+            # locks -- Optuna's study row, which every trial creation takes -- until TCP
+            # keepalive, hours later. application_name shows who holds each connection
+            # (pg_stat_activity).
             self._engine_kwargs["connect_args"] = {
-                "options": f"-c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_MS}"}
-        if self.is_sqlite:
-            self._engine_kwargs = {"connect_args": {"timeout": SQLITE_TIMEOUT_S}}
+                "options": f"-c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_MS}",
+                "application_name": f"c5snn {application}"[:63]}
         self._database = parsed.database
-        self._engine: sa.Engine | None = None
+        if self.is_sqlite:
+            self._engine_kwargs["connect_args"] = {"timeout": SQLITE_TIMEOUT_S}
+            if not self._database or self._database == ":memory:":  # one connection per thread
+                self._engine_kwargs = {"connect_args": {"timeout": SQLITE_TIMEOUT_S}}
         self._optuna: optuna.storages.RDBStorage | None = None
         self.outage_tolerance_s = outage_tolerance_s
         self.echo = echo or (lambda _line: None)
@@ -225,41 +243,45 @@ class Store:
     # ---- connections ---------------------------------------------------------------------------
 
     @property
-    def engine(self) -> sa.Engine:
-        """Connect on first use, so that a command failing earlier (bad data) writes nothing."""
-        if self._engine is None:
-            try:
-                if self.is_sqlite and self._database and self._database != ":memory:":
-                    os.makedirs(os.path.dirname(os.path.abspath(self._database)), exist_ok=True)
-                engine = sa.create_engine(self.url, **self._engine_kwargs)
-
-                def prepare() -> None:
-                    if self.is_sqlite:
-                        with engine.begin() as conn:
-                            # WAL lets readers (status, dashboard) run beside one writer.
-                            conn.exec_driver_sql("PRAGMA journal_mode=WAL")
-                    _create_tables(engine)
-
-                self._retry_opening(prepare)
-            except (SQLAlchemyError, ImportError, OSError, ValueError) as exc:
-                raise StorageError(f"cannot open storage {self.masked}: "
-                                   f"{self.redact(first_line(exc))}") from None
-            self._engine = engine
-        return self._engine
-
-    @property
     def optuna(self) -> optuna.storages.RDBStorage:
-        """Optuna's storage on the same database (created on first use)."""
+        """Optuna's storage, created on first use (so that a command failing earlier, on bad
+        data say, writes nothing), with c5snn's table beside Optuna's on its engine."""
         if self._optuna is None:
-            self.engine  # noqa: B018 - creates the folder, WAL mode and c5snn's table first
-            try:
-                self._optuna = self._retry_opening(
-                    lambda: optuna.storages.RDBStorage(self.url, engine_kwargs=self._engine_kwargs)
-                )
-            except (SQLAlchemyError, StorageInternalError) as exc:
+
+            def open_storage() -> optuna.storages.RDBStorage:
+                if self.is_sqlite and self._database and self._database != ":memory:":
+                    self._retry_opening(self._prepare_sqlite_file)
+                storage = self._retry_opening(
+                    lambda: optuna.storages.RDBStorage(self.url, engine_kwargs=self._engine_kwargs))
+                self._retry_opening(lambda: _create_tables(storage.engine))
+                return storage
+
+            try:  # a worker started during an outage rides it out as one that reached the database
+                self._optuna = self.call(open_storage)
+            except StorageError as exc:
+                raise StorageError(f"cannot open {exc}") from None
+            except (ImportError, OSError, ValueError, IntegrityError) as exc:
                 raise StorageError(f"cannot open storage {self.masked}: "
                                    f"{self.redact(first_line(exc))}") from None
         return self._optuna
+
+    @property
+    def engine(self) -> sa.Engine:
+        """The process's one engine (Optuna's), which the claim table shares."""
+        return self.optuna.engine
+
+    def _prepare_sqlite_file(self) -> None:
+        """The database file's folder, and WAL mode (kept in the file), which lets readers
+        (status, dashboard) run beside one writer; set through a short-lived connection of its
+        own, before Optuna's engine opens the file."""
+        os.makedirs(os.path.dirname(os.path.abspath(self._database)), exist_ok=True)
+        connection = sqlite3.connect(self._database, timeout=SQLITE_TIMEOUT_S)
+        try:
+            connection.execute("PRAGMA journal_mode=WAL")
+        except sqlite3.OperationalError as exc:
+            raise sa.exc.OperationalError("PRAGMA journal_mode=WAL", None, exc) from None
+        finally:
+            connection.close()
 
     def exists(self) -> bool:
         """Whether there is a database to read: False for a SQLite file not yet created, so
@@ -276,8 +298,6 @@ class Store:
         return text
 
     def close(self) -> None:
-        if self._engine is not None:
-            self._engine.dispose()
         if self._optuna is not None:
             self._optuna.remove_session()
             self._optuna.engine.dispose()
@@ -300,7 +320,7 @@ class Store:
         raise AssertionError("unreachable")
 
     def call(self, fn: Callable[[], T]) -> T:
-        """Run a storage call, riding out an outage of the database this Store has reached.
+        """Run a storage call, riding out an outage of the database.
 
         Transient errors (connection lost or refused, server shutting down, SQLite locked) are
         retried with capped exponential backoff until `outage_tolerance_s` has passed since the
@@ -397,13 +417,17 @@ class Store:
             claim_id = row.id
         return Claim(int(claim_id), study, point, attempt)
 
-    def attach_trial(self, claim: Claim, trial_id: int, trial_number: int) -> None:
-        self._run(
-            lambda conn: conn.execute(
-                sa.update(claims).where(claims.c.id == claim.id)
-                .values(trial_id=trial_id, trial_number=trial_number)
-            )
-        )
+    def attach_trial(self, claim: Claim, trial_id: int, trial_number: int) -> ClaimState:
+        """Record the claim's Optuna trial; returns the claim's state, which is no longer RUNNING
+        when a reaper took the lease before the trial was recorded (the caller then fails it)."""
+
+        def attach(conn):
+            conn.execute(sa.update(claims).where(claims.c.id == claim.id)
+                         .values(trial_id=trial_id, trial_number=trial_number))
+            return ClaimState(conn.execute(
+                sa.select(claims.c.state).where(claims.c.id == claim.id)).scalar_one())
+
+        return self._run(attach)
 
     def beat(self, claim: Claim, epoch: int) -> bool:
         """Refresh the lease; False when it was lost (marked stale by another worker)."""
@@ -462,7 +486,7 @@ class Store:
         hides whether the first try committed, the retry finds that trial instead of adding one.
         """
         template = FrozenTrial(
-            number=-1, state=TrialState.RUNNING, value=None, datetime_start=None,
+            number=-1, state=TrialState.RUNNING, value=None, datetime_start=datetime.now(),
             datetime_complete=None, params=params, distributions=distributions,
             user_attrs=user_attrs, system_attrs={}, intermediate_values={}, trial_id=-1,
         )
@@ -507,8 +531,24 @@ class Store:
     def trial(self, trial_id: int) -> FrozenTrial:
         return self.call(lambda: self.optuna.get_trial(trial_id))
 
+    def running_trials(self, study: str) -> list[FrozenTrial]:
+        """The study's RUNNING trials (each names its claim in `user_attrs["claim"]`); none for
+        a study that Optuna does not hold."""
+        try:
+            study_id = self.study_id(study)
+        except KeyError:
+            return []
+        return self.call(lambda: self.optuna.get_all_trials(
+            study_id, deepcopy=False, states=(TrialState.RUNNING,)))
+
+    def trial_id(self, study: str, number: int) -> int:
+        """The storage id of trial `number` of `study`."""
+        study_id = self.study_id(study)
+        return self.call(lambda: self.optuna.get_trial_id_from_study_id_trial_number(study_id, number))
+
 
 def open_store(option: str | None, study_file_value: str | None, *,
-               outage_tolerance_s: float = 0.0, echo: Callable[[str], None] | None = None) -> Store:
+               outage_tolerance_s: float = 0.0, echo: Callable[[str], None] | None = None,
+               application: str = "command") -> Store:
     return Store(resolve_url(option, study_file_value), outage_tolerance_s=outage_tolerance_s,
-                 echo=echo)
+                 echo=echo, application=application)

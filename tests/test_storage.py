@@ -131,3 +131,54 @@ def test_postgresql_sessions_cannot_hold_locks_idle_in_a_transaction():
         with engine.connect() as conn:
             assert conn.exec_driver_sql("SHOW idle_in_transaction_session_timeout").scalar() == "1min"
     store.close()
+
+
+def test_a_worker_process_holds_at_most_two_postgresql_connections(tmp_path, synthetic_csv):
+    """The connection budget (docs/cluster.md): measured in pg_stat_activity while 4 worker
+    processes run a sweep with a heartbeat every 0.2 s, each holds POOL_SIZE connection(s)
+    between calls and at most POOL_SIZE + POOL_OVERFLOW at once."""
+    import collections
+    import os
+    import subprocess
+    import sys
+    import uuid
+
+    import sqlalchemy as sa
+    from conftest import PG_URL, ROOT, require_pg, run_cli, study_dict, write_study
+
+    from c5snn.storage import POOL_OVERFLOW, POOL_SIZE
+
+    require_pg()
+    tag = f"cb{uuid.uuid4().hex[:8]}"
+    study = write_study(tmp_path / "study.yaml", study_dict(
+        synthetic_csv, name=tag, training={"epochs": 2, "limit_train_batches": 2}))
+    assert run_cli("study", "create", "--config", str(study), "--storage", PG_URL).returncode == 0
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "c5snn", "worker", "--config", str(study), "--storage", PG_URL,
+         "--name", f"{tag}-w{i}", "--threads", "1", "--heartbeat", "0.2", "--grace", "3",
+         "--artifacts", str(tmp_path / "artifacts")],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT) for i in range(4)]
+    seen: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    engine = sa.create_engine(PG_URL, isolation_level="AUTOCOMMIT")  # a fresh snapshot a query
+    try:
+        with engine.connect() as conn:
+            while any(p.poll() is None for p in procs):
+                rows = conn.execute(sa.text(
+                    "SELECT application_name, count(*) FROM pg_stat_activity WHERE "
+                    "application_name LIKE :tag GROUP BY application_name"),
+                    {"tag": f"c5snn worker {tag}-%"}).all()
+                for name, count in rows:
+                    seen[name][count] += 1
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        engine.dispose()
+    assert all(p.returncode == 0 for p in procs)
+    assert len(seen) == 4, seen
+    peaks = {name: max(counts) for name, counts in seen.items()}
+    idle = {name: counts.most_common(1)[0][0] for name, counts in seen.items()}
+    print(f"connections per worker: peak {peaks}, most of the time {idle}")
+    assert max(peaks.values()) <= POOL_SIZE + POOL_OVERFLOW, seen
+    assert set(idle.values()) == {POOL_SIZE}, seen
