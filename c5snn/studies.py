@@ -12,14 +12,17 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from c5snn.artifacts import find_run_dir
 from c5snn.config import GRID_KEYS, StudyConfig, definition_changes, load_config
 from c5snn.dashboard import write_note
 from c5snn.data import prepare
 from c5snn.errors import NotReadyError, StudyMismatchError
+from c5snn.lease import Budget
 from c5snn.storage import ClaimRow, ClaimState, Store
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -207,15 +210,17 @@ class PointState:
 
     done: bool = False
     running: bool = False
-    failures: int = 0  # failed or stale attempts
+    failures: int = 0  # failed attempts: the trial's own fault
+    disruptions: int = 0  # stale attempts: its worker died or froze
     last_attempt: int = 0
-    errors: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)  # of failed and stale attempts, oldest first
 
-    def given_up(self, max_attempts: int) -> bool:
-        return not self.done and self.failures >= max_attempts
+    def given_up(self, budget: Budget) -> bool:
+        return not self.done and (self.failures >= budget.max_attempts
+                                  or self.disruptions >= budget.max_disruptions)
 
-    def claimable(self, max_attempts: int) -> bool:
-        return not (self.done or self.running or self.given_up(max_attempts))
+    def claimable(self, budget: Budget) -> bool:
+        return not (self.done or self.running or self.given_up(budget))
 
 
 def point_states(rows: list[ClaimRow], n_points: int) -> list[PointState]:
@@ -229,7 +234,10 @@ def point_states(rows: list[ClaimRow], n_points: int) -> list[PointState]:
         elif row.state == ClaimState.RUNNING:
             s.running = True
         elif row.state in (ClaimState.FAILED, ClaimState.STALE):
-            s.failures += 1
+            if row.state == ClaimState.FAILED:
+                s.failures += 1
+            else:
+                s.disruptions += 1
             if row.error:
                 s.errors.append(row.error)
     return states
@@ -244,7 +252,7 @@ class PhaseState:
     attempts: tuple[ClaimRow, ...]
     trials: tuple[FrozenTrial, ...]
     points: tuple[PointState, ...]
-    max_attempts: int
+    budget: Budget
 
     @property
     def n_points(self) -> int:
@@ -260,7 +268,7 @@ class PhaseState:
 
     @property
     def given_up(self) -> list[int]:
-        return [i for i, s in enumerate(self.points) if s.given_up(self.max_attempts)]
+        return [i for i, s in enumerate(self.points) if s.given_up(self.budget)]
 
     @property
     def complete(self) -> bool:
@@ -269,7 +277,7 @@ class PhaseState:
     @property
     def finished(self) -> bool:
         """No point is left to run: each is done or given up."""
-        return all(s.done or s.given_up(self.max_attempts) for s in self.points)
+        return all(s.done or s.given_up(self.budget) for s in self.points)
 
     def complete_trials(self) -> list[FrozenTrial]:
         """COMPLETE trials, ordered by config_id (and seed, in promote)."""
@@ -286,10 +294,22 @@ class PhaseState:
             )
         return trials
 
+    def run_dirs(self, artifacts: Path) -> dict[tuple[int, int], Path]:
+        """(config_id, seed) -> the run directory of each point of a complete promote phase under
+        `artifacts`, or ArtifactError naming the first point whose files are not there."""
+        done = {(t.user_attrs["config_id"], t.user_attrs["seed"]): t
+                for t in self.require_complete("run the workers until it finishes")}
+        attrs = {key: t.user_attrs for key, t in done.items()}
+        return {(p.config_id, p.seed): find_run_dir(
+                    artifacts, self.phase.study, p.index, attrs[(p.config_id, p.seed)].get("run_dir"),
+                    attrs[(p.config_id, p.seed)].get("artifacts_root"))
+                for p in self.phase.points}
+
     def given_up_summary(self) -> str:
-        """'point 3 (3 attempts): <last error>; ...' for each given-up point."""
+        """'point 3 (3 failed, 0 disrupted): <last error>; ...' for each given-up point."""
         return "; ".join(
-            f"point {i} ({self.points[i].failures} attempts): "
+            f"point {i} ({self.points[i].failures} failed, {self.points[i].disruptions} "
+            f"disrupted): "
             f"{self.points[i].errors[-1] if self.points[i].errors else 'no error recorded'}"
             for i in self.given_up
         )
@@ -308,19 +328,19 @@ class SweepState:
         return [self.screening] + ([self.promote] if self.promote else [])
 
     @classmethod
-    def read(cls, config: StudyConfig, store: Store, max_attempts: int = 3) -> SweepState:
+    def read(cls, config: StudyConfig, store: Store, budget: Budget = Budget()) -> SweepState:
         screening = _read_phase(store, screening_phase(config), open_screening(config, store),
-                                max_attempts)
+                                budget)
         study = _promote_study(config, store)
         phase = _promote_phase_of(study) if study is not None else None
-        promote = _read_phase(store, phase, study, max_attempts) if phase is not None else None
+        promote = _read_phase(store, phase, study, budget) if phase is not None else None
         return cls(screening, promote, store.now())
 
 
-def _read_phase(store: Store, phase: Phase, study: optuna.Study, max_attempts: int) -> PhaseState:
+def _read_phase(store: Store, phase: Phase, study: optuna.Study, budget: Budget) -> PhaseState:
     rows = store.attempts(phase.study)
     return PhaseState(
         phase=phase, study=study, attempts=tuple(rows),
         trials=tuple(store.call(lambda: study.get_trials(deepcopy=False))),
-        points=tuple(point_states(rows, len(phase.points))), max_attempts=max_attempts,
+        points=tuple(point_states(rows, len(phase.points))), budget=budget,
     )

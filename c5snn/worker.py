@@ -17,7 +17,6 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
@@ -26,47 +25,30 @@ from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState
 
 from c5snn import native
-from c5snn.artifacts import DEFAULT_ARTIFACTS, point_dir, write_run_dir
+from c5snn.artifacts import (
+    DASHBOARD_FILES,
+    DEFAULT_ARTIFACTS,
+    optuna_artifact_store,
+    point_dir,
+    relative_to_root,
+    write_run_dir,
+)
 from c5snn.config import GRID_KEYS, StudyConfig, snapshot
 from c5snn.dashboard import write_note
 from c5snn.data import WindowData, prepare
 from c5snn.errors import (
     EnvironmentFault,
-    OptionError,
     StorageError,
     TrainingInterrupted,
     first_line,
 )
 from c5snn.files import atomic_path
+from c5snn.lease import Timing
+from c5snn.reaper import HEARTBEAT_LOST, reap
 from c5snn.runtime import check_device, environment_fault, tune_cpu_allocator
-from c5snn.storage import DEFAULT_OUTAGE_TOLERANCE_S, Claim, ClaimRow, ClaimState, Store
+from c5snn.storage import Claim, ClaimState, Store
 from c5snn.studies import PROMOTE, Phase, Point, open_screening, phases, point_states
 from c5snn.train import EpochRecord, RunResult, train_run
-
-
-@dataclass(frozen=True)
-class Timing:
-    """Lease settings: how often a worker beats, how long silence means death."""
-
-    heartbeat_s: float = 15.0
-    grace_s: float = 180.0
-    poll_s: float = 5.0
-    max_attempts: int = 3  # failed or stale attempts before a point is given up
-    db_outage_tolerance_s: float = DEFAULT_OUTAGE_TOLERANCE_S  # riding out a database outage
-
-    def __post_init__(self) -> None:
-        """Settings that would break exactly-once are refused before anything runs: a grace
-        shorter than a few heartbeats lets live leases be taken over."""
-        if not self.heartbeat_s > 0:
-            raise OptionError(f"--heartbeat must be > 0 seconds, got {self.heartbeat_s}")
-        if not self.grace_s >= 3 * self.heartbeat_s:
-            raise OptionError(f"--grace must be at least 3 x --heartbeat ({3 * self.heartbeat_s:g}"
-                              f" s), got {self.grace_s}")
-        if self.max_attempts < 1:
-            raise OptionError(f"--max-attempts must be >= 1, got {self.max_attempts}")
-        if not self.db_outage_tolerance_s >= 0:
-            raise OptionError(f"--db-outage-tolerance must be >= 0, got {self.db_outage_tolerance_s}")
-
 
 MIN_FREE_BYTES = 256 << 20  # checkpoints and run directories are a few MB per point
 
@@ -75,7 +57,7 @@ class Outcome(enum.Enum):
     DONE = "done"
     FAILED = "failed"  # training raised: the attempt counts toward max_attempts
     RELEASED = "released"  # stopped on request: the point resumes elsewhere
-    LOST = "lost"  # the lease was taken over: another worker owns the point now
+    LOST = "lost"  # the lease was taken over: another worker owns the point now (trial FAILed)
 
 
 class StopFlag:
@@ -121,24 +103,6 @@ class Heartbeat:
         self._thread.join()
 
 
-def reap(store: Store, study_name: str, grace_s: float, rows: list[ClaimRow]) -> list[ClaimRow]:
-    """Fail the Optuna trials of claims whose worker stopped beating; returns those reaped.
-
-    `rows` is the study's attempts as the caller has just read them.
-    """
-    reaped = store.mark_stale(study_name, grace_s, rows)
-    for row in reaped:
-        if row.trial_id is None:
-            continue
-        if store.finish_trial(row.trial_id, TrialState.FAIL, user_attrs={"error": "heartbeat lost"}):
-            continue
-        if store.trial(row.trial_id).state == TrialState.COMPLETE:
-            # it finished just as the lease ran out
-            store.finish(Claim(row.id, study_name, row.point, row.attempt), ClaimState.DONE,
-                         from_state=ClaimState.STALE)
-    return reaped
-
-
 def distributions(config: StudyConfig) -> dict[str, CategoricalDistribution]:
     return {k: CategoricalDistribution(list(config.grid[k])) for k in GRID_KEYS}
 
@@ -162,8 +126,9 @@ class Attempt:
     def echo(self, line: str) -> None:
         self.worker.echo(line)
 
-    def open(self) -> None:
-        """Create the RUNNING Optuna trial with the point's params and tie it to the claim."""
+    def open(self) -> bool:
+        """Create the RUNNING Optuna trial with the point's params and tie it to the claim;
+        False when the lease was already lost (the caller then gives the trial up, `lost`)."""
         w, point = self.worker, self.point
         user_attrs = {"config_id": point.config_id, "seed": point.seed, "claim": self.claim.id,
                       "attempt": self.claim.attempt, "worker": w.name, "host": w.host,
@@ -173,13 +138,15 @@ class Attempt:
         self.trial_id, self.number = self.store.create_trial(
             self.store.study_id(self.phase.study), point.params, distributions(w.config),
             user_attrs=user_attrs)
-        self.store.attach_trial(self.claim, self.trial_id, self.number)
+        if self.store.attach_trial(self.claim, self.trial_id, self.number) != ClaimState.RUNNING:
+            return False  # reaped before the trial was recorded (a frozen worker): not ours
         if self.phase.kind == PROMOTE:
             self.store.call(lambda: write_note(
                 optuna.Trial(w.study(self.phase.study), self.trial_id),
                 f"config_id {point.config_id}: `{self.label}`, promoted from screening "
                 f"trial {point.screening_trial}, seed {point.seed}, scored on **test**"))
         self.echo(f"start trial {self.number} point {point.index}: {self.label}")
+        return True
 
     def run(self) -> Outcome:
         """Train under a heartbeat-kept lease; report each epoch; finish, fail or release."""
@@ -203,7 +170,7 @@ class Attempt:
                 )
                 return self.finish(result)
             except TrainingInterrupted as exc:
-                return Outcome.LOST if beat.lost else self.release(str(exc))
+                return self.lost() if beat.lost else self.release(str(exc))
             except StorageError:
                 raise  # the database stayed away past the tolerance: the worker's fault, not the point's
             except Exception as exc:
@@ -221,12 +188,29 @@ class Attempt:
         self.echo(f"trial {self.number} point {self.point.index} FAILED: {error}")
         return Outcome.FAILED
 
+    def lost(self) -> Outcome:
+        """The lease was taken over: FAIL the trial unless the reaper already did (a reaper that
+        took the lease before the trial was recorded on the claim could not find it)."""
+        self.store.finish_trial(self.trial_id, TrialState.FAIL,
+                                user_attrs={"error": HEARTBEAT_LOST})
+        self.echo(f"trial {self.number}: lease lost to another worker; abandoning it")
+        return Outcome.LOST
+
     def release(self, why: str) -> Outcome:
         self.store.finish_trial(self.trial_id, TrialState.FAIL,
                                 user_attrs={"error": f"released: {why}"})
         self.store.finish(self.claim, ClaimState.RELEASED, f"released: {why}")
         self.echo(f"trial {self.number} released ({why})")
         return Outcome.RELEASED
+
+    def upload(self, run_dir: Path) -> None:
+        """The run's files as the trial's Optuna artifacts, which optuna-dashboard lists and
+        downloads (while the trial is RUNNING: Optuna refuses attrs on a finished trial)."""
+        artifact_store = optuna_artifact_store(self.worker.artifacts)
+        for name in DASHBOARD_FILES:
+            self.store.call(lambda name=name: optuna.artifacts.upload_artifact(
+                artifact_store=artifact_store, file_path=str(run_dir / name),
+                study_or_trial=optuna.Trial(self.worker.study(self.phase.study), self.trial_id)))
 
     def finish(self, result: RunResult) -> Outcome:
         """COMPLETE the trial with its value and facts (compare-and-set: not if reaped meanwhile)."""
@@ -249,13 +233,14 @@ class Attempt:
             attrs["test_metrics"] = result.test
             run_dir = write_run_dir(self.dir / "run", result,
                                     snapshot(self.worker.config, self.params, self.point.seed))
-            torch.save(result.test_logits, run_dir / "test_logits.pt")
-            attrs["run_dir"] = str(run_dir)
+            attrs["run_dir"] = relative_to_root(self.worker.artifacts, run_dir)
+            attrs["artifacts_root"] = str(self.worker.artifacts)  # where this worker mounts it
+            self.upload(run_dir)
         value = result.test["recall_at_20"] if self.point.evaluate_test else result.val["recall_at_20"]
         if not self.store.beat(self.claim, result.epochs_run):
-            return Outcome.LOST  # taken over (e.g. during a long outage): write no result
+            return self.lost()  # taken over (e.g. during a long outage): write no result
         if not self.store.finish_trial(self.trial_id, TrialState.COMPLETE, value, attrs):
-            return Outcome.LOST  # a reaper failed it meanwhile; its point runs again elsewhere
+            return self.lost()  # a reaper failed it meanwhile; its point runs again elsewhere
         self.store.finish(self.claim, ClaimState.DONE)
         n_done = sum(s.done for s in point_states(self.store.attempts(self.phase.study),
                                                   len(self.phase.points)))
@@ -339,11 +324,8 @@ class Worker:
                     break
                 self._sleep(self.timing.poll_s)
                 continue
-            attempt.open()
-            outcome = attempt.run()
+            outcome = attempt.run() if attempt.open() else attempt.lost()
             if outcome in (Outcome.RELEASED, Outcome.LOST):
-                if outcome == Outcome.LOST:
-                    self.echo(f"trial {attempt.number}: lease lost to another worker; abandoning it")
                 continue
             ran += 1
         return ran
@@ -358,12 +340,16 @@ class Worker:
         from a checkpoint), then in order; None when no point is claimable."""
         for phase in self.store.call(lambda: phases(self.config, self.store)):
             rows = self.store.attempts(phase.study)
-            if self._may_reap() and reap(self.store, phase.study, self.timing.grace_s, rows):
-                rows = self.store.attempts(phase.study)
+            if self._may_reap():
+                fixes = reap(self.store, phase.study, self.timing.grace_s, rows)
+                for fix in fixes:
+                    self.echo(f"reaped: {fix}")
+                if fixes:
+                    rows = self.store.attempts(phase.study)
             states = point_states(rows, len(phase.points))
             order = sorted(range(len(states)), key=lambda i: (states[i].last_attempt == 0, i))
             for i in order:
-                if not states[i].claimable(self.timing.max_attempts):
+                if not states[i].claimable(self.timing.budget):
                     continue
                 claim = self.store.try_claim(
                     phase.study, i, states[i].last_attempt + 1, worker=self.name, host=self.host,

@@ -8,10 +8,8 @@ then accepts again.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import threading
 import time
 import uuid
 
@@ -19,6 +17,7 @@ import optuna
 import pytest
 import sqlalchemy as sa
 from conftest import PG_URL, ROOT, require_pg, run_cli, study_dict, write_study
+from faults import FlakyProxy, through
 from optuna.trial import TrialState
 
 from c5snn.config import GRID_KEYS, load_config
@@ -26,80 +25,12 @@ from c5snn.config import GRID_KEYS, load_config
 OUTAGE_S = 20
 
 
-class FlakyProxy:
-    """Forwards 127.0.0.1:<port> to the database; `outage()` cuts and refuses, `restore()` ends it."""
-
-    def __init__(self, target: tuple[str, int]):
-        self.target = target
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
-        self._lock = threading.Lock()
-        self._open: list[socket.socket] = []
-        self._server: socket.socket | None = None
-
-    def restore(self) -> None:
-        server = socket.socket()
-        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        server.bind(("127.0.0.1", self.port))
-        server.listen(64)
-        self._server = server
-        threading.Thread(target=self._accept, args=(server,), daemon=True).start()
-
-    def outage(self) -> None:
-        self._server.close()  # new connections are refused
-        with self._lock:
-            for sock in self._open:  # open ones are cut
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-                sock.close()
-            self._open.clear()
-
-    def _accept(self, server: socket.socket) -> None:
-        while True:
-            try:
-                client, _ = server.accept()
-            except OSError:
-                return
-            try:
-                upstream = socket.create_connection(self.target, timeout=5)
-            except OSError:
-                client.close()
-                continue
-            upstream.settimeout(None)
-            with self._lock:
-                self._open += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        for sock in (src, dst):  # shutdown sends the FIN (close alone would not, while the other
-            try:                 # pump thread still sits in recv on the socket)
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            sock.close()
-
-
-def _through(proxy: FlakyProxy) -> str:
-    url = sa.engine.make_url(PG_URL)
-    return url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
-
-
 def test_three_workers_ride_out_a_20s_postgresql_outage(tmp_path, synthetic_csv):
     require_pg()
     target = sa.engine.make_url(PG_URL)
     proxy = FlakyProxy((target.host or "127.0.0.1", target.port or 5432))
     proxy.restore()
-    url = _through(proxy)
+    url = through(proxy)
     name = f"outage-{uuid.uuid4().hex[:8]}"
     study = write_study(tmp_path / "study.yaml", study_dict(
         synthetic_csv, name=name, training={"epochs": 2, "limit_train_batches": 2}))
@@ -155,7 +86,7 @@ def test_one_off_commands_fail_with_one_line_when_the_database_is_down(tmp_path,
     proxy.outage()
     study = write_study(tmp_path / "study.yaml", study_dict(synthetic_csv, name="down"))
     for command in (["status"], ["promote"], ["export", "--output", str(tmp_path / "r.csv")]):
-        proc = run_cli(*command, "--config", str(study), "--storage", _through(proxy))
+        proc = run_cli(*command, "--config", str(study), "--storage", through(proxy))
         assert proc.returncode == 1, proc.stderr
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in proc.stderr

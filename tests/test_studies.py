@@ -81,4 +81,4 @@ def test_promote_wait_ends_with_the_given_up_points(tmp_path, synthetic_csv):
     assert workers.returncode == 0, workers.stdout[-2000:]
     proc = run_cli("promote", *common, "--wait", "--max-attempts", "3", timeout=60)
     line = _one_line(proc)
-    assert "1/2 done" in line and "point 1 (3 attempts): RuntimeError: CUDA error" in line
+    assert "1/2 done" in line and "point 1 (3 failed, 0 disrupted): RuntimeError: CUDA error" in line

@@ -23,6 +23,7 @@ from optuna.trial import TrialState
 from c5snn.artifacts import point_dir
 from c5snn.config import GRID_KEYS, load_config
 from c5snn.data import prepare, write_synthetic
+from c5snn.lease import Budget
 from c5snn.train import train_run
 
 
@@ -257,7 +258,7 @@ def test_a_full_disk_stops_the_worker_and_charges_no_point(tmp_path, synthetic_c
     rows = store.attempts(config.name)
     assert [(r.state, r.error.split(":")[0]) for r in rows] == [(ClaimState.RELEASED, "released")]
     states = point_states(rows, config.n_points)
-    assert all(s.claimable(1) for s in states)  # nothing counted, not even with max_attempts 1
+    assert all(s.claimable(Budget(1, 1)) for s in states)  # nothing counted, not even with 1 each
     assert not [p for p in artifacts.rglob("*") if p.name.endswith(".tmp")]  # no leftovers
     # too little room is refused before claiming anything
     monkeypatch.setattr("shutil.disk_usage", lambda _path: shutil._ntuple_diskusage(1, 1, 1 << 20))
@@ -305,8 +306,8 @@ def test_a_damaged_checkpoint_of_a_stale_point_costs_time_not_the_point(tmp_path
 def test_leases_are_judged_on_the_database_clock(storage_url, monkeypatch, skew_s):
     """A worker whose clock runs 10 min ahead takes no live lease; one 10 min behind keeps its
     own: heartbeats and their ages are the database's time, never a worker's."""
+    from c5snn.reaper import reap
     from c5snn.storage import ClaimState, Store
-    from c5snn.worker import reap
 
     study = f"clock-{uuid.uuid4().hex[:8]}"
     owner, skewed = Store(storage_url), Store(storage_url)
