@@ -8,6 +8,11 @@
     config_snapshot.yaml the run's full configuration (c5snn.config.snapshot)
     pip_freeze.txt       installed distributions, for provenance
     metrics.csv          one row per epoch
+    test_logits.pt       (n_test, 39) logits on the test windows scored
+
+Every path c5snn records (a trial's `run_dir`) is relative to the artifacts root, so that a
+machine that mounts the folder elsewhere, or holds a copy of it, finds the same files under its
+own root (`--artifacts` / `C5SNN_ARTIFACTS`).
 """
 
 from __future__ import annotations
@@ -15,9 +20,11 @@ from __future__ import annotations
 import csv
 import hashlib
 import importlib.metadata
+import os
 import re
 from pathlib import Path
 
+import optuna
 import torch
 import yaml
 
@@ -40,6 +47,10 @@ def pip_freeze() -> str:
 
 
 DEFAULT_ARTIFACTS = Path("storage/artifacts")
+BEST_FILES = ("best_model.pt", "config_snapshot.yaml", "pip_freeze.txt", "metrics.csv")
+RUN_FILES = (*BEST_FILES, "test_logits.pt")  # a promote point's run directory
+DASHBOARD_FILES = ("best_model.pt", "metrics.csv", "config_snapshot.yaml")  # uploaded to its trial
+OPTUNA_ARTIFACTS = "optuna-artifacts"  # Optuna's artifact store, under the artifacts root
 
 
 def safe_name(study: str) -> str:
@@ -53,8 +64,54 @@ def point_dir(artifacts: Path, study: str, point: int) -> Path:
     return artifacts / safe_name(study) / f"point-{point:03d}"
 
 
+def artifacts_root(option: Path | None) -> Path:
+    """The artifacts root: `--artifacts`, else $C5SNN_ARTIFACTS, else storage/artifacts."""
+    return Path(option or os.environ.get("C5SNN_ARTIFACTS") or DEFAULT_ARTIFACTS)
+
+
+def relative_to_root(artifacts: Path, path: Path) -> str:
+    """`path` as recorded in the database: relative to the artifacts root, '/'-separated."""
+    return Path(path).absolute().relative_to(Path(artifacts).absolute()).as_posix()
+
+
+def find_run_dir(artifacts: Path, study: str, point: int, recorded: str | None,
+                 recorded_root: str | None = None) -> Path:
+    """A promote point's run directory on this machine: the first of these that holds its files.
+
+    `recorded` is the trial's `run_dir` attr: relative to the artifacts root, as c5snn records
+    it, or an absolute path of the machine that ran it (studies written before). It is looked
+    for under `artifacts` (this machine's root), then under `recorded_root` (the root the worker
+    wrote to, its `artifacts_root` attr: the same machine needs no --artifacts), then as written.
+    Raises ArtifactError naming the point and the path looked for under `artifacts`.
+    """
+    own = point_dir(Path(artifacts), study, point) / "run"
+    candidates = [own]
+    if recorded is not None and not Path(recorded).is_absolute():
+        candidates = [Path(artifacts) / recorded]
+        if recorded_root is not None:
+            candidates.append(Path(recorded_root) / recorded)
+    elif recorded is not None:
+        candidates.append(Path(recorded))
+    for here in candidates:
+        if all((here / name).is_file() for name in RUN_FILES):
+            return here
+    missing = next(name for name in RUN_FILES if not (candidates[0] / name).is_file())
+    raise ArtifactError(f"promote point {point} of '{study}': no {missing} in {candidates[0]} "
+                        "(its run directory under the artifacts root; mount the folder the "
+                        "workers wrote to and pass --artifacts or C5SNN_ARTIFACTS)")
+
+
+def optuna_artifact_store(artifacts: Path) -> optuna.artifacts.FileSystemArtifactStore:
+    """Optuna's artifact store under the artifacts root: the promote runs' files uploaded to their
+    trials there, which optuna-dashboard lists and downloads (`c5snn dashboard`)."""
+    folder = Path(artifacts) / OPTUNA_ARTIFACTS
+    folder.mkdir(parents=True, exist_ok=True)
+    return optuna.artifacts.FileSystemArtifactStore(folder)
+
+
 def write_run_dir(run_dir: Path, result: RunResult, config: dict) -> Path:
-    """Write a run's outputs into a fresh directory, renamed into place when complete."""
+    """Write a run's outputs (with its test logits, when it was scored on test) into a fresh
+    directory, renamed into place when complete."""
     run_dir = Path(run_dir)
     with atomic_path(run_dir) as tmp:
         tmp.mkdir()
@@ -71,6 +128,8 @@ def write_run_dir(run_dir: Path, result: RunResult, config: dict) -> Path:
         )
         (tmp / "config_snapshot.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         (tmp / "pip_freeze.txt").write_text(pip_freeze())
+        if result.test_logits is not None:
+            torch.save(result.test_logits, tmp / "test_logits.pt")
         with open(tmp / "metrics.csv", "w", newline="") as fh:
             writer = csv.writer(fh)
             writer.writerow(["epoch", "train_loss", *(f"val_{k}" for k in METRIC_KEYS), "seconds"])

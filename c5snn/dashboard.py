@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import optuna
 
@@ -23,8 +24,10 @@ def write_note(target: optuna.Study | optuna.Trial, body: str) -> None:
     save_note(target, body)
 
 
-def serve(store: Store, host: str, port: int, echo: Callable[[str], None]) -> None:
-    """Serve optuna-dashboard until interrupted (blocking)."""
+def serve(store: Store, host: str, port: int, echo: Callable[[str], None], *,
+          artifacts: Path) -> None:
+    """Serve optuna-dashboard until interrupted (blocking), with the promote runs' files that
+    workers uploaded to Optuna's artifact store under `artifacts`."""
     try:
         import optuna_dashboard
     except ImportError:
@@ -33,5 +36,9 @@ def serve(store: Store, host: str, port: int, echo: Callable[[str], None]) -> No
         ) from None
     if not 1 <= port <= 65535:
         raise OptionError(f"--port must lie in 1..65535, got {port}")
-    echo(f"optuna-dashboard for {store.masked} at http://{host}:{port}/dashboard")
-    optuna_dashboard.run_server(store.optuna, host=host, port=port)
+    from c5snn.artifacts import optuna_artifact_store
+
+    artifact_store = optuna_artifact_store(artifacts)
+    echo(f"optuna-dashboard for {store.masked} at http://{host}:{port}/dashboard "
+         f"(artifacts: {artifacts})")
+    optuna_dashboard.run_server(store.optuna, host=host, port=port, artifact_store=artifact_store)

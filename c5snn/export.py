@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from optuna.trial import FrozenTrial
 
+from c5snn.artifacts import BEST_FILES
 from c5snn.config import StudyConfig
 from c5snn.data import WindowData, prepare
 from c5snn.errors import ArtifactError
@@ -40,7 +41,6 @@ CSV_COLUMNS = [
     "config_id", "d_model", "n_heads", "n_layers", "d_ffn", "beta", "encoding", "timesteps",
     "val_recall_at_20", "val_hit_at_20", "val_mrr", "training_time_s", "best_epoch",
 ]
-BEST_FILES = ("best_model.pt", "config_snapshot.yaml", "pip_freeze.txt", "metrics.csv")
 BOOTSTRAP_SAMPLES = 2000
 
 
@@ -118,16 +118,17 @@ def _population_std(values: list[float]) -> float:
     return statistics.pstdev(values) if len(values) > 1 else 0.0
 
 
-def promote_models(config: StudyConfig, promote: PhaseState,
-                   data: WindowData) -> tuple[list[dict], dict]:
-    """The top-K models (JSON-ready, best first by rank) and the chosen best run."""
+def promote_models(config: StudyConfig, promote: PhaseState, data: WindowData,
+                   dirs: dict[tuple[int, int], Path]) -> tuple[list[dict], dict]:
+    """The top-K models (JSON-ready, best first by rank) and the chosen best run; `dirs` are
+    the promote points' run directories (`PhaseState.run_dirs`)."""
     points = promote.study.user_attrs["points"]
     done = {(t.user_attrs["config_id"], t.user_attrs["seed"]): t
-            for t in promote.require_complete("run the workers until it finishes")}
+            for t in promote.complete_trials()}
     # Test logits of every run cover the same windows: all of test, or the first ones when
     # training.limit_test_batches caps evaluation. Baseline and intervals use exactly those.
-    logits = {key: torch.load(Path(t.user_attrs["run_dir"]) / "test_logits.pt", weights_only=True)
-              for key, t in done.items() if key in {(p["config_id"], p["seed"]) for p in points}}
+    logits = {key: torch.load(path / "test_logits.pt", weights_only=True)
+              for key, path in dirs.items()}
     n_windows = next(iter(logits.values())).shape[0]
     chance = chance_metrics()
     baseline = frequency_baseline(data, n_windows)
@@ -179,9 +180,8 @@ def promote_models(config: StudyConfig, promote: PhaseState,
         best_seed = max(per_seed, key=lambda s: s["metrics"]["recall_at_20"])  # first on ties
         key = (-model["metrics_mean"]["recall_at_20"], group[0]["config_id"])
         if best is None or key < best["key"]:
-            trial = done[(group[0]["config_id"], best_seed["seed"])]
             best = {"key": key, "model": model["name"], "seed": best_seed["seed"],
-                    "run_dir": Path(trial.user_attrs["run_dir"]),
+                    "run_dir": dirs[(group[0]["config_id"], best_seed["seed"])],
                     "test_recall_at_20": best_seed["metrics"]["recall_at_20"]}
     return models, {"baseline": baseline, "chance": chance, "best": best, "n_windows": n_windows}
 
@@ -221,17 +221,21 @@ def check_targets(paths: Paths, force: bool) -> None:
                                 f"({', '.join(foreign[:3])}); move them, or --force to replace")
 
 
-def export(config: StudyConfig, store: Store, csv_path: Path, *, plots: bool = False,
-           force: bool = False) -> dict:
+def export(config: StudyConfig, store: Store, csv_path: Path, *, artifacts: Path,
+           plots: bool = False, force: bool = False) -> dict:
     """Write every output that the studies' progress allows; returns what was written.
 
-    Outputs are staged in a private folder and moved into place at the end, so a failed export
-    leaves the previous outputs as they were and concurrent exports do not meet.
+    The promote runs' files are read under `artifacts`, wherever this machine mounts the folder
+    the workers wrote to. Outputs are staged in a private folder and moved into place at the
+    end, so a failed export leaves the previous outputs as they were and concurrent exports do
+    not meet.
     """
     paths = Paths(Path(csv_path))
     check_targets(paths, force)
     state = SweepState.read(config, store)
     trials = state.screening.require_complete("the CSV needs all of them")
+    promoted = state.promote is not None and state.promote.complete
+    dirs = state.promote.run_dirs(artifacts) if promoted else {}  # before anything is written
     paths.folder.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".export-{paths.stem}-", dir=paths.folder))
     written = {"csv": paths.csv, "leaderboard": leaderboard(config, trials)}
@@ -240,9 +244,9 @@ def export(config: StudyConfig, store: Store, csv_path: Path, *, plots: bool = F
             writer = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
             writer.writeheader()
             writer.writerows(sweep_rows(config, trials))
-        if state.promote is not None and state.promote.complete:
+        if promoted:
             data = prepare(config.data_path, config.window_size, config.split_ratios)
-            models, extra = promote_models(config, state.promote, data)
+            models, extra = promote_models(config, state.promote, data, dirs)
             report = {
                 "models": models,
                 "generated_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),

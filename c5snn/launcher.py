@@ -15,35 +15,51 @@ import torch
 
 from c5snn.config import StudyConfig
 from c5snn.errors import DeviceError, OptionError
+from c5snn.lease import Timing
 from c5snn.runtime import cpu_allocator_env
-from c5snn.worker import Timing
 
 
 def worker_args(config: StudyConfig, timing: Timing, artifacts: Path) -> list[str]:
     """The `c5snn worker` options that make a child process serve this study like its parent."""
     args = ["--config", str(config.source), "--heartbeat", str(timing.heartbeat_s),
-            "--grace", str(timing.grace_s), "--max-attempts", str(timing.max_attempts),
+            "--grace", str(timing.grace_s), "--max-attempts", str(timing.budget.max_attempts),
+            "--max-disruptions", str(timing.budget.max_disruptions),
             "--db-outage-tolerance", str(timing.db_outage_tolerance_s),
-            "--artifacts", str(artifacts)]
+            "--artifacts", str(Path(artifacts).absolute())]
     for assignment in config.overrides:
         args += ["--set", assignment]
     return args
 
 
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use, as CUDA_VISIBLE_DEVICES names them for its children:
+    that list where it is set (Slurm's GPU binding and Kubernetes' device plugin set it), else
+    0..count-1."""
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    listed = [g.strip() for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g.strip()]
+    return listed[:count] if listed else [str(i) for i in range(count)]
+
+
 def parse_gpus(text: str | None) -> list[str] | None:
-    """`"0,1"` -> ["0", "1"]; None or empty -> None (CPU). Every id must be a CUDA device of this
-    machine: a wrong id would otherwise start workers that fail every point."""
+    """`"0,1"` -> the CUDA_VISIBLE_DEVICES entries of GPUs 0 and 1 as this process counts them
+    (so that under Slurm's binding "0" is the first GPU of the job, not of the node); "all" ->
+    every GPU this process sees; None or empty -> None (CPU). Every id must be a GPU this
+    process sees: a wrong id would otherwise start workers that fail every point."""
     gpus = [g.strip() for g in (text or "").split(",") if g.strip()]
     if not gpus:
         return None
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    visible = visible_gpus()
+    if gpus == ["all"]:
+        if not visible:
+            raise DeviceError("--gpus all: this process sees no CUDA device")
+        return visible
     for gpu in gpus:
         if not gpu.isdigit():
-            raise DeviceError(f"--gpus {text}: '{gpu}' is not a GPU id (0, 1, ...)")
-        if int(gpu) >= count:
-            raise DeviceError(f"--gpus {text}: GPU {gpu} does not exist; this machine has "
-                              f"{count} CUDA device(s)")
-    return gpus
+            raise DeviceError(f"--gpus {text}: '{gpu}' is not a GPU id (0, 1, ...) or 'all'")
+        if int(gpu) >= len(visible):
+            raise DeviceError(f"--gpus {text}: GPU {gpu} does not exist; this process sees "
+                              f"{len(visible)} CUDA device(s)")
+    return [visible[int(gpu)] for gpu in gpus]
 
 
 def check_count(n: int, option: str) -> None:
@@ -52,10 +68,11 @@ def check_count(n: int, option: str) -> None:
 
 
 def default_threads(n_workers: int, gpus: list[str] | None) -> int:
-    """Workers sharing the CPU split its cores; GPU workers need one thread each."""
+    """Workers sharing the CPU split the cores this process may run on (a Slurm or Kubernetes
+    allocation, not the whole node); GPU workers need one thread each."""
     if gpus:
         return 1
-    return max(1, (os.cpu_count() or 1) // n_workers)
+    return max(1, len(os.sched_getaffinity(0)) // n_workers)
 
 
 def launch(

@@ -13,10 +13,10 @@ from c5snn.config import StudyConfig
 from c5snn.errors import NotReadyError, WorkersFailed
 from c5snn.export import Paths, check_targets, export, leaderboard, top_table
 from c5snn.launcher import check_count, launch, worker_args
+from c5snn.lease import Timing
 from c5snn.promote import promote
 from c5snn.storage import Store
 from c5snn.studies import SweepState, create_screening
-from c5snn.worker import Timing
 
 
 def run_workers(config: StudyConfig, store: Store, *, n: int, gpus, threads, artifacts: Path,
@@ -50,15 +50,15 @@ def phase_c_sweep(
                    echo=echo)
     echo(f"screening {config.n_points} points with {n_workers} worker(s)")
     run_workers(config, store, **workers)
-    screening = SweepState.read(config, store, timing.max_attempts).screening
+    screening = SweepState.read(config, store, timing.budget).screening
     _require_finished(screening, "screening")
     echo(f"screening leaderboard (val, seed {config.screening_seed}):")
     echo(leaderboard(config, screening.complete_trials()))
     promote(config, store, top_k=top_k, seeds=seeds)
     echo(f"promote: top {top_k} x seeds {','.join(map(str, seeds))} on test")
     run_workers(config, store, **workers)
-    _require_finished(SweepState.read(config, store, timing.max_attempts).promote, "promote")
-    written = export(config, store, output)
+    _require_finished(SweepState.read(config, store, timing.budget).promote, "promote")
+    written = export(config, store, output, artifacts=artifacts)
     echo(top_table(written["report"]))
     echo(f"wrote {written['csv']}, {written['top']}, {written['best']}, {written['meta']}")
     return written

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import optuna
 from optuna.trial import FrozenTrial
 
 from c5snn.config import StudyConfig
 from c5snn.errors import NotReadyError, StudyMismatchError
+from c5snn.lease import Budget
 from c5snn.storage import Store
 from c5snn.studies import PROMOTE, PROMOTE_METRIC, SweepState, describe_study, promote_study_name
 
@@ -69,19 +71,21 @@ def promote(
     return study, True
 
 
-def wait_for_promote(config: StudyConfig, store: Store, *, max_attempts: int,
+def wait_for_promote(config: StudyConfig, store: Store, *, budget: Budget, artifacts: Path,
                      poll_s: float = 5.0, echo: Callable[[str], None] = print) -> int:
-    """Block until every promote point is done; returns their number.
+    """Block until every promote point is done and its run directory is readable under
+    `artifacts` (what `export` reads next); returns their number.
 
     Ends with NotReadyError (naming each given-up point and its last error) as soon as no point
     is left to run but some were given up: waiting longer would be waiting forever.
     """
     reported = -1
     while True:
-        state = SweepState.read(config, store, max_attempts).promote
+        state = SweepState.read(config, store, budget).promote
         if state is None:
             raise NotReadyError(f"no promote study for '{config.name}'; run `c5snn promote` first")
         if state.complete:
+            state.run_dirs(artifacts)  # ArtifactError naming a point whose files are not there
             return state.n_points
         if state.finished:
             raise NotReadyError(

@@ -12,6 +12,7 @@ import urllib.request
 
 from conftest import ROOT
 
+from c5snn.artifacts import DASHBOARD_FILES
 from c5snn.config import GRID_KEYS
 
 
@@ -30,7 +31,8 @@ def test_dashboard_serves_both_studies_with_trials_attrs_and_curves(swept):
     port = _free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "c5snn", "dashboard", "--config", str(swept["tmp"] / "study.yaml"),
-         "--storage", swept["url"], "--port", str(port)],
+         "--storage", swept["url"], "--port", str(port), "--artifacts",
+         str(swept["tmp"] / "artifacts")],
         env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True,
     )
@@ -70,6 +72,13 @@ def test_dashboard_serves_both_studies_with_trials_attrs_and_curves(swept):
             attrs = {a["key"]: a["value"] for a in t["user_attrs"]}
             assert t["state"] == "Complete" and "screening_trial" in attrs and "seed" in attrs
             assert "promoted from screening trial" in t["note"]["body"]
+            # the run's files, uploaded by its worker to Optuna's artifact store, download
+            files = {a["filename"]: a for a in t["artifacts"]}
+            assert set(files) == set(DASHBOARD_FILES)
+            run_dir = swept["tmp"] / "artifacts" / attrs["run_dir"]
+            url = f"{base}/artifacts/{t['study_id']}/{t['trial_id']}/{files['metrics.csv']['artifact_id']}"
+            with urllib.request.urlopen(url, timeout=10) as response:
+                assert response.read() == (run_dir / "metrics.csv").read_bytes()
     finally:
         proc.terminate()
         proc.wait(timeout=30)

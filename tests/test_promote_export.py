@@ -280,3 +280,65 @@ def test_two_one_shots_on_one_sqlite_file_both_finish(tmp_path, synthetic_csv):
         assert proc.returncode == 0, out[-3000:]
     report = json.loads((tmp_path / "results" / "phase_c_top5.json").read_text())
     assert len(report["models"]) == 1 and report["models"][0]["n_seeds"] == 1
+
+
+def test_artifacts_travel_to_a_machine_that_mounts_them_elsewhere(swept, tmp_path):
+    """Run directories are recorded relative to the artifacts root: an export from another
+    mount point writes the same outputs, a study an older c5snn wrote (absolute paths of the
+    machine that ran it) still exports, and a missing run directory is one line naming the point
+    and the path, with nothing written."""
+    import shutil
+
+    import sqlalchemy as sa
+
+    tmp, url, config = swept["tmp"], swept["url"], swept["config"]
+    promoted = optuna.load_study(study_name=config.name + "-promote", storage=url).trials
+    assert all(not t.user_attrs["run_dir"].startswith("/") for t in promoted)
+    original, moved, away = tmp / "artifacts", tmp_path / "mounted-elsewhere", tmp / "artifacts.away"
+    shutil.copytree(original, moved)
+    original.rename(away)  # the folder the workers wrote to is not on this machine
+    try:
+        def export(out, storage=url, **env):
+            return run_cli("export", "--config", str(tmp / "study.yaml"), "--storage", storage,
+                           "--output", str(out / "phase_c_sweep.csv"), cwd=tmp_path, env=env)
+
+        def same_outputs(out):
+            assert (out / "phase_c_sweep.csv").read_text() == (
+                swept["results"] / "phase_c_sweep.csv").read_text()
+            got, want = (json.loads((folder / "phase_c_top5.json").read_text())
+                         for folder in (out, swept["results"]))
+            for report in (got, want):
+                report.pop("generated_at")
+                report["best"].pop("run_dir")
+            assert got == want
+            for name in ("best_model.pt", "metrics.csv", "config_snapshot.yaml"):
+                assert (out / "phase_c_best" / name).read_bytes() == (
+                    swept["results"] / "phase_c_best" / name).read_bytes()
+
+        proc = export(tmp_path / "a", C5SNN_ARTIFACTS=str(moved))
+        assert proc.returncode == 0, proc.stderr
+        same_outputs(tmp_path / "a")
+        # a study written before: run_dir an absolute path of the machine that ran it
+        old = tmp_path / "old.db"
+        shutil.copy(tmp / "sweep.db", old)
+        engine = sa.create_engine(f"sqlite:///{old}")
+        with engine.begin() as conn:
+            conn.execute(sa.text("UPDATE trial_user_attributes SET value_json = :v WHERE key = "
+                                 "'run_dir'"), {"v": json.dumps("/gone/machine/artifacts/x/run")})
+            conn.execute(sa.text("DELETE FROM trial_user_attributes WHERE key = 'artifacts_root'"))
+        engine.dispose()
+        proc = run_cli("export", "--config", str(tmp / "study.yaml"), "--storage", f"sqlite:///{old}",
+                       "--output", str(tmp_path / "b" / "phase_c_sweep.csv"), "--artifacts",
+                       str(moved), cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        same_outputs(tmp_path / "b")
+        # a run directory truly missing: one line, and no output folder
+        gone = next(moved.glob("*-promote-*/point-003/run"))
+        (gone / "test_logits.pt").unlink()
+        proc = export(tmp_path / "c", C5SNN_ARTIFACTS=str(moved))
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 1 and len(lines) == 1 and "Traceback" not in proc.stderr
+        assert "promote point 3" in lines[0] and f"no test_logits.pt in {gone}" in lines[0]
+        assert not (tmp_path / "c").exists()
+    finally:
+        away.rename(original)
