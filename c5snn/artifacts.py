@@ -104,9 +104,7 @@ def find_run_dir(artifacts: Path, study: str, point: int, recorded: str | None,
 def optuna_artifact_store(artifacts: Path) -> optuna.artifacts.FileSystemArtifactStore:
     """Optuna's artifact store under the artifacts root: the promote runs' files uploaded to their
     trials there, which optuna-dashboard lists and downloads (`c5snn dashboard`)."""
-    folder = Path(artifacts) / OPTUNA_ARTIFACTS
-    folder.mkdir(parents=True, exist_ok=True)
-    return optuna.artifacts.FileSystemArtifactStore(folder)
+    return optuna.artifacts.FileSystemArtifactStore(Path(artifacts) / OPTUNA_ARTIFACTS)
 
 
 def write_run_dir(run_dir: Path, result: RunResult, config: dict) -> Path:

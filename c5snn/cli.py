@@ -358,6 +358,9 @@ def export(
     plots: Annotated[bool, typer.Option(help="Also write HTML figures (needs plotly).")] = False,
     force: Annotated[bool, typer.Option(help="Replace a folder or foreign files where the "
                                              "outputs go (refused otherwise).")] = False,
+    require_promote: Annotated[bool, typer.Option(
+        help="Exit 1 (writing nothing) unless promote is complete, instead of writing the CSV "
+             "alone: for a scheduler's dependent export job.")] = False,
 ) -> None:
     """Write the sweep CSV and, once promote is done, the top-K JSON, best checkpoint and meta."""
     from c5snn.export import export as do_export
@@ -365,7 +368,7 @@ def export(
 
     cfg, store = _open(config, None, storage)
     written = do_export(cfg, store, cfg.sweep_csv(output), artifacts=artifacts, plots=plots,
-                        force=force)
+                        force=force, require_promote=require_promote)
     _echo(written["leaderboard"])
     if "report" in written:
         _echo(top_table(written["report"]))

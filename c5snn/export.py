@@ -30,7 +30,7 @@ from optuna.trial import FrozenTrial
 from c5snn.artifacts import BEST_FILES
 from c5snn.config import StudyConfig
 from c5snn.data import WindowData, prepare
-from c5snn.errors import ArtifactError
+from c5snn.errors import ArtifactError, NotReadyError
 from c5snn.metrics import METRIC_KEYS, chance_metrics, compute_metrics, per_window_metrics
 from c5snn.plots import write_plots
 from c5snn.promote import rank
@@ -222,19 +222,25 @@ def check_targets(paths: Paths, force: bool) -> None:
 
 
 def export(config: StudyConfig, store: Store, csv_path: Path, *, artifacts: Path,
-           plots: bool = False, force: bool = False) -> dict:
+           plots: bool = False, force: bool = False, require_promote: bool = False) -> dict:
     """Write every output that the studies' progress allows; returns what was written.
 
     The promote runs' files are read under `artifacts`, wherever this machine mounts the folder
     the workers wrote to. Outputs are staged in a private folder and moved into place at the
     end, so a failed export leaves the previous outputs as they were and concurrent exports do
-    not meet.
+    not meet. With `require_promote`, an unfinished promote phase is an error (NotReadyError)
+    rather than a CSV alone: what a scheduler's dependent job needs to fail visibly.
     """
     paths = Paths(Path(csv_path))
     check_targets(paths, force)
     state = SweepState.read(config, store)
     trials = state.screening.require_complete("the CSV needs all of them")
     promoted = state.promote is not None and state.promote.complete
+    if require_promote and not promoted:
+        progress = (f"{state.promote.done}/{state.promote.n_points} points done" if state.promote
+                    else "no promote study yet")
+        raise NotReadyError(f"promote of '{config.name}' is not complete ({progress}); "
+                            "see c5snn status")
     dirs = state.promote.run_dirs(artifacts) if promoted else {}  # before anything is written
     paths.folder.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".export-{paths.stem}-", dir=paths.folder))

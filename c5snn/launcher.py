@@ -17,6 +17,7 @@ from c5snn.config import StudyConfig
 from c5snn.errors import DeviceError, OptionError
 from c5snn.lease import Timing
 from c5snn.runtime import cpu_allocator_env
+from c5snn.worker import STOP_SIGNALS
 
 
 def worker_args(config: StudyConfig, timing: Timing, artifacts: Path) -> list[str]:
@@ -62,6 +63,16 @@ def parse_gpus(text: str | None) -> list[str] | None:
     return [visible[int(gpu)] for gpu in gpus]
 
 
+def launcher_tag() -> str:
+    """What makes this launcher's worker names unique across launchers and machines, and says
+    where they run: host, the Slurm task (array job_task, or job) when under Slurm, PID."""
+    env = os.environ
+    task = (f"slurm{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}."
+            if "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_JOB_ID" in env
+            else f"slurm{env['SLURM_JOB_ID']}." if "SLURM_JOB_ID" in env else "")
+    return f"{socket.gethostname()}:{task}{os.getpid()}"
+
+
 def check_count(n: int, option: str) -> None:
     if n < 1:
         raise OptionError(f"{option} must be >= 1, got {n}")
@@ -87,15 +98,16 @@ def launch(
     """Run N `c5snn worker` processes to the end; returns 0 when all exited 0, else 1.
 
     Worker i runs on GPU `gpus[i % len(gpus)]` (through CUDA_VISIBLE_DEVICES, so several
-    workers may share one GPU) or on the CPU when no GPU is listed. SIGINT/SIGTERM sent to this
-    process are forwarded as SIGTERM, so each worker checkpoints and releases its trial.
+    workers may share one GPU) or on the CPU when no GPU is listed. A stop signal sent to this
+    process (`c5snn.worker.STOP_SIGNALS`) is forwarded as SIGTERM, so each worker checkpoints
+    and releases its trial.
     The storage URL travels in the environment (C5SNN_STORAGE), never on a command line where
     `ps` would show its password.
     """
     check_count(n, "--workers/-n")
     threads = threads or default_threads(n, gpus)
     procs: list[tuple[str, subprocess.Popen]] = []
-    tag = f"{socket.gethostname()}:{os.getpid()}"  # unique across launchers and machines
+    tag = launcher_tag()
     for i in range(n):
         name = f"w{i}"
         env = dict(os.environ)
@@ -120,7 +132,7 @@ def launch(
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
 
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, forward) for s in STOP_SIGNALS}
 
     def pump(name: str, proc: subprocess.Popen) -> None:
         for line in proc.stdout:

@@ -28,6 +28,7 @@ from c5snn import native
 from c5snn.artifacts import (
     DASHBOARD_FILES,
     DEFAULT_ARTIFACTS,
+    OPTUNA_ARTIFACTS,
     optuna_artifact_store,
     point_dir,
     relative_to_root,
@@ -50,6 +51,9 @@ from c5snn.storage import Claim, ClaimState, Store
 from c5snn.studies import PROMOTE, Phase, Point, open_screening, phases, point_states
 from c5snn.train import EpochRecord, RunResult, train_run
 
+# SIGTERM (scancel, preemption, Kubernetes, docker stop), Ctrl-C, and SIGUSR1: Slurm's warning
+# before a time limit, which reaches every process of a job under --signal=USR1@<seconds>
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 MIN_FREE_BYTES = 256 << 20  # checkpoints and run directories are a few MB per point
 
 
@@ -61,13 +65,13 @@ class Outcome(enum.Enum):
 
 
 class StopFlag:
-    """Set by SIGTERM/SIGINT: the worker checkpoints, releases its trial and exits 0."""
+    """Set by STOP_SIGNALS: the worker checkpoints, releases its trial and exits 0."""
 
     def __init__(self) -> None:
         self.event = threading.Event()
 
     def install(self) -> StopFlag:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in STOP_SIGNALS:
             signal.signal(sig, lambda *_: self.event.set())
         return self
 
@@ -207,6 +211,7 @@ class Attempt:
         """The run's files as the trial's Optuna artifacts, which optuna-dashboard lists and
         downloads (while the trial is RUNNING: Optuna refuses attrs on a finished trial)."""
         artifact_store = optuna_artifact_store(self.worker.artifacts)
+        (self.worker.artifacts / OPTUNA_ARTIFACTS).mkdir(exist_ok=True)
         for name in DASHBOARD_FILES:
             self.store.call(lambda name=name: optuna.artifacts.upload_artifact(
                 artifact_store=artifact_store, file_path=str(run_dir / name),

@@ -1,11 +1,12 @@
-"""docker-compose.yml, checked without a Docker engine: structure, safety, real commands."""
+"""docker-compose.yml, checked without a Docker engine: structure and safety (its command lines
+are parsed with the real CLI in test_deploy)."""
 
 from __future__ import annotations
 
 import re
 
 import yaml
-from conftest import ROOT, run_cli
+from conftest import ROOT
 
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 SERVICES = COMPOSE["services"]
@@ -48,17 +49,8 @@ def test_no_credentials_and_localhost_by_default():
             assert _defaults(port).startswith("127.0.0.1:"), port
 
 
-def test_every_service_command_is_a_real_c5snn_command():
-    for name, svc in SERVICES.items():
-        if "command" not in svc or name == "postgres":
-            continue
-        args = [_defaults(a) for a in svc["command"]]
-        words = [a for a in args if not a.startswith("-")]
-        sub = words[:2] if words[0] in ("study", "data") else words[:1]
-        proc = run_cli(*sub, "--help")
-        assert proc.returncode == 0, (name, proc.stderr)
-        for option in (a for a in args if a.startswith("--")):
-            assert option in proc.stdout, (name, option)
+def test_postgresql_serves_the_connection_budget():
+    assert "max_connections=200" in SERVICES["postgres"]["command"]  # 2 per worker: ~90 workers
 
 
 def test_services_read_the_projects_own_data():
