@@ -8,7 +8,7 @@ ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
 WORKDIR /app
 
 # jemalloc: CPU workers restart themselves on it (c5snn/runtime.py; a third less peak memory);
-# g++: CPU workers compile c5snn/native.cpp for the CPU they run on (cached per user and CPU)
+# g++: CPU workers compile c5snn/kernels/cpu for the CPU they run on (cached per user and CPU)
 RUN apt-get update && apt-get install -y --no-install-recommends libjemalloc2 g++ && \
     rm -rf /var/lib/apt/lists/*
 RUN pip install torch --index-url "${TORCH_INDEX}"
@@ -21,6 +21,6 @@ RUN pip install ".[dashboard]"
 RUN useradd --create-home c5snn && mkdir -p /artifacts /app/results && \
     chown c5snn /artifacts /app/results
 USER c5snn
-RUN python -c "from c5snn import native; native.available()"  # prebuilt for the build machine's CPU
+RUN python -c "from c5snn.kernels import backend; backend()"  # prebuilt for the build machine's CPU
 ENTRYPOINT ["c5snn"]
 CMD ["--help"]

@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[dev,dashboard,plots]"
-	$(PY) -c "from c5snn import native; native.available()"  # build the CPU kernels once (~25 s)
+	$(PY) -c "from c5snn.kernels import backend; backend()"  # build the CPU kernels once (~20 s)
 	touch $(STAMP)
 
 install: $(STAMP)

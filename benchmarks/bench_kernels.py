@@ -1,27 +1,28 @@
 """The pieces behind the training-step numbers: denormal GEMMs, and each compiled CPU operator
-(`c5snn/native.cpp`) against the torch path it replaces.
+(`c5snn/kernels`) against the torch path it replaces.
 
 1. A (57600, 64) @ (64, 64) fp32 GEMM (a d64 projection's input gradient at B=64, W=90, T=10) on
    normal and on denormal inputs, with denormals kept and flushed
    (`c5snn.runtime.configure_threads`). Each row runs in a fresh process, because the flush
    setting must precede torch's thread pool.
 2. The LIF recurrence on a (10, 64, 90, 64) tensor: forward alone, and forward + backward through
-   autograd; the LIF with the FFN's dropout in its pass against LIF then dropout; spike
-   attention (`c5snn.native.Attention` against `c5snn.ops.SpikeAttention`, the torch path) at
-   the two 6-layer configurations' shapes; the dropout keep mask of a (2, 640, 90, 90)
+   autograd; the LIF with the FFN's dropout in its pass against LIF then dropout; the Q/K/V LIF
+   and spike attention (`kernels.lif_attention` against the torch LIF then
+   `c5snn.ops.SpikeAttention`) at the two 6-layer configurations' shapes; the dropout keep mask
+   of a (2, 640, 90, 90)
    attention-score tensor. Best of 10 after a warm-up, in this process (flushed), on the
    allocator it was started with (jemalloc, as c5snn's workers, in docs/benchmarks.md).
 3. The fused operators against the compiled operators they replace, forward + backward
-   through autograd at d64's shapes: `native.lif_pair` against two `native.lif` calls,
-   `native.lif_attention` against `native.lif` then `native.Attention`, and (where oneDNN runs
-   the GEMMs) each of a block's four linear maps summed inside the LIF operator that reads it
-   (`c5snn.ops.linear_lif*`) against `c5snn.ops.linear` then that operator. Medians of 5
+   through autograd at d64's shapes: `kernels.lif_pair` against two `kernels.lif` calls, and
+   (where oneDNN runs the GEMMs) each of a block's four linear maps summed inside the LIF
+   operator that reads it (`kernels.linear_lif*`) against `kernels.linear` then that operator.
+   Medians of 5
    rounds of best-of-3, the two sides alternating, in this process.
 4. The model's GEMMs on the two libraries inside torch: torch's mm (MKL) and oneDNN
-   (`c5snn.native.gemm`, what `c5snn.ops.matmul` runs off Intel CPUs): each 6-layer
+   (`c5snn::gemm`, what `kernels.linear` runs where the backend chose oneDNN): each 6-layer
    configuration's linear maps at B=64, W=90, T=10 (57,600 rows), forward, dL/dx and dL/dW,
-   and a 2048 x 2048 GEMM; for dL/dW also c5snn's own kernel (`c5snn.native.weight_grad`, what
-   `c5snn.ops.weight_grad` runs where oneDNN was chosen) on the same fp32 input and on the uint8
+   and a 2048 x 2048 GEMM; for dL/dW also c5snn's own kernel (`c5snn::weight_grad`, what runs
+   beside oneDNN) on the same fp32 input and on the uint8
    copy the model keeps of spike input. Same process, same threads.
 
     .venv/bin/python benchmarks/bench_kernels.py [--threads 2]
@@ -64,16 +65,17 @@ def gemm_row(flush: bool, denormal: bool, threads: int) -> float:
     return best_ms(lambda: g @ w, repeats=3 if denormal and not flush else 10)
 
 
-def kernels(threads: int) -> list[tuple[str, float, float]]:
+def operator_rows(threads: int) -> list[tuple[str, float, float]]:
     import torch
 
-    from c5snn import native
+    from c5snn import kernels
+    from c5snn.kernels import record
     from c5snn.lif import lif_torch
     from c5snn.ops import dropout_spikes, keep_mask
     from c5snn.runtime import configure_threads
 
     configure_threads(threads)
-    if not native.available():
+    if not kernels.backend().compiled:
         raise SystemExit("the compiled CPU operators are not available here")
     x = torch.randn(10, 64, 90, 64) * 1.5
     g = torch.randn_like(x)
@@ -81,45 +83,53 @@ def kernels(threads: int) -> list[tuple[str, float, float]]:
     rows = []
     with torch.no_grad():
         rows.append(("LIF forward (10, 64, 90, 64)", best_ms(lambda: lif_torch(x, 0.8)),
-                     best_ms(lambda: native.lif(x, 0.8))))
+                     best_ms(lambda: kernels.lif(x, 0.8))))
     rows.append(("LIF forward + backward, autograd", best_ms(lambda: lif_torch(xg, 0.8).backward(g)),
-                 best_ms(lambda: native.lif(xg, 0.8).backward(g))))
+                 best_ms(lambda: kernels.lif(xg, 0.8).backward(g))))
     h = torch.randn(10, 64, 90, 128).requires_grad_()  # the d64 FFN's hidden currents
     gh = torch.randn_like(h)
     rows.append(("LIF + dropout p=0.1 (10, 64, 90, 128), forward + backward",
                  best_ms(lambda: dropout_spikes(lif_torch(h, 0.8), 0.1, True).backward(gh)),
-                 best_ms(lambda: native.lif(h, 0.8, dropout=0.1).backward(gh))))
+                 best_ms(lambda: kernels.lif(h, 0.8, dropout=0.1).backward(gh))))
     for d, heads in ((64, 2), (128, 4)):
         rows += attention_rows(d, heads)
     shape, cpu = (2, 640, 90, 90), torch.device("cpu")
     compiled = best_ms(lambda: keep_mask(shape, 0.1, cpu))
-    serves, native.serves = native.serves, lambda device: False  # ops.keep_mask's torch path
+    serves, record.compiled_on = record.compiled_on, lambda device: False  # the torch path
     try:
         rows.append(("keep mask (2, 640, 90, 90), p=0.1", best_ms(lambda: keep_mask(shape, 0.1, cpu)),
                      compiled))
     finally:
-        native.serves = serves
+        record.compiled_on = serves
     return rows
 
 
 def attention_rows(d: int, heads: int) -> list[tuple[str, float, float]]:
-    """Spike attention at a 6-layer configuration's shape: the torch path and the compiled one."""
+    """The Q/K/V LIF and spike attention at a 6-layer configuration's shape: the torch LIF then
+    the torch attention, and the compiled operator."""
     import torch
 
-    from c5snn import native
+    from c5snn import kernels
+    from c5snn.lif import lif_torch
     from c5snn.ops import SpikeAttention
 
-    qkv = (torch.rand(640, 90, 3 * d) < 0.3).float().requires_grad_()  # (T*B, W, 3d) spikes
-    go = torch.randn(640, 90, d)
-    args = (qkv, heads, (d // heads) ** -0.5, 0.1, True)
-    name = f"attention (640, 90, {3 * d}), {heads} heads, p=0.1"
+    x = (torch.randn(10, 64, 90, 3 * d) * 1.5).requires_grad_()  # (T, B, W, 3d) currents
+    go = torch.randn(10, 64, 90, d)
+    scale = (d // heads) ** -0.5
+
+    def torch_path():
+        spikes = lif_torch(x, 0.8).reshape(640, 90, 3 * d)
+        return SpikeAttention.apply(spikes, heads, scale, 0.1, True).view(10, 64, 90, d)
+
+    def compiled():
+        return kernels.lif_attention(x, 0.8, torch.zeros(3 * d), heads, scale, 0.1, True)
+
+    name = f"LIF + attention (10, 64, 90, {3 * d}), {heads} heads, p=0.1"
     rows = []
     with torch.no_grad():
-        rows.append((f"{name}, forward", best_ms(lambda: SpikeAttention.apply(*args)),
-                     best_ms(lambda: native.Attention.apply(*args))))
-    rows.append((f"{name}, forward + backward",
-                 best_ms(lambda: SpikeAttention.apply(*args).backward(go)),
-                 best_ms(lambda: native.Attention.apply(*args).backward(go))))
+        rows.append((f"{name}, forward", best_ms(torch_path), best_ms(compiled)))
+    rows.append((f"{name}, forward + backward", best_ms(lambda: torch_path().backward(go)),
+                 best_ms(lambda: compiled().backward(go))))
     return rows
 
 
@@ -129,26 +139,16 @@ def fused_rows() -> list[tuple[str, float, float]]:
 
     import torch
 
-    from c5snn import native
+    from c5snn import kernels
 
     x = (torch.randn(10, 64, 90, 64) * 1.5).requires_grad_()  # o_proj's currents
     r = (torch.rand(10, 64, 90, 64) < 0.3).float().requires_grad_()  # the block input
     bias = torch.randn(64).requires_grad_()
-    qkv = (torch.randn(10, 64, 90, 192) * 1.5).requires_grad_()  # the Q/K/V currents
-    qkv_bias = torch.randn(192).requires_grad_()
-    g, go = torch.randn(10, 64, 90, 64), torch.randn(10, 64, 90, 64)
-
-    def attention_parts():
-        spikes = native.lif(qkv, 0.8, bias=qkv_bias).reshape(640, 90, 192)
-        native.Attention.apply(spikes, 2, 32**-0.5, 0.1, True).view(10, 64, 90, 64).backward(go)
-
+    g = torch.randn(10, 64, 90, 64)
     cases = [
         ("LIF(r + LIF(x + b)) (10, 64, 90, 64): `lif_pair` / two `lif`",
-         lambda: native.lif(r, 0.8, residual=native.lif(x, 0.8, bias=bias)).backward(g),
-         lambda: native.lif_pair(x, 0.8, bias, r).backward(g)),
-        ("attention(LIF(x + b)) (10, 64, 90, 192), 2 heads, p=0.1: `lif_attention` / `lif` + "
-         "`Attention`", attention_parts,
-         lambda: native.lif_attention(qkv, 0.8, qkv_bias, 2, 32**-0.5, 0.1, True).backward(go)),
+         lambda: kernels.lif(r, 0.8, residual=kernels.lif(x, 0.8, bias=bias)).backward(g),
+         lambda: kernels.lif_pair(x, 0.8, bias, r).backward(g)),
     ]
     cases += linear_cases()
     rows = []
@@ -161,13 +161,13 @@ def fused_rows() -> list[tuple[str, float, float]]:
 
 def linear_cases() -> list:
     """A d64 block's four linear maps with the LIF operators that read them: oneDNN's GEMM (and
-    c5snn's dL/dW) then the LIF operator, against the two in one (`c5snn.ops.linear_lif*`),
+    c5snn's dL/dW) then the LIF operator, against the two in one (`kernels.linear_lif*`),
     forward + backward through autograd; none where the fused operators are not used here."""
     import torch
 
-    from c5snn import native, ops
+    from c5snn import kernels
 
-    if not (native.gemm_library() == "onednn" and native.fused_linear()):
+    if not kernels.backend().fused_linear:
         return []
     gen = torch.Generator().manual_seed(0)
 
@@ -191,22 +191,22 @@ def linear_cases() -> list:
                                                                          generator=gen)
     return [
         ("o_proj, float input (K 64, N 64) + LIF pair: `linear_lif_pair` / `linear` + `lif_pair`",
-         lambda: native.lif_pair(ops.linear(mixed, w_o), 0.8, b_o, x, False, r8).backward(g64),
-         lambda: ops.linear_lif_pair(mixed, w_o, 0.8, b_o, x, residual8=r8).backward(g64)),
+         lambda: kernels.lif_pair(kernels.linear(mixed, w_o), 0.8, b_o, x, False, r8).backward(g64),
+         lambda: kernels.linear_lif_pair(mixed, w_o, 0.8, b_o, x, residual8=r8).backward(g64)),
         ("ffn1, uint8 input (K 64, N 128) + LIF, dropout 0.1: `linear_lif` / `linear` + `lif`",
-         lambda: native.lif(ops.linear(x, w_1, x8), 0.8, dropout=0.1, bias=b_1).backward(g128),
-         lambda: ops.linear_lif(x, w_1, 0.8, b_1, x8, dropout=0.1).backward(g128)),
+         lambda: kernels.lif(kernels.linear(x, w_1, x8), 0.8, dropout=0.1, bias=b_1).backward(g128),
+         lambda: kernels.linear_lif(x, w_1, 0.8, b_1, x8, dropout=0.1).backward(g128)),
         ("ffn2, uint8 input of 1/(1-p) (K 128, N 64) + LIF pair: `linear_lif_pair` / `linear` + "
          "`lif_pair`",
-         lambda: native.lif_pair(ops.linear(hidden, w_2, hidden8, 1 / 0.9), 0.8, b_2, x, False,
+         lambda: kernels.lif_pair(kernels.linear(hidden, w_2, hidden8, 1 / 0.9), 0.8, b_2, x, False,
                                  r8).backward(g64),
-         lambda: ops.linear_lif_pair(hidden, w_2, 0.8, b_2, x, hidden8, 1 / 0.9,
+         lambda: kernels.linear_lif_pair(hidden, w_2, 0.8, b_2, x, hidden8, 1 / 0.9,
                                      r8).backward(g64)),
         ("Q/K/V, uint8 input (K 64, N 192) + LIF + attention, 2 heads, p=0.1: "
          "`linear_lif_attention` / `linear` + `lif_attention`",
-         lambda: native.lif_attention(ops.linear(x, w_qkv, x8), 0.8, b_qkv, 2, 32**-0.5, 0.1,
+         lambda: kernels.lif_attention(kernels.linear(x, w_qkv, x8), 0.8, b_qkv, 2, 32**-0.5, 0.1,
                                       True).backward(g64),
-         lambda: ops.linear_lif_attention(x, w_qkv, 0.8, b_qkv, 2, 32**-0.5, 0.1, True,
+         lambda: kernels.linear_lif_attention(x, w_qkv, 0.8, b_qkv, 2, 32**-0.5, 0.1, True,
                                           x8).backward(g64)),
     ]
 
@@ -215,8 +215,6 @@ def gemm_rows() -> list[tuple[str, float, float, float | None, float | None]]:
     """(shape, torch mm ms, oneDNN ms, c5snn dL/dW ms on fp32 and on uint8 x or None) for the
     model's GEMMs; spikes as the forward's input."""
     import torch
-
-    from c5snn import native
 
     if not torch.ops.c5snn.onednn_available():
         return []
@@ -231,14 +229,14 @@ def gemm_rows() -> list[tuple[str, float, float, float | None, float | None]]:
             for what, a, b in (("x @ Wᵀ", x, w.t()), ("dL/dx", g, w), ("dL/dW", g.t(), x)):
                 own = (None, None)
                 if what == "dL/dW":
-                    own = (best_ms(lambda g=g, x=x: native.weight_grad(g, x)),
-                           best_ms(lambda g=g, x8=x8: native.weight_grad(g, x8)))
+                    own = (best_ms(lambda g=g, x=x: torch.ops.c5snn.weight_grad(g, x, 1.0)),
+                           best_ms(lambda g=g, x8=x8: torch.ops.c5snn.weight_grad(g, x8, 1.0)))
                 rows.append((f"d{d} {name} {what}: ({a.shape[0]}, {a.shape[1]}) @ "
                              f"({b.shape[0]}, {b.shape[1]})",
                              best_ms(lambda a=a, b=b: torch.mm(a, b)),
-                             best_ms(lambda a=a, b=b: native.gemm(a, b)), *own))
+                             best_ms(lambda a=a, b=b: torch.ops.c5snn.gemm(a, b)), *own))
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    rows.append(("2048 x 2048", best_ms(lambda: torch.mm(a, b)), best_ms(lambda: native.gemm(a, b)),
+    rows.append(("2048 x 2048", best_ms(lambda: torch.mm(a, b)), best_ms(lambda: torch.ops.c5snn.gemm(a, b)),
                  None, None))
     return rows
 
@@ -264,7 +262,7 @@ def main() -> None:
         print(f"| denormals {'flushed' if flush else 'kept'} | {cells[0]:.1f} | {cells[1]:.1f} |")
     print("\n| operator | torch path ms | compiled ms | speed-up |")
     print("|---|---|---|---|")
-    for name, slow, fast in kernels(args.threads):
+    for name, slow, fast in operator_rows(args.threads):
         print(f"| {name} | {slow:.2f} | {fast:.2f} | {slow / fast:.1f}x |")
     print("\n| fused operator | its parts ms | fused ms | speed-up |")
     print("|---|---|---|---|")

@@ -102,17 +102,18 @@ def one(kind: str, name: str, repeats: int, threads: int, denormals: str) -> dic
 
 def matmul_rates(n: int = 2048, repeats: int = 5) -> tuple[float, float]:
     """This process's fp32 GEMM rates in GFLOP/s (best of `repeats`) on torch's mm (MKL) and on
-    oneDNN (`c5snn.native.gemm`; 0 where it is not available). The faster is this CPU's fp32
+    oneDNN (`c5snn::gemm`; 0 where it is not available). The faster is this CPU's fp32
     matmul rate: on AMD CPUs MKL runs its AVX2 code, and oneDNN inside the same torch ran
     2048 x 2048 at over twice its rate, so MKL's rate alone would flatter every efficiency."""
     import torch
 
-    from c5snn import native
+    from c5snn import kernels
 
     a, b = torch.randn(n, n), torch.randn(n, n)
     rates = []
-    for mm in (torch.mm, native.gemm):
-        if mm is native.gemm and not (native.available() and torch.ops.c5snn.onednn_available()):
+    for mm in (torch.mm, torch.ops.c5snn.gemm):
+        if mm is not torch.mm and not (kernels.backend().compiled and
+                                       torch.ops.c5snn.onednn_available()):
             rates.append(0.0)
             continue
         mm(a, b)

@@ -24,6 +24,7 @@ import yaml
 
 from c5snn.data import file_sha256
 from c5snn.errors import OptionError, StudyFileError
+from c5snn.neuron import NEURON
 
 # The five swept hyperparameters, in the order that defines config_id (DESIGN §4).
 GRID_KEYS = ("n_layers", "n_heads", "d_model", "beta", "encoding")
@@ -337,8 +338,8 @@ def _build(raw: dict, source: Path) -> StudyConfig:
     _positive(source, "data.window_size", data["window_size"])
     if model["type"] != "spiking_transformer":
         raise _fail(source, "model.type", "only 'spiking_transformer' is supported")
-    if model["surrogate"] != "fast_sigmoid":
-        raise _fail(source, "model.surrogate", "only 'fast_sigmoid' is supported")
+    if model["surrogate"] != NEURON.surrogate:  # the one neuron c5snn defines (c5snn.neuron)
+        raise _fail(source, "model.surrogate", f"only '{NEURON.surrogate}' is supported")
     _positive(source, "model.timesteps", model["timesteps"])
     _positive(source, "model.max_window_size", model["max_window_size"])
     _positive(source, "model.d_ffn_multiplier", model["d_ffn_multiplier"])
@@ -453,8 +454,10 @@ def check_seed(seed: int, option: str) -> int:
     return seed
 
 
-def snapshot(config: StudyConfig, params: ModelParams, seed: int) -> dict[str, Any]:
-    """A self-describing record of one run, written as config_snapshot.yaml and in checkpoints."""
+def snapshot(config: StudyConfig, params: ModelParams, seed: int,
+             backend: dict | None = None) -> dict[str, Any]:
+    """A self-describing record of one run, written as config_snapshot.yaml and in checkpoints:
+    its configuration, and how it was computed (`c5snn.kernels.describe`)."""
     return {
         "study": config.name,
         "study_hash": config.content_hash,
@@ -466,6 +469,7 @@ def snapshot(config: StudyConfig, params: ModelParams, seed: int) -> dict[str, A
         "model": {"type": "spiking_transformer", **asdict(params)},
         "training": asdict(config.training),
         "seed": seed,
+        "backend": backend or {},
     }
 
 

@@ -1,24 +1,16 @@
-"""The LIF neuron: its constants and the multi-step recurrence in torch (the default kernel).
+"""The multi-step LIF recurrence in torch ops: the path on GPUs (without Triton), under
+torch.compile, and where the compiled CPU operators are off. The neuron is `c5snn.neuron.NEURON`.
 
-One autograd Function per recurrence exists for speed (DESIGN §2): autograd through T separate
-LIF steps records ~6 ops per step and keeps every intermediate; the Function keeps a single
-`(T, ...)` tensor for backward. `c5snn.lif_triton` is the same recurrence as a fused CUDA kernel;
-`c5snn.model.lif_function` chooses between them.
-
-LIF update (snntorch `Leaky`, reset by subtraction, threshold 1, membrane zero at t=0):
-
-    U[t] = beta * U[t-1] + X[t] - S[t-1]          S[t] = H(U[t] - 1)
-
-with the fast-sigmoid surrogate dS/dU = 1 / (slope * |U - 1| + 1)^2. The reset term S[t-1] is
-detached, as in snntorch, so dL/dU[t] = dL/dS[t] * dS/dU[t] + beta * dL/dU[t+1].
+One autograd Function per recurrence (DESIGN §2): autograd through T separate steps records ~6
+ops per step and keeps every intermediate; the Function keeps one `(T, ...)` tensor of surrogate
+denominators (and, with reset to zero, the spikes) for backward.
 """
 
 from __future__ import annotations
 
 import torch
 
-THRESHOLD = 1.0
-SLOPE = 25.0  # snntorch.surrogate.fast_sigmoid(slope=25)
+from c5snn.neuron import NEURON
 
 
 class LIFMultiStep(torch.autograd.Function):
@@ -26,28 +18,33 @@ class LIFMultiStep(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, beta: float) -> torch.Tensor:
-        steps = x.shape[0]
+        theta, subtract = NEURON.threshold, NEURON.reset == "subtract"
         mem = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # (T, ...) membranes
         spikes = torch.empty_like(mem)
-        mem[0] = x[0]  # U[0] = beta * 0 + X[0] - 0
-        torch.gt(mem[0], THRESHOLD, out=spikes[0])
-        for t in range(1, steps):
+        mem[0] = x[0]  # U[0] = X[0]: the state starts at zero
+        torch.gt(mem[0], theta, out=spikes[0])
+        for t in range(1, x.shape[0]):
             u = mem[t]
-            torch.mul(mem[t - 1], beta, out=u)
-            u.add_(x[t]).sub_(spikes[t - 1])
-            torch.gt(u, THRESHOLD, out=spikes[t])
-        # Keep only the surrogate denominators (slope*|U-1|+1)^2, computed in place over mem.
-        denom = mem.sub_(THRESHOLD).abs_().mul_(SLOPE).add_(1.0).square_()
-        ctx.save_for_backward(denom)
+            if subtract:  # U = beta * U[t-1] + X - S[t-1] * threshold
+                torch.mul(mem[t - 1], beta, out=u)
+                u.add_(x[t]).sub_(spikes[t - 1], alpha=theta)
+            else:  # U = (U[t-1] * (1 - S[t-1])) * beta + X
+                torch.mul(mem[t - 1], 1 - spikes[t - 1], out=u)
+                u.mul_(beta).add_(x[t])
+            torch.gt(u, theta, out=spikes[t])
+        # The surrogate denominators (slope * |U - threshold| + 1)^2, computed in place over mem.
+        denom = mem.sub_(theta).abs_().mul_(NEURON.slope).add_(1.0).square_()
+        ctx.save_for_backward(denom, None if subtract else spikes)
         ctx.beta = beta
         return spikes
 
     @staticmethod
     def backward(ctx, grad_spikes: torch.Tensor):
-        (denom,) = ctx.saved_tensors
+        denom, spikes = ctx.saved_tensors
         grad = grad_spikes / denom  # (T, ...) dL/dS * dS/dU, before the recurrence
-        for t in range(grad.shape[0] - 2, -1, -1):
-            grad[t].add_(grad[t + 1], alpha=ctx.beta)
+        for t in range(grad.shape[0] - 2, -1, -1):  # + dU[t+1]/dU[t] * dL/dU[t+1]
+            carry = grad[t + 1] if spikes is None else grad[t + 1] * (1 - spikes[t])
+            grad[t].add_(carry, alpha=ctx.beta)
         return grad, None
 
 

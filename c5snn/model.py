@@ -1,151 +1,34 @@
 """SpikingTransformer: a Spikformer-style spiking transformer ranking the 39 parts (DESIGN §2).
 
 Layout is time-major: activations are `(T, B, W, d)`. Each block runs over all T steps at once:
-linear maps and attention are batched over T, only the LIF membrane recurrence is stepped
-(`c5snn.lif`, or `c5snn.lif_triton` on CUDA). The step-by-step snntorch version,
-`c5snn.reference`, must agree; `build_model` builds either (`training.lif_kernel`).
+linear maps and attention are batched over T, only the LIF membrane recurrence is stepped. A
+block takes one of three routes (`c5snn.kernels.route`, read once per block call): "fused" (the
+compiled CPU operators with each linear map summed inside the LIF operator that reads it),
+"compiled" (the compiled LIF and attention operators, GEMMs apart: bf16 autocast, no oneDNN or
+FMA) or "torch" (torch ops and `c5snn.lif`, or the Triton LIF: CUDA, torch.compile, the compiled
+operators off). The step-by-step snntorch version, `c5snn.reference`, must agree; `build_model`
+builds either (`training.lif_kernel`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import nn
 
-from c5snn import native
+from c5snn import kernels
 from c5snn.data import N_PARTS
 from c5snn.lif import lif_torch
-from c5snn.ops import (
-    dropout_spikes,
-    fuses_linear,
-    linear,
-    linear_lif,
-    linear_lif_attention,
-    linear_lif_pair,
-    spike_attention,
-)
+from c5snn.ops import dropout_spikes, spike_attention
 from c5snn.reference import BlockWeights, ReferenceSpikingTransformer
 
 
-def lif_function(kernel: str) -> Callable[..., torch.Tensor]:
-    """The multi-step LIF of a `training.lif_kernel`: `fire(x, beta, residual=None, bias=None,
-    dropout=0.0, bytes=False)` gives the spikes `(T, ...)` of neurons driven by currents `x`
-    (+ `residual`, both `(T, ...)`, or + a linear layer's `bias` over the last dimension); with
-    `bytes`, the pair (spikes, their uint8 copy or None) for `c5snn.ops.linear`.
-
-    "torch" runs the compiled CPU operator (`c5snn.native`, bitwise the same spikes) on CPU
-    tensors where it could be built, else the torch recurrence (`c5snn.lif`; also under
-    torch.compile, which traces it). `dropout` > 0 drops the spikes out (0 or 1/(1-p)); the
-    compiled operator adds the bias, drops out and writes the uint8 copy in its own pass.
-    "triton" is one fused CUDA kernel each way (the optional `triton` package, imported only
-    when chosen). Membranes are always fp32: under bf16 autocast
-    the input current is upcast first, since a bf16 membrane (8-bit mantissa) would move spikes
-    across the threshold.
-    """
-    if kernel == "triton":
-        from c5snn.lif_triton import lif_triton as recurrence
-    else:
-        recurrence = lif_torch
-
-    def fire(x: torch.Tensor, beta: float, residual: torch.Tensor | None = None,
-             bias: torch.Tensor | None = None, dropout: float = 0.0, bytes: bool = False):
-        x = x if x.dtype == torch.float32 else x.float()
-        if residual is not None and residual.dtype != torch.float32:
-            residual = residual.float()
-        if kernel == "torch" and native.serves(x.device):  # bias, dropout, bytes in its pass
-            return native.lif(x, beta, residual, dropout, bias, bytes)
-        current = x if residual is None else x + residual
-        spikes = recurrence(current if bias is None else current + bias, beta)
-        spikes = dropout_spikes(spikes, dropout, training=True)
-        return (spikes, None) if bytes else spikes  # ops.linear converts it itself
-
-    return fire
-
-
-def linear_lif_function(kernel: str) -> Callable[..., tuple]:
-    """`fire_linear(x, weight, beta, bias, x8=None, value=1.0, spikes=False, dropout=0.0)`:
-    (spikes, their uint8 copy or None) of `LIF(x @ weightᵀ + bias)`, dropped out with
-    probability `dropout`, as `c5snn.ops.linear` and `lif_function(kernel)` would give them; the
-    linear map summed inside the LIF's pass where `c5snn.ops.fuses_linear`
-    (`c5snn.ops.LinearLIF`)."""
-    fire = lif_function(kernel)
-
-    def fire_linear(x: torch.Tensor, weight: torch.Tensor, beta: float, bias: torch.Tensor,
-                    x8: torch.Tensor | None = None, value: float = 1.0, spikes: bool = False,
-                    dropout: float = 0.0):
-        if kernel == "torch" and fuses_linear(x, weight) and (x8 is not None or not spikes):
-            return linear_lif(x, weight, beta, bias, x8, value, dropout, True)
-        return fire(linear(x, weight, x8, value, spikes), beta, bias=bias, dropout=dropout,
-                    bytes=True)
-
-    return fire_linear
-
-
-def linear_lif_pair_function(kernel: str) -> Callable[..., tuple]:
-    """`fire_pair(x, weight, beta, bias, residual, x8=None, value=1.0, spikes=False,
-    residual8=None)`: (spikes, their uint8 copy or None) of `LIF(residual + LIF(x @ weightᵀ +
-    bias))`, the block's two residual sums, as `c5snn.ops.linear` and two `lif_function(kernel)`
-    calls would give them (`x8`, `value`, `spikes`: the linear map's spike input, as `linear`
-    takes it). "torch" on the CPU runs both LIFs in one compiled pass each way
-    (`c5snn.native.lif_pair`: the inner spikes never go to memory), with the linear map summed
-    inside that pass where `c5snn.ops.fuses_linear` (`c5snn.ops.LinearLIFPair`: nor do the
-    currents), and spike residuals read from their uint8 copy `residual8`; the rest makes the
-    separate calls."""
-    fire = lif_function(kernel)
-
-    def fire_pair(x: torch.Tensor, weight: torch.Tensor, beta: float, bias: torch.Tensor,
-                  residual: torch.Tensor, x8: torch.Tensor | None = None, value: float = 1.0,
-                  spikes: bool = False, residual8: torch.Tensor | None = None):
-        pair = (kernel == "torch" and native.serves(x.device) and x.dtype == torch.float32
-                and residual.dtype == torch.float32)
-        if pair and fuses_linear(x, weight) and (x8 is not None or not spikes):
-            return linear_lif_pair(x, weight, beta, bias, residual, x8, value, residual8, True)
-        currents = linear(x, weight, x8, value, spikes)  # bf16 under autocast
-        if pair and currents.dtype == torch.float32:
-            return native.lif_pair(currents, beta, bias, residual, True, residual8)
-        return fire(residual, beta, residual=fire(currents, beta, bias=bias), bytes=True)
-
-    return fire_pair
-
-
-def linear_lif_attention_function(kernel: str) -> Callable[..., torch.Tensor]:
-    """`fire_attention(x, weight, x8, beta, bias, n_heads, scale, p, training)`: spike attention
-    (`c5snn.ops.spike_attention`) of the spikes of `LIF(x @ weightᵀ + bias)`, the fused Q/K/V
-    projection (`_project`: `x` may be constant over T, `x8` its uint8 copy). "torch" on the CPU
-    runs the LIF and the attention in one compiled operator (`c5snn.native.lif_attention`: the
-    spikes go from the LIF to the attention as bits, not as an fp32 tensor), with the projection
-    summed inside it where `c5snn.ops.fuses_linear` and the input is spikes with a uint8 copy
-    (`c5snn.ops.LinearLIFAttention`: nor do the currents go to memory); the rest makes the
-    separate calls."""
-    fire = lif_function(kernel)
-
-    def fire_attention(x: torch.Tensor, weight: torch.Tensor, x8: torch.Tensor | None,
-                       beta: float, bias: torch.Tensor, n_heads: int, scale: float, p: float,
-                       training: bool) -> torch.Tensor:
-        native_path = (kernel == "torch" and x.dtype == torch.float32 and native.serves(x.device)
-                       and not torch.is_autocast_enabled(x.device.type)
-                       and weight.shape[0] // 3 // n_heads <= native.MAX_HEAD)
-        if native_path and x8 is not None and fuses_linear(x, weight):
-            return linear_lif_attention(x, weight, beta, bias, n_heads, scale, p, training, x8)
-        currents = _project(x, weight, x8)
-        if native_path and currents.shape[-1] <= native.MAX_QKV:
-            return native.lif_attention(currents, beta, bias, n_heads, scale, p, training)
-        return spike_attention(fire(currents, beta, bias=bias), n_heads, scale, p, training)
-
-    return fire_attention
-
-
 def _project(x: torch.Tensor, weight: torch.Tensor, x8: torch.Tensor | None = None) -> torch.Tensor:
-    """`x @ weightᵀ` for `(T, ...)` input (`c5snn.ops.linear`, on this CPU's faster GEMM), the
-    bias left to the LIF that reads it (added in its pass, its gradient summed in its backward's;
-    addmm adds it after the same sum too, so the currents are the layer's on the same GEMM
-    library); input constant over T (stride 0) is projected once and the result repeated (again
-    stride 0). `x8`: spike input's uint8 copy, kept for backward instead of `x`."""
+    """`x @ weightᵀ` for `(T, ...)` input (`c5snn.kernels.linear`), its bias left to the LIF that
+    reads it; input constant over T (stride 0) is projected once and the result repeated."""
     if x.shape[0] > 1 and x.stride(0) == 0:
-        out = linear(x[0], weight)
+        out = kernels.linear(x[0], weight)
         return out.unsqueeze(0).expand(x.shape[0], *out.shape)
-    return linear(x, weight, x8)
+    return kernels.linear(x, weight, x8)
 
 
 class SpikingBlock(BlockWeights):
@@ -154,34 +37,87 @@ class SpikingBlock(BlockWeights):
     def __init__(self, d_model: int, n_heads: int, d_ffn: int, beta: float, dropout: float,
                  lif_kernel: str = "torch"):
         super().__init__(d_model, d_ffn)
-        self._linear_lif = linear_lif_function(lif_kernel)  # chosen once, not every step
-        self._linear_lif_pair = linear_lif_pair_function(lif_kernel)
-        self._linear_lif_attention = linear_lif_attention_function(lif_kernel)
+        self.lif_kernel = lif_kernel  # torch or triton: the LIF of the torch route
         self.n_heads = n_heads
         self.beta = beta
         self.dropout = dropout
         self.scale = (d_model // n_heads) ** -0.5
 
+    def _fire(self, route: str, x, residual=None, bias=None, dropout: float = 0.0,
+              bytes: bool = True):
+        """(spikes, their uint8 copy where `bytes` on a compiled route, else None) of
+        LIF(x + residual | + bias), dropped out. Membranes are fp32 whatever autocast made the
+        currents: a bf16 membrane (8-bit mantissa) would move spikes across the threshold."""
+        x = x.float()
+        residual = residual.float() if residual is not None else None
+        if route != "torch":
+            out = kernels.lif(x, self.beta, residual, dropout, bias, bytes=bytes)
+            return out if bytes else (out, None)
+        if self.lif_kernel == "triton":
+            from c5snn.kernels.triton import lif_triton as recurrence
+        else:
+            recurrence = lif_torch
+        current = x if residual is None else x + residual
+        spikes = recurrence(current if bias is None else current + bias, self.beta)
+        return dropout_spikes(spikes, dropout, training=True), None
+
+    def _linear_lif(self, route: str, x, weight, bias, x8=None, value=1.0, spikes=False,
+                    dropout=0.0):
+        """(spikes, uint8 copy or None) of LIF(x @ weightᵀ + bias), dropped out; for spike input
+        (0 or `value`) pass its uint8 copy `x8` or `spikes=True`."""
+        if route == "fused" and weight.shape[0] % 16 == 0 and (x8 is not None or not spikes):
+            return kernels.linear_lif(x, weight, self.beta, bias, x8, value, dropout, bytes=True)
+        currents = kernels.linear(x, weight, x8, value, spikes)
+        return self._fire(route, currents, bias=bias, dropout=dropout)
+
+    def _linear_lif_pair(self, route: str, x, weight, bias, residual, x8=None, value=1.0,
+                         spikes=False, residual8=None):
+        """(spikes, uint8 copy or None) of LIF(residual + LIF(x @ weightᵀ + bias)): the block's
+        two residual sums; a spike residual may come with its uint8 copy `residual8`."""
+        if route == "fused" and weight.shape[0] % 16 == 0 and (x8 is not None or not spikes):
+            return kernels.linear_lif_pair(x, weight, self.beta, bias, residual, x8, value,
+                                           residual8, bytes=True)
+        currents = kernels.linear(x, weight, x8, value, spikes)  # bf16 under autocast
+        if route != "torch" and currents.dtype == residual.dtype == torch.float32:
+            return kernels.lif_pair(currents, self.beta, bias, residual, True, residual8)
+        inner, _ = self._fire(route, currents, bias=bias, bytes=False)
+        return self._fire(route, residual, residual=inner)
+
+    def _attention(self, route: str, x, weight, bias, x8=None):
+        """Spike attention of the spikes of LIF(x @ weightᵀ + bias), the fused Q/K/V projection
+        (`x` may be constant over T): `(T, B, W, d)`."""
+        heads, p, training = self.n_heads, self.dropout, self.training
+        compiled = (route != "torch" and x.dtype == torch.float32
+                    and not torch.is_autocast_enabled("cpu")
+                    and weight.shape[0] // 3 // heads <= kernels.MAX_HEAD)
+        if compiled and route == "fused" and x8 is not None and weight.shape[0] % 16 == 0:
+            return kernels.linear_lif_attention(x, weight, self.beta, bias, heads, self.scale, p,
+                                                training, x8)
+        currents = _project(x, weight, x8)
+        if compiled and currents.shape[-1] <= kernels.MAX_QKV:
+            return kernels.lif_attention(currents, self.beta, bias, heads, self.scale, p, training)
+        spikes, _ = self._fire(route, currents, bias=bias, bytes=False)
+        return spike_attention(spikes, heads, self.scale, p, training)
+
     def forward(self, x: torch.Tensor, x8: torch.Tensor | None = None):
-        """Spikes `(T, B, W, d)` and their uint8 copy (None on the torch paths) from the block
+        """Spikes `(T, B, W, d)` and their uint8 copy (None on the torch route) from the block
         input `x` `(T, B, W, d)`: the first block's currents (maybe constant over T: stride 0)
         or the previous block's spikes, with their uint8 copy `x8`, which the Q/K/V projection
-        keeps for backward and the first residual sum reads, instead of `x` (a quarter of the
-        bytes)."""
-        # Q, K and V as one GEMM (d -> 3d, K = d) and one LIF: fewer, larger kernels; the
-        # weights stay three nn.Linear (the reference's state-dict keys) and are joined here.
+        keeps for backward and the first residual sum reads instead of `x`."""
+        route = kernels.route(x, self.lif_kernel)
+        # Q, K and V as one GEMM (d -> 3d) and one LIF; the weights stay three nn.Linear (the
+        # reference's state-dict keys) and are joined here.
         weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
         bias = torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
-        mixed = self._linear_lif_attention(  # attention of the spikes LIF(q | k | v): (T, B, W, d)
-            x, weight, x8, self.beta, bias, self.n_heads, self.scale, self.dropout, self.training)
-        r1, r1_bytes = self._linear_lif_pair(  # LIF(x + o), o = LIF(o_proj(mixed)): (T, B, W, d)
-            mixed, self.o_proj.weight, self.beta, self.o_proj.bias, x, residual8=x8)
+        mixed = self._attention(route, x, weight, bias, x8)  # (T, B, W, d)
+        r1, r1_bytes = self._linear_lif_pair(  # LIF(x + o), o = LIF(o_proj(mixed))
+            route, mixed, self.o_proj.weight, self.o_proj.bias, x, residual8=x8)
         dropping = self.training and self.dropout > 0
         hidden, hidden_bytes = self._linear_lif(  # (T, B, W, d_ffn): 0 or 1/(1-p)
-            r1, self.ffn1.weight, self.beta, self.ffn1.bias, r1_bytes, spikes=True,
+            route, r1, self.ffn1.weight, self.ffn1.bias, r1_bytes, spikes=True,
             dropout=self.dropout if dropping else 0.0)
         # LIF(r1 + f), f = LIF(ffn2(hidden)): (T, B, W, d) spikes and their uint8 copy
-        return self._linear_lif_pair(hidden, self.ffn2.weight, self.beta, self.ffn2.bias, r1,
+        return self._linear_lif_pair(route, hidden, self.ffn2.weight, self.ffn2.bias, r1,
                                      hidden_bytes, 1 / (1 - self.dropout) if dropping else 1.0,
                                      spikes=True, residual8=r1_bytes)
 

@@ -20,16 +20,16 @@ from snntorch import surrogate
 from torch import nn
 
 from c5snn.data import N_PARTS
-from c5snn.lif import SLOPE, THRESHOLD
+from c5snn.neuron import NEURON
 
 LIF_NAMES = ("q", "k", "v", "o", "r1", "f1", "f2", "y")
 
 
 def _leaky(beta: float) -> snn.Leaky:
-    """snntorch's Leaky (reset by subtraction, fast-sigmoid surrogate) with its constant
-    buffers kept out of the state dict, so checkpoints match the fast path's keys."""
-    neuron = snn.Leaky(beta=beta, threshold=THRESHOLD, reset_mechanism="subtract",
-                       spike_grad=surrogate.fast_sigmoid(slope=SLOPE))
+    """snntorch's Leaky as `c5snn.neuron.NEURON` defines it, with its constant buffers kept out
+    of the state dict, so checkpoints match the fast path's keys."""
+    neuron = snn.Leaky(beta=beta, threshold=NEURON.threshold, reset_mechanism=NEURON.reset,
+                       spike_grad=getattr(surrogate, NEURON.surrogate)(slope=NEURON.slope))
     for name, buffer in list(neuron.named_buffers(recurse=False)):
         neuron.register_buffer(name, buffer, persistent=False)
     return neuron

@@ -43,5 +43,5 @@ def train_one(
         params, config.training, data, seed=seed,
         on_epoch=lambda r: echo(r.line(config.training.epochs)),
     )
-    write_run_dir(run_dir, result, snapshot(config, params, seed))
+    write_run_dir(run_dir, result, snapshot(config, params, seed, result.backend))
     return result

@@ -26,6 +26,7 @@ from c5snn.config import ModelParams, TrainingParams
 from c5snn.data import WindowData
 from c5snn.errors import TrainingDiverged, TrainingInterrupted, first_line
 from c5snn.files import atomic_path
+from c5snn.kernels import describe, differences
 from c5snn.metrics import compute_metrics
 from c5snn.model import build_model
 from c5snn.runtime import check_device, precision, set_seed
@@ -67,6 +68,8 @@ class RunResult:
     test_logits: torch.Tensor | None = None  # (n_test, 39), when evaluated on test
     resumed_from_epoch: int | None = None
     discarded_checkpoint: str | None = None  # why an unusable checkpoint was set aside
+    backend: dict = dataclasses.field(default_factory=dict)  # how it was computed (describe)
+    backend_changes: list[str] | None = None  # resumed from a checkpoint computed otherwise
 
 
 @dataclass
@@ -187,15 +190,20 @@ def train_run(
     checkpoint_path: Path | None = None,
     should_stop: Callable[[], bool] | None = None,
     on_checkpoint_discarded: Callable[[str], None] | None = None,
+    on_backend_change: Callable[[str], None] | None = None,
 ) -> RunResult:
     """Train one configuration with one seed; resume from `checkpoint_path` when it exists.
 
     `should_stop` is polled after every batch: when it returns True the run raises
     `TrainingInterrupted`, leaving the checkpoint of the last finished epoch. Test is evaluated
-    only when `evaluate_test` (promote); screening never touches it.
+    only when `evaluate_test` (promote); screening never touches it. Checkpoints keep the
+    backend record (`c5snn.kernels.describe`); a resume on another backend works and
+    `on_backend_change` hears what changed (the result may then differ in its last bits from an
+    uninterrupted run's).
     """
     device = data.device
     check_device(training, device)
+    backend = describe(device, training.lif_kernel)
     set_seed(seed)
     model = build_model(params, lif_kernel=training.lif_kernel).to(device)
     net = compiled(model, training.compile)  # what runs batches; `model` owns the state dict
@@ -207,7 +215,7 @@ def train_run(
     start_epoch, best_metric, best_epoch, bad_epochs, elapsed = 0, float("-inf"), 0, 0, 0.0
     best: dict = {}
     history: list[EpochRecord] = []
-    resumed_from, discarded = None, None
+    resumed_from, discarded, changes = None, None, None
 
     def discard(reason: str) -> None:
         nonlocal discarded
@@ -224,6 +232,10 @@ def train_run(
         bad_epochs, elapsed, best = state["bad_epochs"], state["elapsed"], state["best"]
         history = [EpochRecord(**record) for record in state["history"]]
         resumed_from = start_epoch
+        changes = differences(state.get("backend", {}), backend) or None
+        if changes and on_backend_change is not None:
+            on_backend_change(f"resuming from epoch {start_epoch}, computed on another backend "
+                              f"({'; '.join(changes)}); results may differ in the last bits")
         for record in history:
             if on_epoch is not None:
                 on_epoch(dataclasses.replace(record, replayed=True))
@@ -281,6 +293,7 @@ def train_run(
                     "rng": _rng_state(shuffle), "epoch": epoch, "best_metric": best_metric,
                     "best_epoch": best_epoch, "bad_epochs": bad_epochs, "elapsed": elapsed,
                     "best": best, "history": [dataclasses.asdict(r) for r in history],
+                    "backend": backend,
                 },
                 checkpoint_path,
             )
@@ -300,6 +313,8 @@ def train_run(
         optimizer_state=best["optimizer"],
         resumed_from_epoch=resumed_from,
         discarded_checkpoint=discarded,
+        backend=backend,
+        backend_changes=changes,
     )
     if evaluate_test:
         ev = evaluate(net, data, "test", training.batch_size, training.limit_test_batches,

@@ -24,7 +24,7 @@ import torch
 from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState
 
-from c5snn import native
+from c5snn import kernels
 from c5snn.artifacts import (
     DASHBOARD_FILES,
     DEFAULT_ARTIFACTS,
@@ -136,7 +136,8 @@ class Attempt:
         w, point = self.worker, self.point
         user_attrs = {"config_id": point.config_id, "seed": point.seed, "claim": self.claim.id,
                       "attempt": self.claim.attempt, "worker": w.name, "host": w.host,
-                      "device": w.device}
+                      "device": w.device,
+                      "backend": kernels.describe(w.device, w.config.training.lif_kernel)}
         if point.screening_trial is not None:
             user_attrs["screening_trial"] = point.screening_trial
         self.trial_id, self.number = self.store.create_trial(
@@ -171,6 +172,8 @@ class Attempt:
                     should_stop=lambda: w.stop() or beat.lost,
                     on_checkpoint_discarded=lambda why: self.echo(
                         f"trial {self.number} point {self.point.index}: checkpoint {why}"),
+                    on_backend_change=lambda what: self.echo(
+                        f"trial {self.number} point {self.point.index}: {what}"),
                 )
                 return self.finish(result)
             except TrainingInterrupted as exc:
@@ -234,10 +237,12 @@ class Attempt:
             attrs["resumed_from_epoch"] = result.resumed_from_epoch
         if result.discarded_checkpoint is not None:
             attrs["checkpoint_discarded"] = result.discarded_checkpoint
+        if result.backend_changes:
+            attrs["resumed_on_other_backend"] = result.backend_changes
         if result.test is not None:
             attrs["test_metrics"] = result.test
-            run_dir = write_run_dir(self.dir / "run", result,
-                                    snapshot(self.worker.config, self.params, self.point.seed))
+            run_dir = write_run_dir(self.dir / "run", result, snapshot(
+                self.worker.config, self.params, self.point.seed, result.backend))
             attrs["run_dir"] = relative_to_root(self.worker.artifacts, run_dir)
             attrs["artifacts_root"] = str(self.worker.artifacts)  # where this worker mounts it
             self.upload(run_dir)
@@ -301,7 +306,7 @@ class Worker:
         EnvironmentFault, so a misconfigured worker stops instead of burning the study."""
         check_device(self.config.training, self.device)
         if torch.device(self.device).type == "cpu" and self.config.training.lif_kernel == "torch":
-            native.available()  # build or load the compiled CPU kernels now, not inside a lease
+            kernels.backend()  # build or load the compiled CPU kernels now, not inside a lease
         self.store.call(lambda: open_screening(self.config, self.store))
         self.data  # noqa: B018 - loads and validates the data file on the device
         try:

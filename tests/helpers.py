@@ -15,3 +15,16 @@ def make_it_fire(model: nn.Module) -> nn.Module:
         if name.endswith("bias"):
             p.add_(1.0)
     return model
+
+
+def use_backend(monkeypatch, **changes) -> None:
+    """For one test, this process's backend record (`c5snn.kernels.backend`) with `changes`
+    (`compiled`, `gemm`, `fused_linear`): the model's routes and the GEMMs read it."""
+    import dataclasses
+
+    from c5snn import kernels
+    from c5snn.kernels import record
+
+    fake = dataclasses.replace(kernels.backend(), **changes)
+    for module in (kernels, record):
+        monkeypatch.setattr(module, "backend", lambda: fake)

@@ -1,9 +1,11 @@
 import pytest
 import torch
+from helpers import use_backend
 
-from c5snn import native
+from c5snn import kernels
+from c5snn.kernels import linear
 from c5snn.lif import lif_torch as lif
-from c5snn.ops import dropout_spikes, keep_mask, linear, spike_attention
+from c5snn.ops import dropout_spikes, keep_mask, spike_attention
 
 
 def test_keep_mask_rate():
@@ -75,9 +77,10 @@ def test_linear_matches_torch_linear_keeping_spikes_as_their_uint8_copy(library,
     """`ops.linear` on either GEMM library: spike input (0 or 1/(1-p)) is kept as uint8, made
     here or by the LIF that made it; other input (attention's output) is kept as it is and gets
     its gradient too."""
-    if library == "onednn" and not (native.available() and torch.ops.c5snn.onednn_available()):
+    if library == "onednn" and not (kernels.backend().compiled and
+                                    torch.ops.c5snn.onednn_available()):
         pytest.skip("no compiled operators or no oneDNN in this torch")
-    monkeypatch.setattr(native, "gemm_library", lambda: library)
+    use_backend(monkeypatch, gemm=library)
     torch.manual_seed(0)
     layer = torch.nn.Linear(6, 4, bias=False)
     spikes = (torch.rand(2, 5, 6) < 0.5).float() / 0.9

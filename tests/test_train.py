@@ -56,6 +56,37 @@ def test_resume_after_interruption_is_bitwise_identical(study_file, tmp_path):
     assert resumed.val == straight.val and resumed.best_epoch == straight.best_epoch
     for key, value in straight.model_state.items():
         assert torch.equal(value, resumed.model_state[key]), key
+    assert resumed.backend_changes is None  # the same backend: no note
+
+
+def test_a_resume_on_another_backend_works_and_says_what_changed(study_file, tmp_path,
+                                                                 monkeypatch):
+    """A point stopped on one box and resumed on another (another GEMM library, thread count)
+    continues from its checkpoint; the run says what changed, once, and keeps it."""
+    from helpers import use_backend
+
+    from c5snn import kernels
+
+    if not kernels.backend().compiled:
+        pytest.skip("no compiled operators here")
+    config, params, data = _setup(study_file, epochs=3)
+    ckpt = tmp_path / "ckpt.pt"
+    batches = iter(range(10_000))
+    with pytest.raises(TrainingInterrupted):
+        train_run(params, config.training, data, seed=7, checkpoint_path=ckpt,
+                  should_stop=lambda: next(batches) + 1 >= config.training.limit_train_batches + 1)
+    saved = torch.load(ckpt, weights_only=True)["backend"]
+    assert saved == kernels.describe("cpu") and saved["compiled"] is True
+    other = "torch" if kernels.backend().gemm == "onednn" else "onednn"
+    use_backend(monkeypatch, gemm=other, fused_linear=False)
+    notes = []
+    resumed = train_run(params, config.training, data, seed=7, checkpoint_path=ckpt,
+                        on_backend_change=notes.append)
+    assert resumed.resumed_from_epoch == 1 and resumed.epochs_run == 3
+    change = f"gemm: {saved['gemm']} -> {other}"
+    assert change in resumed.backend_changes and resumed.backend["gemm"] == other
+    assert len(notes) == 1 and notes[0].startswith("resuming from epoch 1, computed on another "
+                                                   "backend (") and change in notes[0]
 
 
 def test_test_split_only_when_asked(study_file):

@@ -93,8 +93,9 @@ def test_parallel_workers_run_each_grid_point_exactly_once(storage_url, tmp_path
     t = trials[0]
     assert set(t.intermediate_values) == {1}
     for key in ("config_id", "val_hit_at_20", "val_mrr", "training_time_s", "best_epoch",
-                "epochs_run", "device", "host", "seed", "spike_rate"):
+                "epochs_run", "device", "host", "seed", "spike_rate", "backend"):
         assert key in t.user_attrs
+    assert {"device", "torch", "threads", "gemm", "compiled"} <= set(t.user_attrs["backend"])
     # idempotent create; a changed study file is refused with both hashes
     again = run_cli("study", "create", "--config", str(study), "--storage", storage_url)
     assert again.returncode == 0 and "exists" in again.stdout

@@ -21,7 +21,7 @@ from c5snn.model import SpikingTransformer
 
 
 def check(device: str) -> None:
-    from c5snn.lif_triton import lif_triton
+    from c5snn.kernels.triton import lif_triton
 
     gen = torch.Generator().manual_seed(3)
     x = (torch.randn(10, 4, 90, 32, generator=gen) * 0.8 + 0.6).to(device).requires_grad_()
@@ -60,6 +60,6 @@ def test_triton_lif_matches_torch_in_interpreter():
     here = Path(__file__).parent
     env = {**os.environ, "TRITON_INTERPRET": "1",
            "PYTHONPATH": os.pathsep.join([str(here), str(here.parent)])}
-    done = subprocess.run([sys.executable, "-c", "import test_lif_triton as t; t.check('cpu')"],
+    done = subprocess.run([sys.executable, "-c", "import test_triton as t; t.check('cpu')"],
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
