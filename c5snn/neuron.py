@@ -28,5 +28,9 @@ class Neuron:
     surrogate: str = "fast_sigmoid"
     slope: float = 25.0
 
+    def __post_init__(self) -> None:
+        if self.reset not in RESETS:
+            raise ValueError(f"reset must be one of {RESETS}, got {self.reset!r}")
+
 
 NEURON = Neuron()

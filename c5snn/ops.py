@@ -21,9 +21,10 @@ def keep_mask(shape, p: float, device: torch.device) -> torch.Tensor:
 
     Drawn as 16-bit integers carved from 64-bit random words (a quarter of the generator calls
     of `torch.rand`; the drop rate is within 2^-17 of `p`), kept as uint8, whose multiply into
-    fp32 is the cheapest masking on a CPU (benchmarks/bench_masks.py). Under torch.compile (which cannot trace in-place `random_`) the 16-bit integers are drawn
-    directly: same distribution, another random stream. On the CPU the compiled operator draws
-    them from a counter-based generator (`c5snn.kernels.keep_mask`): same rule, another stream.
+    fp32 is the cheapest masking on a CPU (benchmarks/bench_masks.py). Under torch.compile
+    (which cannot trace in-place `random_`) the 16-bit integers are drawn directly: same
+    distribution, another random stream. On the CPU the compiled operator draws them from a
+    counter-based generator (`c5snn.kernels.keep_mask`): same rule, another stream.
     """
     threshold = kernels.keep_threshold(p)
     if kernels.compiled_on(torch.device(device)):

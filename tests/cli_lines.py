@@ -62,16 +62,36 @@ def shell_commands(path: Path, values: dict[str, str]) -> list[list[str]]:
     return found
 
 
-def text_commands(text: str) -> list[list[str]]:
-    """Every `c5snn ...` command line shown in Markdown code (blocks, or `inline`), with
-    placeholders such as `N` or `...` as they are written."""
-    found = []
-    for block in re.findall(r"```(?:bash|sh|console)?\n(.*?)```", text, re.DOTALL):
-        for line in block.replace("\\\n", " ").splitlines():
-            line = line.split(" #")[0].strip()
-            line = re.sub(r"^(\$ |\.venv/bin/|[A-Z_]+=\S+ )+", "", line)
-            if line.startswith("c5snn "):
-                found.append(line)
-    for inline in re.findall(r"`(c5snn [^`]+)`", text):
-        found.append(inline)
-    return [shlex.split(line)[1:] for line in found]
+def text_commands(text: str) -> tuple[list[list[str]], list[list[str]]]:
+    """The `c5snn ...` command lines shown in Markdown: (those in code blocks, written out in
+    full, and those in inline code, which may name a command with some of its options only)."""
+    blocks, fenced = [], False
+    for line in text.replace("\\\n", " ").splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+            continue
+        line = re.sub(r"^(\$ |\.venv/bin/|[A-Z_]+=\S+ )+", "", line.split(" #")[0].strip())
+        if fenced and line.startswith("c5snn "):
+            blocks.append(shlex.split(line)[1:])
+    inline = [shlex.split(span)[1:] for span in re.findall(r"`(c5snn [^`]+)`", text)]
+    return blocks, inline
+
+
+def options_exist(argv: list[str]) -> None:
+    """Raise UsageError unless `argv` names a command and every option it shows is one of that
+    command's (values are not checked: an inline mention may show a part of a command line)."""
+    from typer._click.exceptions import UsageError
+
+    command = typer.main.get_command(app)
+    words = list(argv)
+    while hasattr(command, "resolve_command"):
+        name, *words = words
+        found = command.get_command(None, name)
+        if found is None:
+            raise UsageError(f"no command {name!r}")
+        command = found
+    known = {opt for param in command.params for opt in (*param.opts, *param.secondary_opts)}
+    for word in words:
+        option = word.split("=")[0]
+        if option.startswith("-") and option not in known | {"--help"}:
+            raise UsageError(f"no option {option!r} of {command.name}")
