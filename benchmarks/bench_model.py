@@ -110,10 +110,10 @@ def matmul_rates(n: int = 2048, repeats: int = 5) -> tuple[float, float]:
     from c5snn import kernels
 
     a, b = torch.randn(n, n), torch.randn(n, n)
+    onednn = kernels.backend().compiled and torch.ops.c5snn.onednn_available()
     rates = []
-    for mm in (torch.mm, torch.ops.c5snn.gemm):
-        if mm is not torch.mm and not (kernels.backend().compiled and
-                                       torch.ops.c5snn.onednn_available()):
+    for mm in (torch.mm, torch.ops.c5snn.gemm if onednn else None):
+        if mm is None:
             rates.append(0.0)
             continue
         mm(a, b)
