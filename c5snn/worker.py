@@ -22,6 +22,7 @@ from pathlib import Path
 import optuna
 import torch
 from optuna.distributions import CategoricalDistribution
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
 from c5snn import kernels
@@ -159,7 +160,11 @@ class Attempt:
         with Heartbeat(self.store, self.claim, w.timing.heartbeat_s) as beat:
 
             def report(record: EpochRecord) -> None:
-                self.store.report(self.trial_id, record.epoch, record.val["recall_at_20"])
+                try:
+                    self.store.report(self.trial_id, record.epoch, record.val["recall_at_20"])
+                except UpdateFinishedTrialError:  # a reaper failed the trial (a frozen worker)
+                    beat.lost = True
+                    raise TrainingInterrupted("the lease was lost") from None
                 beat.epoch = record.epoch
                 if not record.replayed:
                     self.echo(record.line(w.config.training.epochs))
@@ -215,10 +220,15 @@ class Attempt:
         downloads (while the trial is RUNNING: Optuna refuses attrs on a finished trial)."""
         artifact_store = optuna_artifact_store(self.worker.artifacts)
         (self.worker.artifacts / OPTUNA_ARTIFACTS).mkdir(exist_ok=True)
+        trial = self.store.call(lambda: optuna.Trial(self.worker.study(self.phase.study),
+                                                     self.trial_id))
         for name in DASHBOARD_FILES:
-            self.store.call(lambda name=name: optuna.artifacts.upload_artifact(
-                artifact_store=artifact_store, file_path=str(run_dir / name),
-                study_or_trial=optuna.Trial(self.worker.study(self.phase.study), self.trial_id)))
+            try:
+                self.store.call(lambda name=name: optuna.artifacts.upload_artifact(
+                    artifact_store=artifact_store, file_path=str(run_dir / name),
+                    study_or_trial=trial))
+            except UpdateFinishedTrialError:
+                return  # a reaper failed the trial meanwhile: finish() finds the lease lost
 
     def finish(self, result: RunResult) -> Outcome:
         """COMPLETE the trial with its value and facts (compare-and-set: not if reaped meanwhile)."""

@@ -35,6 +35,17 @@ def require_pg() -> None:
         pytest.skip("no PostgreSQL: set C5SNN_TEST_PG_URL (CI does) or start one on 127.0.0.1")
 
 
+def claim_rows(url: str, study: str) -> list:
+    """Every column of the claim table's rows of `study`, oldest first, read directly."""
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return conn.execute(sa.text("SELECT * FROM c5snn_claims WHERE study = :s ORDER BY id"),
+                                {"s": study}).all()
+    finally:
+        engine.dispose()
+
+
 def study_dict(data_path: Path, name: str = "t", **sections) -> dict:
     """A small study: the real 72-point grid, a 12-event window and a budget of seconds."""
     study = {

@@ -23,7 +23,7 @@ from pathlib import Path
 import optuna
 import pytest
 import sqlalchemy as sa
-from conftest import PG_URL, ROOT, require_pg, run_cli, study_dict, write_study
+from conftest import PG_URL, ROOT, claim_rows, require_pg, run_cli, study_dict, write_study
 from faults import FlakyProxy, through
 from optuna.trial import TrialState
 
@@ -58,23 +58,12 @@ def _worker_cmd(study: Path, url: str, name: str, artifacts: Path, *extra: str) 
             "--heartbeat", "0.5", "--grace", "3", "--artifacts", str(artifacts), *extra]
 
 
-def claims_of(url: str, study: str) -> list:
-    engine = sa.create_engine(url)
-    try:
-        with engine.connect() as conn:
-            return conn.execute(sa.text(
-                "SELECT id, point, attempt, state, trial_id, error FROM c5snn_claims "
-                "WHERE study = :s ORDER BY id"), {"s": study}).all()
-    finally:
-        engine.dispose()
-
-
 def assert_consistent(url: str, study_path: Path, context: str = "") -> tuple[list, list]:
     """Every point done exactly once, no RUNNING trial, every FAIL trial with its reason, claims
     and trials one to one with matching states; returns (trials, claims)."""
     config = load_config(study_path)
     trials = optuna.load_study(study_name=config.name, storage=url).trials
-    claims = claims_of(url, config.name)
+    claims = claim_rows(url, config.name)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     assert sorted(t.user_attrs["config_id"] for t in complete) == list(range(config.n_points)), context
     assert len({tuple(t.params[k] for k in GRID_KEYS) for t in complete}) == config.n_points
@@ -164,7 +153,7 @@ def test_status_repairs_a_study_an_older_version_left_inconsistent(tmp_path, syn
     assert "status --repair` FAILs it" not in repaired.stdout  # status after the repair
     trial = optuna.load_study(study_name=config.name, storage=PG_URL).trials[0]
     assert trial.state == TrialState.FAIL and trial.user_attrs["error"] == "heartbeat lost"
-    assert claims_of(PG_URL, config.name)[0].trial_id is not None  # recorded on its claim
+    assert claim_rows(PG_URL, config.name)[0].trial_id is not None  # recorded on its claim
     again = run_cli("status", "--config", str(study), "--storage", PG_URL, "--repair")
     assert "repair: 0 fix(es)" in again.stdout
 
@@ -199,7 +188,7 @@ class Fleet:
 
 
 def _done(study: Path) -> int:
-    return sum(c.state == "done" for c in claims_of(PG_URL, load_config(study).name))
+    return sum(c.state == "done" for c in claim_rows(PG_URL, load_config(study).name))
 
 
 def _restart_postgresql() -> bool:

@@ -22,8 +22,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-import sqlalchemy as sa
-from conftest import PG_URL, ROOT, require_pg, run_cli, study_dict, write_study
+from conftest import PG_URL, ROOT, claim_rows, require_pg, run_cli, study_dict, write_study
 from optuna.trial import TrialState
 
 from c5snn.config import GRID_KEYS, load_config
@@ -143,17 +142,6 @@ def _squeue(env: dict) -> list[tuple[str, str]]:
     return [tuple(line.split()) for line in out.splitlines()]
 
 
-def _claims(url: str, study: str) -> list:
-    engine = sa.create_engine(url)
-    try:
-        with engine.connect() as conn:
-            return conn.execute(sa.text(
-                "SELECT point, attempt, state, worker, epoch FROM c5snn_claims WHERE study = :s "
-                "ORDER BY id"), {"s": study}).all()
-    finally:
-        engine.dispose()
-
-
 def _wait(predicate, what: str, env: dict, logs: Path, timeout: float = 300) -> None:
     deadline = time.time() + timeout
     while not predicate():
@@ -203,7 +191,7 @@ def test_the_shipped_templates_run_the_sweep_on_slurm(slurm, tmp_path, synthetic
 
     def released(task: str) -> bool:
         return any(c.state == "released" and f":slurm{screening}_{task}." in c.worker
-                   for c in _claims(PG_URL, name))
+                   for c in claim_rows(PG_URL, name))
 
     _wait(lambda: mid_trial("0"), "task 0 is mid-trial", slurm, logs)
     _run("scancel", f"{screening}_0", env=slurm)

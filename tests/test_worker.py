@@ -15,9 +15,8 @@ from pathlib import Path
 
 import optuna
 import pytest
-import sqlalchemy as sa
 import torch
-from conftest import PG_URL, ROOT, require_pg, run_cli, study_dict, write_study
+from conftest import PG_URL, ROOT, claim_rows, require_pg, run_cli, study_dict, write_study
 from optuna.trial import TrialState
 
 from c5snn.artifacts import point_dir
@@ -69,15 +68,6 @@ def _assert_exactly_once(study_path, url):
     return trials
 
 
-def _claims(url, study_name):
-    engine = sa.create_engine(url)
-    with engine.connect() as conn:
-        rows = conn.execute(sa.text("SELECT worker, point, state, epoch FROM c5snn_claims "
-                                    "WHERE study = :s"), {"s": study_name}).all()
-    engine.dispose()
-    return rows
-
-
 def test_parallel_workers_run_each_grid_point_exactly_once(storage_url, tmp_path, synthetic_csv):
     study = _study(tmp_path, synthetic_csv, training={"epochs": 1, "limit_train_batches": 1})
     n = 4 if storage_url.startswith("postgresql") else 2
@@ -120,7 +110,7 @@ def test_sigkill_mid_trial_is_retried_and_resumed_exactly(tmp_path, synthetic_cs
     victim = procs[0]
     # mid-trial: after epoch 1 or 2 of 4, not while it finishes (it beats with epoch 4 then)
     _wait_until(lambda: any(r.worker == "w0" and r.state == "running" and 1 <= r.epoch <= 2
-                            for r in _claims(url, name)), "w0 is in epoch 2 or 3 of a trial")
+                            for r in claim_rows(url, name)), "w0 is in epoch 2 or 3 of a trial")
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     for p in procs[1:]:
@@ -150,8 +140,8 @@ def test_sigkill_mid_trial_is_retried_and_resumed_exactly(tmp_path, synthetic_cs
 def test_sigterm_releases_and_restart_continues(tmp_path, synthetic_csv):
     url, study, name = _created(tmp_path, synthetic_csv, epochs=3)
     procs = [_worker(study, url, tmp_path, f"w{i}") for i in range(2)]
-    _wait_until(lambda: sum(r.state == "done" for r in _claims(url, name)) >= 4
-                and any(r.state == "running" and r.epoch == 1 for r in _claims(url, name)),
+    _wait_until(lambda: sum(r.state == "done" for r in claim_rows(url, name)) >= 4
+                and any(r.state == "running" and r.epoch == 1 for r in claim_rows(url, name)),
                 "4 points are done and another is in epoch 2 of 3 (batches still to come)")
     t0 = time.time()
     for p in procs:
@@ -160,7 +150,7 @@ def test_sigterm_releases_and_restart_continues(tmp_path, synthetic_csv):
         out, _ = p.communicate(timeout=60)
         assert p.returncode == 0, out[-2000:]
     assert time.time() - t0 < 20  # promptly: within one epoch, not one trial
-    rows = _claims(url, name)
+    rows = claim_rows(url, name)
     assert not any(r.state == "running" for r in rows)
     done_before = {r.point for r in rows if r.state == "done"}
     released = {r.point for r in rows if r.state == "released"}
@@ -174,7 +164,7 @@ def test_sigterm_releases_and_restart_continues(tmp_path, synthetic_csv):
                    "--artifacts", str(tmp_path / "artifacts"), cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:]
     trials = _assert_exactly_once(study, url)
-    rows = _claims(url, name)
+    rows = claim_rows(url, name)
     for point in done_before:  # no completed point ran again
         assert sum(1 for r in rows if r.point == point) == 1
     for t in trials:
@@ -208,7 +198,7 @@ def _untouched(study, url):
     """The study has all its points claimable: no attempt, no trial."""
     name = load_config(study).name
     assert optuna.load_study(study_name=name, storage=url).trials == []
-    assert _claims(url, name) == []
+    assert claim_rows(url, name) == []
 
 
 def _one_line(proc, fragment):
@@ -217,7 +207,7 @@ def _one_line(proc, fragment):
     assert len(lines) == 1 and fragment in lines[0] and "Traceback" not in proc.stderr, proc.stderr
 
 
-def test_a_misconfigured_worker_stops_before_it_claims(tmp_path, synthetic_csv):
+def test_a_misconfigured_worker_stops_before_itclaim_rows(tmp_path, synthetic_csv):
     url = f"sqlite:///{tmp_path / 'env.db'}"
     study = _study(tmp_path, synthetic_csv)
     assert run_cli("study", "create", "--config", str(study), "--storage", url).returncode == 0
