@@ -31,6 +31,10 @@ class FlakyProxy:
         threading.Thread(target=self._accept, args=(server,), daemon=True).start()
 
     def outage(self) -> None:
+        try:  # shutdown wakes the thread blocked in accept(); close alone would leave the socket
+            self._server.shutdown(socket.SHUT_RDWR)  # listening until then, so that restore()
+        except OSError:                              # could not bind the port again
+            pass
         self._server.close()  # new connections are refused
         with self._lock:
             for sock in self._open:  # open ones are cut
