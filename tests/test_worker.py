@@ -207,7 +207,7 @@ def _one_line(proc, fragment):
     assert len(lines) == 1 and fragment in lines[0] and "Traceback" not in proc.stderr, proc.stderr
 
 
-def test_a_misconfigured_worker_stops_before_itclaim_rows(tmp_path, synthetic_csv):
+def test_a_misconfigured_worker_stops_before_it_claims(tmp_path, synthetic_csv):
     url = f"sqlite:///{tmp_path / 'env.db'}"
     study = _study(tmp_path, synthetic_csv)
     assert run_cli("study", "create", "--config", str(study), "--storage", url).returncode == 0
