@@ -1,6 +1,7 @@
 """The CLI as a user runs it: real subprocesses, exit codes, one-line errors, nothing written."""
 
 import ctypes.util
+from concurrent.futures import ThreadPoolExecutor
 
 import pandas as pd
 import torch
@@ -163,11 +164,12 @@ def test_every_command_refuses_bad_values_with_one_line_and_writes_nothing(tmp_p
         (["data", "synth", "--out", str(tmp_path / "x.csv"), "--rows", "0"], "--rows must be >= 1"),
     ]
     before = _files(tmp_path)
-    for args, fragment in cases:
-        proc = run_cli(*args, cwd=tmp_path)
+    with ThreadPoolExecutor(2) as pool:  # two at a time: each is a process that imports torch
+        procs = list(pool.map(lambda case: run_cli(*case[0], cwd=tmp_path), cases))
+    for (args, fragment), proc in zip(cases, procs, strict=True):
         assert proc.returncode != 0, (args, proc.stdout[-500:])
         assert "Traceback" not in proc.stderr, (args, proc.stderr[-2000:])
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: "), (args, proc.stderr)
         assert fragment in lines[0], (args, lines[0])
-        assert _files(tmp_path) == before, (args, _files(tmp_path) - before)
+    assert _files(tmp_path) == before, _files(tmp_path) - before  # the paths name the command
