@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import use_backend
+from helpers import torch_threads, use_backend
 
 from c5snn import kernels
 from c5snn.kernels import build, linear, linear_lif, linear_lif_attention, linear_lif_pair
@@ -194,15 +194,11 @@ def test_lif_with_dropout_in_its_pass_is_dropout_of_the_lif_with_the_same_mask(s
 
 
 def test_keep_mask_rate_and_reproducibility_independent_of_threads():
-    threads = torch.get_num_threads()
-    try:
-        masks = []
-        for n in (1, 2):
-            torch.set_num_threads(n)
+    masks = []
+    for n in (1, 2):
+        with torch_threads(n):
             torch.manual_seed(11)
             masks.append(keep_mask((300, 1001), 0.25, torch.device("cpu")))
-    finally:
-        torch.set_num_threads(threads)
     assert torch.equal(masks[0], masks[1])
     mask = masks[0]
     assert mask.dtype == torch.uint8 and set(mask.unique().tolist()) == {0, 1}
@@ -257,17 +253,13 @@ def test_lif_attention_is_the_lif_then_the_torch_attention_with_the_same_mask(sh
 def test_lif_attention_is_the_same_on_any_number_of_threads_and_keeps_only_bits():
     x = _currents(2, 20, 90, 192, seed=2).requires_grad_()
     bias = torch.zeros(192)
-    threads = torch.get_num_threads()
-    try:
-        results = []
-        for n in (1, 2):
-            torch.set_num_threads(n)
+    results = []
+    for n in (1, 2):
+        with torch_threads(n):
             torch.manual_seed(9)
             out = kernels.lif_attention(x, 0.8, bias, 2, 0.2, 0.1, True)
             (grad,) = torch.autograd.grad(out.square().sum(), x, retain_graph=True)
             results.append((out.detach(), grad))
-    finally:
-        torch.set_num_threads(threads)
     assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
     mem, bits, keep = out.grad_fn.saved_tensors  # no (2, 40, 90, 90) counts or mask: bits
     assert mem.shape == x.shape and bits.shape == (3, 2, 40, 90) and bits.dtype == torch.int64
@@ -313,17 +305,13 @@ def test_weight_grad_sums_gradient_times_input_over_all_rows(rows, m, n, threads
     grad = torch.randn(rows, m, generator=g)
     spikes = (torch.rand(rows, n, generator=g) < 0.3).float()
     real = torch.randn(rows, n, generator=g)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         for x, kept, value in ((real, real, 1.0), (spikes, spikes.to(torch.uint8), 1.0),
                                (spikes / 0.9, spikes.to(torch.uint8), 1 / 0.9)):
             ref = (grad.double().t() @ x.double()).float()
             out = torch.ops.c5snn.weight_grad(grad, kept, value)
             assert out.shape == (m, n) and out.dtype == torch.float32 and out.is_contiguous()
             assert (out - ref).norm() <= 1e-6 * ref.norm()
-    finally:
-        torch.set_num_threads(before)
     assert torch.equal(torch.ops.c5snn.weight_grad(grad[:0], spikes[:0], 1.0), torch.zeros(m, n))
     with pytest.raises(RuntimeError, match="g \\(R, M\\) and x \\(R, N\\)"):
         torch.ops.c5snn.weight_grad(grad, spikes[1:], 1.0)

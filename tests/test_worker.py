@@ -17,6 +17,7 @@ import optuna
 import pytest
 import torch
 from conftest import PG_URL, ROOT, claim_rows, require_pg, run_cli, study_dict, write_study
+from helpers import torch_threads
 from optuna.trial import TrialState
 
 from c5snn.artifacts import point_dir
@@ -126,12 +127,8 @@ def test_sigkill_mid_trial_is_retried_and_resumed_exactly(tmp_path, synthetic_cs
     # the resumed result equals an uninterrupted run of that point and seed
     config = load_config(study)
     data = prepare(config.data_path, config.window_size, config.split_ratios)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         straight = train_run(config.model_params(retried[0].params), config.training, data, seed=42)
-    finally:
-        torch.set_num_threads(threads)
     assert retried[0].value == straight.val["recall_at_20"]
     assert retried[0].user_attrs["val_mrr"] == straight.val["mrr"]
     assert retried[0].user_attrs["best_epoch"] == straight.best_epoch
